@@ -1,0 +1,175 @@
+//! Loading any supported model from a Hugging Face model directory.
+
+use std::path::Path;
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use peft_core::{CausalLm, ModelGeometry, ModelInput, ModelOutput};
+
+use crate::bloom::{BloomConfig, BloomForCausalLM};
+use crate::checkpoint::Checkpoint;
+use crate::error::{ModelError, Result};
+use crate::hf_config::HfConfig;
+use crate::qwen2::{Qwen2Config, Qwen2ForCausalLM};
+
+/// Any causal LM this crate implements, chosen by `model_type` in `config.json`.
+#[derive(Module, Debug)]
+pub enum AutoCausalLm {
+    /// `qwen2` or `llama`.
+    Qwen2(Qwen2ForCausalLM),
+    /// `bloom`.
+    Bloom(BloomForCausalLM),
+}
+
+/// Architecture and sizes read from a `config.json`, before any weight is touched.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AutoConfig {
+    /// `qwen2` or `llama`.
+    Qwen2(Qwen2Config),
+    /// `bloom`.
+    Bloom(BloomConfig),
+}
+
+impl AutoConfig {
+    /// Reads `config.json` (a file) and picks the architecture from `model_type`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        Self::from_hf(&HfConfig::from_file(path)?)
+    }
+
+    /// Picks the architecture of a parsed config.
+    pub fn from_hf(cfg: &HfConfig) -> Result<Self> {
+        match cfg.opt_str("model_type")? {
+            Some("qwen2" | "llama") => Ok(Self::Qwen2(Qwen2Config::from_hf(cfg)?)),
+            Some("bloom") => Ok(Self::Bloom(BloomConfig::from_hf(cfg)?)),
+            Some(other) => Err(ModelError::UnsupportedModelType {
+                path: cfg.path().to_path_buf(),
+                model_type: other.to_string(),
+            }),
+            None => Err(ModelError::MissingKey {
+                path: cfg.path().to_path_buf(),
+                key: "model_type".into(),
+            }),
+        }
+    }
+
+    /// Geometry adapters see.
+    pub fn geometry(&self) -> ModelGeometry {
+        match self {
+            Self::Qwen2(c) => c.geometry(),
+            Self::Bloom(c) => c.geometry(),
+        }
+    }
+
+    /// A model of this shape with random weights.
+    pub fn init(&self, device: &Device) -> AutoCausalLm {
+        match self {
+            Self::Qwen2(c) => AutoCausalLm::Qwen2(c.init(device)),
+            Self::Bloom(c) => AutoCausalLm::Bloom(c.init(device)),
+        }
+    }
+}
+
+impl AutoCausalLm {
+    /// Loads `dir/config.json` and the weights (`model.safetensors` or a sharded index) onto
+    /// `device`, converting them to `dtype` (F32, F16 or BF16). Every tensor of the checkpoint must
+    /// be used and have the shape the config implies.
+    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = AutoConfig::from_file(dir.join("config.json"))?;
+        let mut ckpt = Checkpoint::open_dir(dir, device, dtype)?;
+        let model = match &config {
+            AutoConfig::Qwen2(c) => Self::Qwen2(Qwen2ForCausalLM::load(c, &mut ckpt)?),
+            AutoConfig::Bloom(c) => Self::Bloom(BloomForCausalLM::load(c, &mut ckpt)?),
+        };
+        ckpt.finish()?;
+        Ok(model)
+    }
+}
+
+impl CausalLm for AutoCausalLm {
+    fn geometry(&self) -> ModelGeometry {
+        match self {
+            Self::Qwen2(m) => m.geometry(),
+            Self::Bloom(m) => m.geometry(),
+        }
+    }
+
+    fn device(&self) -> Device {
+        match self {
+            Self::Qwen2(m) => m.device(),
+            Self::Bloom(m) => m.device(),
+        }
+    }
+
+    fn embed_tokens(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
+        match self {
+            Self::Qwen2(m) => m.embed_tokens(input_ids),
+            Self::Bloom(m) => m.embed_tokens(input_ids),
+        }
+    }
+
+    fn forward_hidden(&self, input: ModelInput) -> ModelOutput {
+        match self {
+            Self::Qwen2(m) => m.forward_hidden(input),
+            Self::Bloom(m) => m.forward_hidden(input),
+        }
+    }
+
+    fn lm_head(&self, hidden_states: Tensor<3>) -> Tensor<3> {
+        match self {
+            Self::Qwen2(m) => m.lm_head(hidden_states),
+            Self::Bloom(m) => m.lm_head(hidden_states),
+        }
+    }
+}
+
+/// Special token ids generation needs, from `generation_config.json` when present (as
+/// transformers' `generate` uses it), else `config.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecialTokens {
+    /// Ids that end a sequence.
+    pub eos_token_ids: Vec<u32>,
+    /// Padding id (`pad_token_id`, else the first EOS, else 0).
+    pub pad_token_id: u32,
+    /// Beginning-of-sequence id, if any.
+    pub bos_token_id: Option<u32>,
+}
+
+impl SpecialTokens {
+    /// Reads the special ids of a model directory.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let generation = dir.join("generation_config.json");
+        let cfg = if generation.is_file() {
+            HfConfig::from_file(generation)?
+        } else {
+            HfConfig::from_file(dir.join("config.json"))?
+        };
+        let eos_token_ids = cfg.token_ids("eos_token_id")?;
+        let pad = cfg.token_ids("pad_token_id")?;
+        Ok(Self {
+            pad_token_id: pad
+                .first()
+                .or(eos_token_ids.first())
+                .copied()
+                .unwrap_or(0),
+            bos_token_id: cfg.token_ids("bos_token_id")?.first().copied(),
+            eos_token_ids,
+        })
+    }
+}
+
+/// Loads `dir/tokenizer.json`.
+pub fn load_tokenizer(dir: impl AsRef<Path>) -> Result<tokenizers::Tokenizer> {
+    let path = dir.as_ref().join("tokenizer.json");
+    if !path.is_file() {
+        return Err(ModelError::MissingFile {
+            path,
+            what: "the tokenizer (tokenizer.json)",
+        });
+    }
+    tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer {
+        path,
+        message: e.to_string(),
+    })
+}

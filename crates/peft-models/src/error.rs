@@ -1,0 +1,118 @@
+//! Errors of peft-models: every one names the file and, where it applies, the key or tensor.
+
+use std::path::PathBuf;
+
+/// Why a model directory, config or checkpoint could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The system error.
+        source: std::io::Error,
+    },
+    /// A required file is absent.
+    #[error("{path}: not found ({what})")]
+    MissingFile {
+        /// The file looked for.
+        path: PathBuf,
+        /// What it should have held.
+        what: &'static str,
+    },
+    /// A JSON file does not parse.
+    #[error("{path}: malformed JSON: {source}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        source: serde_json::Error,
+    },
+    /// A required config key is absent.
+    #[error("{path}: missing key `{key}`")]
+    MissingKey {
+        /// The config file.
+        path: PathBuf,
+        /// The key (or the accepted spellings, separated by " or ").
+        key: String,
+    },
+    /// A config key has a value of the wrong type or out of range.
+    #[error("{path}: key `{key}` {message}")]
+    InvalidValue {
+        /// The config file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// What was expected and what was found.
+        message: String,
+    },
+    /// `model_type` names an architecture this crate does not implement.
+    #[error("{path}: unsupported model_type `{model_type}` (supported: qwen2, llama, bloom)")]
+    UnsupportedModelType {
+        /// The config file.
+        path: PathBuf,
+        /// The value found.
+        model_type: String,
+    },
+    /// A safetensors file's header or data is not valid.
+    #[error("{path}: invalid safetensors file: {message}")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The model needs a tensor the checkpoint lacks.
+    #[error("{path}: missing tensor `{name}`")]
+    MissingTensor {
+        /// The checkpoint (file or directory).
+        path: PathBuf,
+        /// The Hugging Face tensor name.
+        name: String,
+    },
+    /// The checkpoint holds a tensor the model has no place for.
+    #[error("{path}: unexpected tensor `{name}` (not part of this model; is config.json right?)")]
+    UnexpectedTensor {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+    },
+    /// A tensor's shape differs from what the config implies.
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?} from config.json")]
+    ShapeMismatch {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// Shape implied by the config (PyTorch layout).
+        expected: Vec<usize>,
+        /// Shape in the file.
+        found: Vec<usize>,
+    },
+    /// A tensor is stored in a dtype other than F32, F16 or BF16.
+    #[error("{path}: tensor `{name}` has dtype {dtype}; only F32, F16 and BF16 are supported")]
+    UnsupportedDtype {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The dtype found.
+        dtype: String,
+    },
+    /// `tokenizer.json` could not be loaded or used.
+    #[error("{path}: tokenizer error: {message}")]
+    Tokenizer {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// The tokenizers crate's message.
+        message: String,
+    },
+    /// The input does not fit the model (ids, mask, length).
+    #[error(transparent)]
+    Input(#[from] peft_core::CoreError),
+}
+
+/// Result with [`ModelError`].
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

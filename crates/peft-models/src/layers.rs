@@ -1,0 +1,225 @@
+//! Pieces shared by the model files: rotate-half RoPE, grouped-query attention over a padding
+//! mask, and small constructors for burn layers holding loaded weights.
+
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::module::Param;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use peft_core::mask::padding_attention_mask;
+use peft_core::{KvCache, LayerKv, ModelGeometry};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::Result;
+
+/// Cosines and sines of rotate-half RoPE for per-row positions `[batch, seq]`, each
+/// `[batch, 1, seq, head_dim]` in `dtype`. Frequencies are computed in f32 as transformers does.
+pub fn rope_cos_sin(
+    positions: Tensor<2, Int>,
+    head_dim: usize,
+    theta: f64,
+    dtype: burn::tensor::DType,
+) -> (Tensor<4>, Tensor<4>) {
+    let [batch, seq] = positions.dims();
+    let device = positions.device();
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let inv_freq = Tensor::<1>::from_data(TensorData::new(inv_freq, [half]), &device);
+    let freqs = positions.float().reshape([batch, seq, 1]) * inv_freq.reshape([1, 1, half]);
+    let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).reshape([batch, 1, seq, head_dim]);
+    (emb.clone().cos().cast(dtype), emb.sin().cast(dtype))
+}
+
+/// Applies rotate-half RoPE to `x` `[batch, heads, seq, head_dim]`.
+pub fn apply_rope(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+    let [b, h, s, d] = x.dims();
+    let half = d / 2;
+    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
+    let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos + rotated * sin
+}
+
+/// Repeats key/value heads `n_rep` times (`[b, kvh, t, d] -> [b, kvh * n_rep, t, d]`), in the
+/// order of transformers' `repeat_kv`.
+pub fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, h, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, h, n_rep, t, d])
+        .reshape([b, h * n_rep, t, d])
+}
+
+/// Causal attention of queries `[b, heads, s, d]` over keys/values `[b, kv_heads, t, d]`
+/// (the queries being the last `s` of the `t` keys), with an optional padding mask of all keys
+/// `[b, t]` and an optional additive bias (ALiBi). Returns `[b, heads, s, d]`.
+pub fn causal_attention(
+    query: Tensor<4>,
+    key: Tensor<4>,
+    value: Tensor<4>,
+    key_mask: Option<Tensor<2, Int>>,
+    bias: Option<Tensor<4>>,
+) -> Tensor<4> {
+    let [_, heads, seq, _] = query.dims();
+    let kv_heads = key.dims()[1];
+    let mask = padding_attention_mask(key_mask, heads, seq);
+    attention(
+        query,
+        repeat_kv(key, heads / kv_heads),
+        repeat_kv(value, heads / kv_heads),
+        mask,
+        bias,
+        AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        },
+    )
+}
+
+/// `[b, s, heads * d] -> [b, heads, s, d]`.
+pub fn split_heads(x: Tensor<3>, heads: usize, head_dim: usize) -> Tensor<4> {
+    let [b, s, _] = x.dims();
+    x.reshape([b, s, heads, head_dim]).swap_dims(1, 2)
+}
+
+/// `[b, heads, s, d] -> [b, s, heads * d]`.
+pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
+    let [b, h, s, d] = x.dims();
+    x.swap_dims(1, 2).reshape([b, s, h * d])
+}
+
+/// A `Linear(input -> out)` from a PyTorch `{prefix}.weight` (and `{prefix}.bias` if `bias`).
+pub fn load_linear(
+    ckpt: &mut Checkpoint,
+    prefix: &str,
+    input: usize,
+    out: usize,
+    bias: bool,
+) -> Result<Linear> {
+    let mut linear = LinearConfig::new(input, out)
+        .with_bias(bias)
+        .init(ckpt.device());
+    linear.weight = Param::from_tensor(ckpt.linear_weight(&format!("{prefix}.weight"), out, input)?);
+    if bias {
+        linear.bias = Some(Param::from_tensor(
+            ckpt.tensor(&format!("{prefix}.bias"), [out])?,
+        ));
+    }
+    Ok(linear)
+}
+
+/// An `Embedding(vocab, dim)` from `{prefix}.weight`.
+pub fn load_embedding(
+    ckpt: &mut Checkpoint,
+    prefix: &str,
+    vocab: usize,
+    dim: usize,
+) -> Result<Embedding> {
+    let mut embedding = EmbeddingConfig::new(vocab, dim).init(ckpt.device());
+    embedding.weight = Param::from_tensor(ckpt.tensor(&format!("{prefix}.weight"), [vocab, dim])?);
+    Ok(embedding)
+}
+
+/// A `LayerNorm(dim)` with bias from `{prefix}.weight` and `{prefix}.bias`.
+pub fn load_layer_norm(
+    ckpt: &mut Checkpoint,
+    prefix: &str,
+    dim: usize,
+    epsilon: f64,
+) -> Result<LayerNorm> {
+    let mut norm = LayerNormConfig::new(dim)
+        .with_epsilon(epsilon)
+        .init(ckpt.device());
+    norm.gamma = Param::from_tensor(ckpt.tensor(&format!("{prefix}.weight"), [dim])?);
+    norm.beta = Some(Param::from_tensor(
+        ckpt.tensor(&format!("{prefix}.bias"), [dim])?,
+    ));
+    Ok(norm)
+}
+
+/// Logits against a tied embedding matrix `[vocab, d]`: `hidden [b, s, d] -> [b, s, vocab]`.
+pub fn tied_lm_head(hidden: Tensor<3>, embedding: &Embedding) -> Tensor<3> {
+    let weight = embedding.weight.val(); // [vocab, d]
+    hidden.matmul(weight.transpose().unsqueeze::<3>())
+}
+
+/// Chooses what each layer attends to before the current input: an injected prefix (which
+/// seeds the cache) or a non-empty cache; checks its shape against the model.
+///
+/// # Panics
+///
+/// If both a prefix and a non-empty cache are given, or their shapes do not fit the model.
+pub(crate) fn past_and_mask(
+    prefix: Option<Vec<LayerKv>>,
+    cache: Option<KvCache>,
+    geometry: &ModelGeometry,
+    batch: usize,
+) -> (Option<Vec<LayerKv>>, Option<Tensor<2, Int>>) {
+    let cache = cache.filter(|c| !c.is_empty());
+    let (past, mask) = match (prefix, cache) {
+        (Some(_), Some(_)) => panic!(
+            "a prefix cannot be combined with a non-empty cache: the cache already holds the prefix"
+        ),
+        (Some(prefix), None) => (Some(prefix), None),
+        (None, Some(cache)) => (Some(cache.layers), cache.attention_mask),
+        (None, None) => (None, None),
+    };
+    if let Some(past) = &past {
+        assert_eq!(
+            past.len(),
+            geometry.num_layers,
+            "prefix/cache has {} layers, the model {}",
+            past.len(),
+            geometry.num_layers
+        );
+        let [b, h, _, d] = past[0].key.dims();
+        assert!(
+            b == batch && h == geometry.num_key_value_heads && d == geometry.head_dim,
+            "prefix/cache keys are [{b}, {h}, _, {d}], expected [{batch}, {}, _, {}]",
+            geometry.num_key_value_heads,
+            geometry.head_dim
+        );
+    }
+    (past, mask)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Tolerance;
+
+    #[test]
+    fn rope_at_position_zero_is_identity_and_rotates_halves() {
+        let device = Device::default();
+        let x = Tensor::<4>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [1, 1, 1, 4]), &device);
+        let pos = Tensor::<2, Int>::from_data(TensorData::new(vec![0i64], [1, 1]), &device);
+        let (cos, sin) = rope_cos_sin(pos, 4, 10000.0, burn::tensor::DType::F32);
+        apply_rope(x.clone(), cos, sin)
+            .into_data()
+            .assert_approx_eq::<f32>(&x.to_data(), Tolerance::default());
+        // Position 1, theta 1: every frequency is 1 rad. Pairs are (x0, x2) and (x1, x3).
+        let pos = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64], [1, 1]), &device);
+        let (cos, sin) = rope_cos_sin(pos, 4, 1.0, burn::tensor::DType::F32);
+        let (c, s) = (1f32.cos(), 1f32.sin());
+        let expected = TensorData::new(
+            vec![1.0 * c - 3.0 * s, 2.0 * c - 4.0 * s, 3.0 * c + 1.0 * s, 4.0 * c + 2.0 * s],
+            [1, 1, 1, 4],
+        );
+        apply_rope(x, cos, sin)
+            .into_data()
+            .assert_approx_eq::<f32>(&expected, Tolerance::default());
+    }
+
+    #[test]
+    fn repeat_kv_repeats_each_head_in_place() {
+        let device = Device::default();
+        let x = Tensor::<4>::from_data(TensorData::new(vec![1.0f32, 2.0], [1, 2, 1, 1]), &device);
+        let r = repeat_kv(x, 2).into_data().try_into_vec_as::<f32>().unwrap();
+        assert_eq!(r, vec![1.0, 1.0, 2.0, 2.0]);
+    }
+}

@@ -1,0 +1,32 @@
+//! Base models for peft-burn: Qwen2, Llama and BLOOM in burn, loading Hugging Face checkpoints.
+//!
+//! Each model implements [`peft_core::CausalLm`], so every adapter and the generation loop of
+//! peft-core work on it unchanged. Outputs match transformers (see the parity tests in
+//! `tests/parity.rs`).
+//!
+//! ```no_run
+//! use burn::prelude::*;
+//! use burn::tensor::DType;
+//! use peft_models::AutoCausalLm;
+//!
+//! let device = Device::default();
+//! let model = AutoCausalLm::from_pretrained("path/to/model", &device, DType::F32)?;
+//! # Ok::<(), peft_models::ModelError>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod auto;
+pub mod bloom;
+pub mod checkpoint;
+pub mod error;
+pub mod hf_config;
+pub mod layers;
+pub mod qwen2;
+
+pub use auto::{AutoCausalLm, AutoConfig, SpecialTokens, load_tokenizer};
+pub use bloom::{BloomConfig, BloomForCausalLM};
+pub use checkpoint::Checkpoint;
+pub use error::{ModelError, Result};
+pub use hf_config::HfConfig;
+pub use qwen2::{Qwen2Config, Qwen2ForCausalLM};
+pub use tokenizers::Tokenizer;

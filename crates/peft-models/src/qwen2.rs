@@ -1,0 +1,426 @@
+//! Qwen2 in burn, and Llama: the same decoder without attention biases.
+//!
+//! Grouped-query attention, rotate-half RoPE (`rope_theta`), q/k/v biases (Qwen2; Llama's
+//! `attention_bias` puts biases on q/k/v/o), RMSNorm, SwiGLU MLP, tied or untied `lm_head`.
+//! Field names mirror transformers' `Qwen2ForCausalLM`, so parameter paths are the Hugging Face
+//! tensor names (`model.layers.0.self_attn.q_proj.weight`).
+
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+use peft_core::mask::{join_masks, query_positions};
+use peft_core::{CausalLm, KvCache, LayerKv, ModelGeometry, ModelInput, ModelOutput};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{ModelError, Result};
+use crate::hf_config::HfConfig;
+use crate::layers::{
+    apply_rope, causal_attention, load_embedding, load_linear, merge_heads, past_and_mask,
+    rope_cos_sin, split_heads, tied_lm_head,
+};
+
+/// Configuration of a Qwen2 or Llama model (the fields of its Hugging Face `config.json`).
+#[derive(Config, Debug, PartialEq)]
+pub struct Qwen2Config {
+    /// Rows of the token embedding matrix (`vocab_size`).
+    pub vocab_size: usize,
+    /// Width of the residual stream (`hidden_size`).
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP (`intermediate_size`).
+    pub intermediate_size: usize,
+    /// Number of decoder layers (`num_hidden_layers`).
+    pub num_hidden_layers: usize,
+    /// Number of query heads (`num_attention_heads`).
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (`num_key_value_heads`; defaults to the query heads).
+    pub num_key_value_heads: usize,
+    /// Size of a head (`head_dim`; defaults to `hidden_size / num_attention_heads`).
+    pub head_dim: usize,
+    /// RMSNorm epsilon (`rms_norm_eps`).
+    #[config(default = 1e-6)]
+    pub rms_norm_eps: f64,
+    /// RoPE base (`rope_theta`, or `rope_parameters.rope_theta` in transformers 5 configs).
+    #[config(default = 10000.0)]
+    pub rope_theta: f64,
+    /// Biases on q/k/v projections (always for Qwen2; Llama's `attention_bias`).
+    #[config(default = true)]
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama's `attention_bias`; never for Qwen2).
+    #[config(default = false)]
+    pub o_proj_bias: bool,
+    /// Biases on the MLP projections (Llama's `mlp_bias`).
+    #[config(default = false)]
+    pub mlp_bias: bool,
+    /// Whether `lm_head` reuses the token embedding matrix (`tie_word_embeddings`).
+    #[config(default = false)]
+    pub tie_word_embeddings: bool,
+    /// Longest sequence the model was built for (`max_position_embeddings`).
+    pub max_position_embeddings: Option<usize>,
+}
+
+impl Qwen2Config {
+    /// Reads a `qwen2` or `llama` config.json. Unsupported variants (sliding-window attention,
+    /// RoPE scaling, activations other than SiLU) are rejected with the key named.
+    pub fn from_hf(cfg: &HfConfig) -> Result<Self> {
+        let model_type = cfg.opt_str("model_type")?.unwrap_or("qwen2");
+        let llama = match model_type {
+            "qwen2" => false,
+            "llama" => true,
+            other => {
+                return Err(ModelError::UnsupportedModelType {
+                    path: cfg.path().to_path_buf(),
+                    model_type: other.to_string(),
+                });
+            }
+        };
+        let hidden_size = cfg.usize(&["hidden_size"])?;
+        let num_attention_heads = cfg.usize(&["num_attention_heads"])?;
+        let num_key_value_heads = cfg
+            .opt_usize(&["num_key_value_heads"])?
+            .unwrap_or(num_attention_heads);
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(cfg.unsupported(
+                "num_key_value_heads",
+                format!("({num_key_value_heads}) must divide num_attention_heads ({num_attention_heads})"),
+            ));
+        }
+        let head_dim = match cfg.opt_usize(&["head_dim"])? {
+            Some(d) => d,
+            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+            None => {
+                return Err(cfg.unsupported(
+                    "num_attention_heads",
+                    format!("({num_attention_heads}) must divide hidden_size ({hidden_size}) when head_dim is absent"),
+                ));
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(cfg.unsupported("head_dim", format!("must be even for RoPE, found {head_dim}")));
+        }
+        if let Some(act) = cfg.opt_str("hidden_act")? {
+            if act != "silu" {
+                return Err(cfg.unsupported("hidden_act", format!("must be \"silu\", found {act:?}")));
+            }
+        }
+        if cfg.bool_or("use_sliding_window", false)? {
+            return Err(cfg.unsupported("use_sliding_window", "true is not supported (full attention only)"));
+        }
+        let mut rope_theta = cfg.opt_f64(&["rope_theta"])?;
+        for key in ["rope_parameters", "rope_scaling"] {
+            if let Some(rope) = cfg.opt_object(key)? {
+                let kind = rope.opt_str("rope_type")?.or(rope.opt_str("type")?);
+                if let Some(kind) = kind.filter(|k| *k != "default") {
+                    return Err(cfg.unsupported(
+                        key,
+                        format!("has rope_type {kind:?}; only \"default\" RoPE is supported"),
+                    ));
+                }
+                rope_theta = rope.opt_f64(&["rope_theta"])?.or(rope_theta);
+            }
+        }
+        let attention_bias = cfg.bool_or("attention_bias", false)?;
+        Ok(Self {
+            vocab_size: cfg.usize(&["vocab_size"])?,
+            hidden_size,
+            intermediate_size: cfg.usize(&["intermediate_size"])?,
+            num_hidden_layers: cfg.usize(&["num_hidden_layers"])?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: cfg.opt_f64(&["rms_norm_eps"])?.unwrap_or(1e-6),
+            rope_theta: rope_theta.unwrap_or(10000.0),
+            qkv_bias: !llama || attention_bias,
+            o_proj_bias: llama && attention_bias,
+            mlp_bias: llama && cfg.bool_or("mlp_bias", false)?,
+            tie_word_embeddings: cfg.bool_or("tie_word_embeddings", false)?,
+            max_position_embeddings: cfg.opt_usize(&["max_position_embeddings"])?,
+        })
+    }
+
+    /// A model with random weights (for benchmarks and tests; real weights come from
+    /// [`Qwen2ForCausalLM::load`]).
+    pub fn init(&self, device: &Device) -> Qwen2ForCausalLM {
+        let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
+        let norm = || {
+            RmsNormConfig::new(self.hidden_size)
+                .with_epsilon(self.rms_norm_eps)
+                .init(device)
+        };
+        let (h, kv, d) = (self.num_attention_heads, self.num_key_value_heads, self.head_dim);
+        let layers = (0..self.num_hidden_layers)
+            .map(|_| Qwen2DecoderLayer {
+                self_attn: Qwen2Attention {
+                    q_proj: linear(self.hidden_size, h * d, self.qkv_bias),
+                    k_proj: linear(self.hidden_size, kv * d, self.qkv_bias),
+                    v_proj: linear(self.hidden_size, kv * d, self.qkv_bias),
+                    o_proj: linear(h * d, self.hidden_size, self.o_proj_bias),
+                    num_heads: h,
+                    num_key_value_heads: kv,
+                    head_dim: d,
+                },
+                mlp: Qwen2Mlp {
+                    gate_proj: linear(self.hidden_size, self.intermediate_size, self.mlp_bias),
+                    up_proj: linear(self.hidden_size, self.intermediate_size, self.mlp_bias),
+                    down_proj: linear(self.intermediate_size, self.hidden_size, self.mlp_bias),
+                },
+                input_layernorm: norm(),
+                post_attention_layernorm: norm(),
+            })
+            .collect();
+        Qwen2ForCausalLM {
+            model: Qwen2Model {
+                embed_tokens: EmbeddingConfig::new(self.vocab_size, self.hidden_size).init(device),
+                layers,
+                norm: norm(),
+            },
+            lm_head: (!self.tie_word_embeddings)
+                .then(|| linear(self.hidden_size, self.vocab_size, false)),
+            config: self.clone(),
+        }
+    }
+
+    /// Geometry adapters see.
+    pub fn geometry(&self) -> ModelGeometry {
+        ModelGeometry {
+            num_layers: self.num_hidden_layers,
+            hidden_size: self.hidden_size,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+            vocab_size: self.vocab_size,
+            max_positions: self.max_position_embeddings,
+        }
+    }
+}
+
+/// SwiGLU MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
+#[derive(Module, Debug)]
+pub struct Qwen2Mlp {
+    /// Gate projection `hidden -> intermediate`.
+    pub gate_proj: Linear,
+    /// Up projection `hidden -> intermediate`.
+    pub up_proj: Linear,
+    /// Down projection `intermediate -> hidden`.
+    pub down_proj: Linear,
+}
+
+impl Qwen2Mlp {
+    /// `[b, s, hidden] -> [b, s, hidden]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+/// Grouped-query self-attention with rotate-half RoPE.
+#[derive(Module, Debug)]
+pub struct Qwen2Attention {
+    /// Query projection `hidden -> heads * head_dim`.
+    pub q_proj: Linear,
+    /// Key projection `hidden -> kv_heads * head_dim`.
+    pub k_proj: Linear,
+    /// Value projection `hidden -> kv_heads * head_dim`.
+    pub v_proj: Linear,
+    /// Output projection `heads * head_dim -> hidden`.
+    pub o_proj: Linear,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_key_value_heads: usize,
+    /// Size of a head.
+    pub head_dim: usize,
+}
+
+impl Qwen2Attention {
+    /// Attends `x` `[b, s, hidden]` over `past` (prefix or cache, already rotated as stored) and
+    /// itself. Returns the output and this layer's keys/values including `past`.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        past: Option<LayerKv>,
+        key_mask: Option<Tensor<2, Int>>,
+    ) -> (Tensor<3>, LayerKv) {
+        let q = split_heads(self.q_proj.forward(x.clone()), self.num_heads, self.head_dim);
+        let k = split_heads(self.k_proj.forward(x.clone()), self.num_key_value_heads, self.head_dim);
+        let v = split_heads(self.v_proj.forward(x), self.num_key_value_heads, self.head_dim);
+        let q = apply_rope(q, cos.clone(), sin.clone());
+        let k = apply_rope(k, cos.clone(), sin.clone());
+        let (k, v) = match past {
+            Some(past) => (
+                Tensor::cat(vec![past.key, k], 2),
+                Tensor::cat(vec![past.value, v], 2),
+            ),
+            None => (k, v),
+        };
+        let out = causal_attention(q, k.clone(), v.clone(), key_mask, None);
+        (
+            self.o_proj.forward(merge_heads(out)),
+            LayerKv { key: k, value: v },
+        )
+    }
+}
+
+/// Pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct Qwen2DecoderLayer {
+    /// Self-attention.
+    pub self_attn: Qwen2Attention,
+    /// SwiGLU MLP.
+    pub mlp: Qwen2Mlp,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl Qwen2DecoderLayer {
+    /// One layer: `x + attn(norm(x))`, then `+ mlp(norm(.))`.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        past: Option<LayerKv>,
+        key_mask: Option<Tensor<2, Int>>,
+    ) -> (Tensor<3>, LayerKv) {
+        let (attn, kv) =
+            self.self_attn
+                .forward(self.input_layernorm.forward(x.clone()), cos, sin, past, key_mask);
+        let x = x + attn;
+        let x = x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x));
+        (x, kv)
+    }
+}
+
+/// The decoder stack (`model.*` in Hugging Face checkpoints).
+#[derive(Module, Debug)]
+pub struct Qwen2Model {
+    /// Token embeddings.
+    pub embed_tokens: Embedding,
+    /// Decoder layers.
+    pub layers: Vec<Qwen2DecoderLayer>,
+    /// Final norm.
+    pub norm: RmsNorm,
+}
+
+/// Qwen2 (or Llama) with its language-model head.
+#[derive(Module, Debug)]
+pub struct Qwen2ForCausalLM {
+    /// The decoder stack.
+    pub model: Qwen2Model,
+    /// Output projection; `None` when tied to `model.embed_tokens`.
+    pub lm_head: Option<Linear>,
+    /// The configuration the model was built from.
+    #[module(skip)]
+    pub config: Qwen2Config,
+}
+
+impl Qwen2ForCausalLM {
+    /// Builds the model from the tensors of `ckpt` (Hugging Face names), checking every shape
+    /// against `config`. Tensors left unread are reported by [`Checkpoint::finish`].
+    pub fn load(config: &Qwen2Config, ckpt: &mut Checkpoint) -> Result<Self> {
+        let c = config;
+        let (h, kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let norm = |ckpt: &mut Checkpoint, name: &str| -> Result<RmsNorm> {
+            let mut norm = RmsNormConfig::new(c.hidden_size)
+                .with_epsilon(c.rms_norm_eps)
+                .init(ckpt.device());
+            norm.gamma = Param::from_tensor(ckpt.tensor(&format!("{name}.weight"), [c.hidden_size])?);
+            Ok(norm)
+        };
+        let embed_tokens = load_embedding(ckpt, "model.embed_tokens", c.vocab_size, c.hidden_size)?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let a = format!("{p}.self_attn");
+            let m = format!("{p}.mlp");
+            layers.push(Qwen2DecoderLayer {
+                self_attn: Qwen2Attention {
+                    q_proj: load_linear(ckpt, &format!("{a}.q_proj"), c.hidden_size, h * d, c.qkv_bias)?,
+                    k_proj: load_linear(ckpt, &format!("{a}.k_proj"), c.hidden_size, kv * d, c.qkv_bias)?,
+                    v_proj: load_linear(ckpt, &format!("{a}.v_proj"), c.hidden_size, kv * d, c.qkv_bias)?,
+                    o_proj: load_linear(ckpt, &format!("{a}.o_proj"), h * d, c.hidden_size, c.o_proj_bias)?,
+                    num_heads: h,
+                    num_key_value_heads: kv,
+                    head_dim: d,
+                },
+                mlp: Qwen2Mlp {
+                    gate_proj: load_linear(ckpt, &format!("{m}.gate_proj"), c.hidden_size, c.intermediate_size, c.mlp_bias)?,
+                    up_proj: load_linear(ckpt, &format!("{m}.up_proj"), c.hidden_size, c.intermediate_size, c.mlp_bias)?,
+                    down_proj: load_linear(ckpt, &format!("{m}.down_proj"), c.intermediate_size, c.hidden_size, c.mlp_bias)?,
+                },
+                input_layernorm: norm(ckpt, &format!("{p}.input_layernorm"))?,
+                post_attention_layernorm: norm(ckpt, &format!("{p}.post_attention_layernorm"))?,
+            });
+        }
+        let final_norm = norm(ckpt, "model.norm")?;
+        let lm_head = if c.tie_word_embeddings {
+            // Some tied checkpoints still store a copy of the embedding as lm_head.weight.
+            ckpt.skip("lm_head.weight");
+            None
+        } else {
+            Some(load_linear(ckpt, "lm_head", c.hidden_size, c.vocab_size, false)?)
+        };
+        Ok(Self {
+            model: Qwen2Model {
+                embed_tokens,
+                layers,
+                norm: final_norm,
+            },
+            lm_head,
+            config: config.clone(),
+        })
+    }
+}
+
+impl CausalLm for Qwen2ForCausalLM {
+    fn geometry(&self) -> ModelGeometry {
+        self.config.geometry()
+    }
+
+    fn device(&self) -> Device {
+        self.model.embed_tokens.weight.device()
+    }
+
+    fn embed_tokens(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
+        self.model.embed_tokens.forward(input_ids)
+    }
+
+    fn forward_hidden(&self, input: ModelInput) -> ModelOutput {
+        let [batch, seq, _] = input.inputs_embeds.dims();
+        let device = input.inputs_embeds.device();
+        let dtype = input.inputs_embeds.dtype();
+        let (past, past_mask) = past_and_mask(input.prefix, input.cache, &self.geometry(), batch);
+        let past_len = past.as_ref().and_then(|p| p.first()).map_or(0, LayerKv::len);
+        let key_mask = join_masks(past_mask, past_len, input.attention_mask, batch, seq, &device);
+        let positions = query_positions(key_mask.clone(), batch, past_len + seq, seq, &device);
+        let (cos, sin) = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype);
+
+        let mut past = past.map(Vec::into_iter);
+        let mut x = input.inputs_embeds;
+        let mut layers = Vec::with_capacity(self.model.layers.len());
+        for layer in &self.model.layers {
+            let layer_past = past.as_mut().and_then(Iterator::next);
+            let (y, kv) = layer.forward(x, &cos, &sin, layer_past, key_mask.clone());
+            x = y;
+            layers.push(kv);
+        }
+        ModelOutput {
+            hidden_states: self.model.norm.forward(x),
+            cache: KvCache {
+                layers,
+                attention_mask: key_mask,
+            },
+        }
+    }
+
+    fn lm_head(&self, hidden_states: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden_states),
+            None => tied_lm_head(hidden_states, &self.model.embed_tokens),
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! The `peft` command line: argument types and the commands behind them.
+//!
+//! The binary (`src/bin/peft.rs`) parses [`Cli`] and calls [`run`]; the commands live here so
+//! tests can call them directly. Commands write files atomically (a temporary file renamed into
+//! place), so a failure never leaves a half-written output.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use clap::{Parser, Subcommand, ValueEnum};
+use peft_core::{CausalLm, GenerationConfig, Injection, ModelInput, generate};
+use peft_models::{AutoCausalLm, ModelError, SpecialTokens, load_tokenizer};
+
+/// Errors of the command line, each naming the file (and field) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Loading or running the model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The input file is not what the command expects.
+    #[error("{path}: {message}")]
+    Input {
+        /// The input file.
+        path: PathBuf,
+        /// What is wrong (names the field).
+        message: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The system error.
+        source: std::io::Error,
+    },
+    /// A feature the command does not offer yet.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Compute dtype of the model weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Dtype {
+    /// 32-bit float (exact parity with transformers in f32).
+    F32,
+    /// 16-bit float.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl From<Dtype> for DType {
+    fn from(value: Dtype) -> Self {
+        match value {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// Parameter-efficient fine-tuning of causal language models on burn.
+#[derive(Debug, Parser)]
+#[command(name = "peft", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one forward pass and write the logits of every input token to a safetensors file.
+    Forward(ForwardArgs),
+    /// Generate a continuation of a prompt, streamed to stdout.
+    Generate(GenerateArgs),
+}
+
+/// Arguments of `peft forward`.
+#[derive(Debug, clap::Args)]
+pub struct ForwardArgs {
+    /// Hugging Face model directory (config.json + model.safetensors or a sharded index).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// JSON file: {"input_ids": [[...], ...], "attention_mask": [[...], ...]} (mask optional,
+    /// 1 = real token, 0 = padding, left or right).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output safetensors file; holds one F32 tensor `logits` of shape [batch, seq, vocab].
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Compute dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Dtype,
+}
+
+/// Arguments of `peft generate`.
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// Hugging Face model directory (with tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Adapter directory.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 (the default) decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass (sampling only).
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Keep only the k most likely tokens (sampling only).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Compute dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Dtype,
+}
+
+/// Runs a parsed command line on `device`, writing generated text to `out`.
+pub fn run(cli: Cli, device: &Device, out: &mut dyn Write) -> Result<(), CliError> {
+    match cli.command {
+        Command::Forward(args) => forward(&args, device),
+        Command::Generate(args) => generate_text(&args, device, out),
+    }
+}
+
+fn no_adapters_yet(adapter: &Option<PathBuf>) -> Result<(), CliError> {
+    match adapter {
+        Some(dir) => Err(CliError::Unsupported(format!(
+            "--adapter {}: adapters are not supported yet (they arrive with the adapter issue)",
+            dir.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The `{"input_ids", "attention_mask"}` input of `peft forward`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardInput {
+    /// `[batch][seq]` token ids.
+    pub input_ids: Vec<Vec<i64>>,
+    /// `[batch][seq]` 0/1 mask, if given.
+    pub attention_mask: Option<Vec<Vec<i64>>>,
+}
+
+impl ForwardInput {
+    /// Reads and checks the JSON input file (shapes and values are checked against the model
+    /// later, by [`CausalLm::check_input`]).
+    pub fn from_file(path: &Path) -> Result<Self, CliError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bad = |message: String| CliError::Input {
+            path: path.to_path_buf(),
+            message,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+        let matrix = |key: &str| -> Result<Option<Vec<Vec<i64>>>, CliError> {
+            let Some(v) = value.get(key).filter(|v| !v.is_null()) else {
+                return Ok(None);
+            };
+            let rows = v
+                .as_array()
+                .ok_or_else(|| bad(format!("`{key}` must be a list of lists of integers")))?;
+            rows.iter()
+                .enumerate()
+                .map(|(r, row)| {
+                    row.as_array()
+                        .ok_or_else(|| bad(format!("`{key}[{r}]` must be a list of integers")))?
+                        .iter()
+                        .enumerate()
+                        .map(|(c, x)| {
+                            x.as_i64().ok_or_else(|| {
+                                bad(format!("`{key}[{r}][{c}]` must be an integer, found {x}"))
+                            })
+                        })
+                        .collect()
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some)
+        };
+        if !value.is_object() {
+            return Err(bad("must be a JSON object with an `input_ids` field".into()));
+        }
+        let input_ids = matrix("input_ids")?
+            .ok_or_else(|| bad("missing field `input_ids`".into()))?;
+        let attention_mask = matrix("attention_mask")?;
+        Ok(Self {
+            input_ids,
+            attention_mask,
+        })
+    }
+}
+
+fn int_tensor(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
+    let shape = [rows.len(), rows[0].len()];
+    let flat: Vec<i64> = rows.iter().flatten().copied().collect();
+    Tensor::from_data(TensorData::new(flat, shape), device)
+}
+
+/// `peft forward`: logits of every input token, written atomically to `args.output`.
+pub fn forward(args: &ForwardArgs, device: &Device) -> Result<(), CliError> {
+    no_adapters_yet(&args.adapter)?;
+    let input = ForwardInput::from_file(&args.input)?;
+    let model = AutoCausalLm::from_pretrained(&args.model, device, args.dtype.into())?;
+    model
+        .check_input(&input.input_ids, input.attention_mask.as_deref(), 0)
+        .map_err(|e| CliError::Input {
+            path: args.input.clone(),
+            message: e.to_string(),
+        })?;
+    let logits = forward_logits(&model, &input, device);
+    write_logits(&args.output, logits)
+}
+
+/// Logits `[batch, seq, vocab]` in f32 for a checked input.
+pub fn forward_logits<M: CausalLm>(model: &M, input: &ForwardInput, device: &Device) -> Tensor<3> {
+    let ids = int_tensor(&input.input_ids, device);
+    let mask = input.attention_mask.as_ref().map(|m| int_tensor(m, device));
+    let embeds = model.embed_tokens(ids);
+    let (logits, _) = model.forward(ModelInput::new(embeds).with_attention_mask(mask));
+    logits.cast(DType::F32)
+}
+
+/// Writes `logits` as the single F32 tensor `logits` of a safetensors file, atomically.
+pub fn write_logits(path: &Path, logits: Tensor<3>) -> Result<(), CliError> {
+    let shape = logits.dims().to_vec();
+    let data = logits.into_data().convert::<f32>();
+    let bytes: &[u8] = data.as_bytes();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, bytes)
+        .map_err(|e| CliError::Unsupported(format!("cannot encode logits: {e}")))?;
+    let encoded = safetensors::serialize([("logits", view)], None)
+        .map_err(|e| CliError::Unsupported(format!("cannot encode logits: {e}")))?;
+    write_atomic(path, &encoded)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
+    let io = |source| CliError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| CliError::Input {
+            path: path.to_path_buf(),
+            message: "output path names no file".into(),
+        })?
+        .to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+/// `peft generate`: streams the continuation of `args.prompt` to `out`.
+pub fn generate_text(args: &GenerateArgs, device: &Device, out: &mut dyn Write) -> Result<(), CliError> {
+    no_adapters_yet(&args.adapter)?;
+    let tokenizer = load_tokenizer(&args.model)?;
+    let tokenizer_path = args.model.join("tokenizer.json");
+    let special = SpecialTokens::from_dir(&args.model)?;
+    let model = AutoCausalLm::from_pretrained(&args.model, device, args.dtype.into())?;
+    let encoding = tokenizer
+        .encode(args.prompt.as_str(), true)
+        .map_err(|e| ModelError::Tokenizer {
+            path: tokenizer_path.clone(),
+            message: e.to_string(),
+        })?;
+    let prompt: Vec<u32> = encoding.get_ids().to_vec();
+    if prompt.is_empty() {
+        return Err(CliError::Input {
+            path: tokenizer_path,
+            message: "the prompt encodes to no tokens".into(),
+        });
+    }
+    let config = GenerationConfig::new()
+        .with_max_new_tokens(args.max_new_tokens)
+        .with_do_sample(args.temperature > 0.0)
+        .with_temperature(if args.temperature > 0.0 { args.temperature } else { 1.0 })
+        .with_top_k(args.top_k)
+        .with_top_p(args.top_p)
+        .with_seed(args.seed)
+        .with_eos_token_ids(special.eos_token_ids.clone())
+        .with_pad_token_id(special.pad_token_id);
+
+    write!(out, "{}", args.prompt).map_err(|source| CliError::Io {
+        path: "<stdout>".into(),
+        source,
+    })?;
+    // Decode the whole continuation each step and print what is new, holding back incomplete
+    // UTF-8 (byte-level tokens can split a character).
+    let mut generated: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let mut failure = None;
+    let result = generate(&model, &[prompt], Injection::default(), &config, |step| {
+        let Some(token) = step.tokens[0] else {
+            return ControlFlow::Continue(());
+        };
+        if special.eos_token_ids.contains(&token) {
+            return ControlFlow::Continue(());
+        }
+        generated.push(token);
+        match tokenizer.decode(&generated, true) {
+            Ok(text) if !text.ends_with('\u{FFFD}') && text.len() > printed => {
+                let new = text.get(printed..).unwrap_or_default();
+                if let Err(e) = write!(out, "{new}").and_then(|_| out.flush()) {
+                    failure = Some(e);
+                    return ControlFlow::Break(());
+                }
+                printed = text.len();
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    });
+    if let Some(source) = failure {
+        return Err(CliError::Io {
+            path: "<stdout>".into(),
+            source,
+        });
+    }
+    result.map_err(|e| CliError::Input {
+        path: tokenizer_path,
+        message: e.to_string(),
+    })?;
+    writeln!(out).map_err(|source| CliError::Io {
+        path: "<stdout>".into(),
+        source,
+    })
+}
