@@ -1,0 +1,186 @@
+//! The `peft` binary end to end: `forward` against transformers' logits, `generate` against
+//! transformers' greedy tokens, and bad input rejected with the file and field named, leaving no
+//! output file behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn model(name: &str) -> PathBuf {
+    root().join("fixtures/models").join(name)
+}
+
+fn peft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(args)
+        .output()
+        .expect("runs the peft binary")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn read_f32(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+    let values = t.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    (t.shape().to_vec(), values)
+}
+
+fn expected_input_ids(name: &str) -> Vec<Vec<i64>> {
+    let bytes = std::fs::read(root().join("fixtures/expected").join(format!("{name}.safetensors"))).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("input_ids").unwrap();
+    let flat: Vec<i64> = t.data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    flat.chunks(t.shape()[1]).map(<[i64]>::to_vec).collect()
+}
+
+#[test]
+fn forward_writes_transformers_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["qwen2-gqa-untied", "bloom-legacy-5-heads"] {
+        let input = tmp.path().join(format!("{name}.json"));
+        let output = tmp.path().join(format!("{name}.safetensors"));
+        let ids = expected_input_ids(name);
+        std::fs::write(&input, serde_json::json!({ "input_ids": ids }).to_string()).unwrap();
+        let out = peft(&[
+            "forward", "--model", model(name).to_str().unwrap(),
+            "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let (shape, ours) = read_f32(&output, "logits");
+        let (want_shape, want) = read_f32(&root().join("fixtures/expected").join(format!("{name}.safetensors")), "logits");
+        assert_eq!(shape, want_shape);
+        let diff = ours.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(diff <= 1e-4, "{name}: {diff}");
+    }
+}
+
+#[test]
+fn forward_accepts_a_padding_mask() {
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "llama-mqa-sharded";
+    let ids = expected_input_ids(name);
+    let seq = ids[0].len();
+    // Row 0 left-padded by two tokens (id 5, masked).
+    let mut row = vec![5, 5];
+    row.extend(&ids[0]);
+    let mut mask = vec![0, 0];
+    mask.extend(std::iter::repeat_n(1, seq));
+    let input = tmp.path().join("in.json");
+    let output = tmp.path().join("out.safetensors");
+    std::fs::write(&input, serde_json::json!({"input_ids": [row], "attention_mask": [mask]}).to_string()).unwrap();
+    let out = peft(&[
+        "forward", "--model", model(name).to_str().unwrap(),
+        "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (shape, ours) = read_f32(&output, "logits");
+    let vocab = shape[2];
+    assert_eq!(shape, vec![1, seq + 2, vocab], "one row of logits per input token, padding included");
+    let (_, want) = read_f32(&root().join("fixtures/expected").join(format!("{name}.safetensors")), "logits");
+    let diff = ours[2 * vocab..]
+        .iter()
+        .zip(&want[..seq * vocab])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(diff <= 1e-4, "padded row vs transformers unpadded: {diff}");
+}
+
+#[test]
+fn forward_rejects_bad_input_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = model("qwen2-gqa-tied");
+    let cases: [(&str, &str); 7] = [
+        ("{\"input_ids\": [[1, 2]", "malformed JSON"),
+        ("{\"attention_mask\": [[1]]}", "missing field `input_ids`"),
+        ("{\"input_ids\": [[1, \"a\"]]}", "`input_ids[0][1]` must be an integer"),
+        ("{\"input_ids\": [[1, 2], [3]]}", "row 1 has 1 tokens but row 0 has 2"),
+        ("{\"input_ids\": [[1, 600]]}", "token id 600 at row 0, position 1 is out of range for a vocabulary of 512"),
+        ("{\"input_ids\": [[1, 2]], \"attention_mask\": [[1, 3]]}", "attention_mask must hold only 0 and 1"),
+        ("LONG", "exceeds the model's max_position_embeddings (128)"),
+    ];
+    for (i, (json, expected)) in cases.iter().enumerate() {
+        let input = tmp.path().join(format!("in{i}.json"));
+        let output = tmp.path().join(format!("out{i}.safetensors"));
+        let json = if *json == "LONG" {
+            serde_json::json!({ "input_ids": [vec![1; 129]] }).to_string()
+        } else {
+            json.to_string()
+        };
+        std::fs::write(&input, json).unwrap();
+        let out = peft(&[
+            "forward", "--model", model_dir.to_str().unwrap(),
+            "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(),
+        ]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "case {i}: {err}");
+        assert!(err.contains(input.to_str().unwrap()), "case {i} does not name the input file: {err}");
+        assert!(err.contains(expected), "case {i}: expected {expected:?} in {err}");
+        assert!(!err.contains("panicked"), "case {i} panicked: {err}");
+        assert!(!output.exists(), "case {i} left an output file");
+    }
+    // No temporary files left either.
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn forward_reports_a_broken_model_and_the_adapter_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.json");
+    let output = tmp.path().join("out.safetensors");
+    std::fs::write(&input, "{\"input_ids\": [[1, 2]]}").unwrap();
+    let out = peft(&[
+        "forward", "--model", tmp.path().to_str().unwrap(),
+        "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("config.json: not found"), "{}", stderr(&out));
+    let out = peft(&[
+        "forward", "--model", model("qwen2-gqa-tied").to_str().unwrap(), "--adapter", "some/adapter",
+        "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--adapter some/adapter: adapters are not supported yet"));
+    assert!(!output.exists());
+}
+
+#[test]
+fn generate_streams_the_greedy_continuation_of_transformers() {
+    let name = "qwen2-gqa-tied";
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("fixtures/expected").join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    let prompt = meta["prompts"][1].as_str().unwrap();
+    let tokens: Vec<u32> = serde_json::from_value(meta["greedy_single"][1].clone()).unwrap();
+    let tokenizer = peft_models::load_tokenizer(model(name)).unwrap();
+    let continuation = tokenizer.decode(&tokens, true).unwrap();
+    let out = peft(&["generate", "--model", model(name).to_str().unwrap(), "--prompt", prompt, "--max-new-tokens", "16"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{prompt}{continuation}\n"));
+
+    // Sampling with a seed is reproducible.
+    let sample = |seed: &str| {
+        peft(&[
+            "generate", "--model", model(name).to_str().unwrap(), "--prompt", prompt,
+            "--temperature", "0.9", "--top-p", "0.95", "--seed", seed,
+        ])
+        .stdout
+    };
+    assert_eq!(sample("3"), sample("3"));
+    let out = peft(&["generate", "--model", model(name).to_str().unwrap(), "--prompt", prompt, "--top-p", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("top_p"), "{}", stderr(&out));
+}
