@@ -36,6 +36,17 @@ pub enum CliError {
         /// The system error.
         source: std::io::Error,
     },
+    /// Generation rejected its settings or the prompt (names the setting).
+    #[error("generate: {0}")]
+    Generate(peft_core::CoreError),
+    /// A command-line flag has a value the command cannot use.
+    #[error("{flag}: {message}")]
+    Argument {
+        /// The flag.
+        flag: &'static str,
+        /// Why its value is rejected.
+        message: String,
+    },
     /// A feature the command does not offer yet.
     #[error("{0}")]
     Unsupported(String),
@@ -246,10 +257,13 @@ pub fn write_logits(path: &Path, logits: Tensor<3>) -> Result<(), CliError> {
     let shape = logits.dims().to_vec();
     let data = logits.into_data().convert::<f32>();
     let bytes: &[u8] = data.as_bytes();
+    let encoding_failed = |e: safetensors::SafeTensorError| CliError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+    };
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, bytes)
-        .map_err(|e| CliError::Unsupported(format!("cannot encode logits: {e}")))?;
-    let encoded = safetensors::serialize([("logits", view)], None)
-        .map_err(|e| CliError::Unsupported(format!("cannot encode logits: {e}")))?;
+        .map_err(encoding_failed)?;
+    let encoded = safetensors::serialize([("logits", view)], None).map_err(encoding_failed)?;
     write_atomic(path, &encoded)
 }
 
@@ -285,18 +299,10 @@ pub fn generate_text(args: &GenerateArgs, device: &Device, out: &mut dyn Write) 
     let tokenizer = load_tokenizer(&args.model)?;
     let tokenizer_path = args.model.join("tokenizer.json");
     let special = SpecialTokens::from_dir(&args.model)?;
-    let model = AutoCausalLm::from_pretrained(&args.model, device, args.dtype.into())?;
-    let encoding = tokenizer
-        .encode(args.prompt.as_str(), true)
-        .map_err(|e| ModelError::Tokenizer {
-            path: tokenizer_path.clone(),
-            message: e.to_string(),
-        })?;
-    let prompt: Vec<u32> = encoding.get_ids().to_vec();
-    if prompt.is_empty() {
-        return Err(CliError::Input {
-            path: tokenizer_path,
-            message: "the prompt encodes to no tokens".into(),
+    if !(args.temperature >= 0.0) {
+        return Err(CliError::Argument {
+            flag: "--temperature",
+            message: format!("must be >= 0 (0 decodes greedily), found {}", args.temperature),
         });
     }
     let config = GenerationConfig::new()
@@ -308,6 +314,26 @@ pub fn generate_text(args: &GenerateArgs, device: &Device, out: &mut dyn Write) 
         .with_seed(args.seed)
         .with_eos_token_ids(special.eos_token_ids.clone())
         .with_pad_token_id(special.pad_token_id);
+    config.validate().map_err(CliError::Generate)?;
+    let model = AutoCausalLm::from_pretrained(&args.model, device, args.dtype.into())?;
+    let encoding = tokenizer
+        .encode(args.prompt.as_str(), true)
+        .map_err(|e| ModelError::Tokenizer {
+            path: tokenizer_path,
+            message: e.to_string(),
+        })?;
+    let prompt: Vec<u32> = encoding.get_ids().to_vec();
+    if prompt.is_empty() {
+        return Err(CliError::Argument {
+            flag: "--prompt",
+            message: "encodes to no tokens".into(),
+        });
+    }
+
+    let row: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
+    model
+        .check_input(&[row], None, args.max_new_tokens)
+        .map_err(CliError::Generate)?;
 
     write!(out, "{}", args.prompt).map_err(|source| CliError::Io {
         path: "<stdout>".into(),
@@ -345,10 +371,7 @@ pub fn generate_text(args: &GenerateArgs, device: &Device, out: &mut dyn Write) 
             source,
         });
     }
-    result.map_err(|e| CliError::Input {
-        path: tokenizer_path,
-        message: e.to_string(),
-    })?;
+    result.map_err(CliError::Generate)?;
     writeln!(out).map_err(|source| CliError::Io {
         path: "<stdout>".into(),
         source,

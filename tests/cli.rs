@@ -180,7 +180,16 @@ fn generate_streams_the_greedy_continuation_of_transformers() {
         .stdout
     };
     assert_eq!(sample("3"), sample("3"));
-    let out = peft(&["generate", "--model", model(name).to_str().unwrap(), "--prompt", prompt, "--top-p", "2"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("top_p"), "{}", stderr(&out));
+    for (flag, value, expected) in [
+        ("--top-p", "2", "generation setting `top_p` must be in (0, 1]"),
+        ("--temperature", "-1", "--temperature: must be >= 0"),
+        ("--top-k", "0", "generation setting `top_k` must be at least 1"),
+        ("--max-new-tokens", "200", "exceeds the model's max_position_embeddings (128)"),
+    ] {
+        let arg = format!("{flag}={value}");
+        let out = peft(&["generate", "--model", model(name).to_str().unwrap(), "--prompt", prompt, &arg]);
+        assert_eq!(out.status.code(), Some(1), "{flag} {value}");
+        assert!(stderr(&out).contains(expected), "{flag} {value}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"));
+    }
 }

@@ -11,7 +11,7 @@ use burn::prelude::*;
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 use crate::error::CoreError;
-use crate::model::{CausalLm, Injection, KvCache, ModelInput};
+use crate::model::{CausalLm, Injection, ModelInput, ModelOutput};
 
 /// How to pick tokens and when to stop.
 #[derive(Config, Debug)]
@@ -57,7 +57,8 @@ pub struct GenerationOutput {
 }
 
 impl GenerationConfig {
-    fn validate(&self) -> Result<(), CoreError> {
+    /// Checks every setting is in its domain ([`generate`] does this too).
+    pub fn validate(&self) -> Result<(), CoreError> {
         let bad = |key, message: &str| {
             Err(CoreError::BadGenerationConfig {
                 key,
@@ -157,13 +158,16 @@ pub fn generate<M: CausalLm>(
     let mut input = ModelInput::new(embeds)
         .with_attention_mask(attention_mask)
         .with_prefix(injection.prefix);
-    let mut cache: Option<KvCache>;
+    let vocab = model.geometry().vocab_size;
     for step in 0..config.max_new_tokens {
-        let out = model.forward_hidden(input);
-        cache = Some(out.cache);
-        let [b, s, d] = out.hidden_states.dims();
-        let last = out.hidden_states.slice([0..b, s - 1..s, 0..d]);
-        let logits = model.lm_head(last).reshape([b, model.geometry().vocab_size]);
+        let ModelOutput {
+            hidden_states,
+            cache,
+        } = model.forward_hidden(input);
+        let [b, s, d] = hidden_states.dims();
+        // Logits of the last position only: the rest are never used.
+        let last = hidden_states.slice([0..b, s - 1..s, 0..d]);
+        let logits = model.lm_head(last).reshape([b, vocab]);
         let chosen = next_tokens(logits, config, &mut rng);
 
         let mut tokens = vec![None; batch];
@@ -190,7 +194,7 @@ pub fn generate<M: CausalLm>(
             .map(|t| t.unwrap_or(config.pad_token_id) as i64)
             .collect();
         let next = Tensor::<2, Int>::from_data(TensorData::new(next, [batch, 1]), &device);
-        input = ModelInput::new(model.embed_tokens(next)).with_cache(cache.take());
+        input = ModelInput::new(model.embed_tokens(next)).with_cache(Some(cache));
     }
     Ok(GenerationOutput { new_tokens })
 }
