@@ -223,11 +223,11 @@ fn print_table(ours: &Value, theirs: Option<&Value>) {
     let cols = ["prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mib"];
     let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
     let cell = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.1}"));
-    println!("\n{:<34} {:>14} {:>14} {:>14}", "", "prefill tok/s", "decode tok/s", "peak RSS MiB");
+    println!("\n{:<44} {:>14} {:>14} {:>14}", "", "prefill tok/s", "decode tok/s", "peak RSS MiB");
     let row = |v: &Value| {
         let name = v.get("engine").and_then(Value::as_str).unwrap_or("?");
         println!(
-            "{:<34} {:>14} {:>14} {:>14}",
+            "{:<44} {:>14} {:>14} {:>14}",
             name,
             cell(num(v, cols[0])),
             cell(num(v, cols[1])),
@@ -242,7 +242,7 @@ fn print_table(ours: &Value, theirs: Option<&Value>) {
             _ => "-".into(),
         };
         println!(
-            "{:<34} {:>14} {:>14} {:>14}",
+            "{:<44} {:>14} {:>14} {:>14}",
             "ours / torch",
             ratio(cols[0]),
             ratio(cols[1]),

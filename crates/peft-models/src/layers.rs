@@ -143,9 +143,16 @@ pub fn load_layer_norm(
 }
 
 /// Logits against a tied embedding matrix `[vocab, d]`: `hidden [b, s, d] -> [b, s, vocab]`.
+///
+/// Computed as `(weight @ hidden^T)^T` so the large matrix is read in its stored row-major
+/// layout: multiplying by `weight^T` instead makes backends materialize a transposed copy of the
+/// whole embedding on every call (measured on Flex: 7x slower decoding for a 151,936-token vocab).
 pub fn tied_lm_head(hidden: Tensor<3>, embedding: &Embedding) -> Tensor<3> {
+    let [b, s, d] = hidden.dims();
     let weight = embedding.weight.val(); // [vocab, d]
-    hidden.matmul(weight.transpose().unsqueeze::<3>())
+    let vocab = weight.dims()[0];
+    let logits = weight.matmul(hidden.reshape([b * s, d]).transpose()); // [vocab, b * s]
+    logits.transpose().reshape([b, s, vocab])
 }
 
 /// Chooses what each layer attends to before the current input: an injected prefix (which
