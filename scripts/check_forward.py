@@ -33,10 +33,12 @@ def build(args):
     if args.arch == "bloom":
         return BloomForCausalLM(BloomConfig(hidden_size=args.hidden, n_layer=args.layers, n_head=args.heads, **common))
     cls, cfg_cls = (Qwen2ForCausalLM, Qwen2Config) if args.arch == "qwen2" else (LlamaForCausalLM, LlamaConfig)
+    if args.head_dim:
+        common["head_dim"] = args.head_dim
     cfg = cfg_cls(
         hidden_size=args.hidden, intermediate_size=args.intermediate or 3 * args.hidden,
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
+        num_key_value_heads=args.kv_heads or args.heads,
         rope_theta=args.rope_theta, tie_word_embeddings=args.tied, max_position_embeddings=512, **common,
     )
     return cls(cfg)

@@ -116,6 +116,7 @@ FIXTURES = {
     "bloom-6-heads": (bloom, {}),
     "bloom-legacy-5-heads": (bloom_legacy, {"legacy": True}),
     "qwen2-bf16": (qwen2_gqa_tied, {"dtype": torch.bfloat16}),
+    "llama-f16": (llama, {"dtype": torch.float16}),
 }
 
 PROMPTS = ["The small model reads", "Hello world!", "Prefix tuning gives every layer"]
@@ -211,7 +212,7 @@ def main():
         meta["transformers"] = transformers.__version__
         meta["torch"] = torch.__version__
         save_file(tensors, OUT / "expected" / f"{name}.safetensors")
-        (OUT / "expected" / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+        (OUT / "expected" / f"{name}.json").write_text(json.dumps(meta) + "\n")
         size = sum(f.stat().st_size for f in directory.iterdir())
         print(f"{name:24} {size / 1024:7.0f} KiB  min top-2 gap {meta['min_top2_gap']:.4f}  "
               f"greedy row 0: {meta['greedy_single'][0]}")

@@ -6,18 +6,15 @@
 //! Field names mirror transformers' `BloomForCausalLM` (`transformer.h.0.self_attention...`);
 //! checkpoints with or without the `transformer.` prefix load.
 
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::prelude::*;
-use peft_core::mask::{join_masks, key_positions};
-use peft_core::{CausalLm, KvCache, LayerKv, ModelGeometry, ModelInput, ModelOutput};
+use peft_core::{CausalLm, LayerKv, ModelGeometry, ModelInput, ModelOutput};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::hf_config::HfConfig;
-use crate::layers::{
-    causal_attention, load_embedding, load_layer_norm, load_linear, merge_heads, past_and_mask,
-    tied_lm_head,
-};
+use crate::layers::{Past, causal_attention, merge_heads, tied_lm_head};
+use crate::weights::{RandomWeights, WeightSource, infallible};
 
 /// Configuration of a BLOOM model (the fields of its Hugging Face `config.json`).
 #[derive(Config, Debug, PartialEq)]
@@ -90,34 +87,7 @@ impl BloomConfig {
 
     /// A model with random weights (for benchmarks and tests).
     pub fn init(&self, device: &Device) -> BloomForCausalLM {
-        let d = self.hidden_size;
-        let linear = |i, o| LinearConfig::new(i, o).init(device);
-        let norm = || LayerNormConfig::new(d).with_epsilon(self.layer_norm_epsilon).init(device);
-        BloomForCausalLM {
-            transformer: BloomModel {
-                word_embeddings: EmbeddingConfig::new(self.vocab_size, d).init(device),
-                word_embeddings_layernorm: norm(),
-                h: (0..self.n_layer)
-                    .map(|_| BloomBlock {
-                        input_layernorm: norm(),
-                        self_attention: BloomAttention {
-                            query_key_value: linear(d, 3 * d),
-                            dense: linear(d, d),
-                            num_heads: self.n_head,
-                            head_dim: self.head_dim(),
-                        },
-                        post_attention_layernorm: norm(),
-                        mlp: BloomMlp {
-                            dense_h_to_4h: linear(d, 4 * d),
-                            dense_4h_to_h: linear(4 * d, d),
-                        },
-                        residual_post_layernorm: self.apply_residual_connection_post_layernorm,
-                    })
-                    .collect(),
-                ln_f: norm(),
-            },
-            config: self.clone(),
-        }
+        infallible(BloomForCausalLM::build(self, &mut RandomWeights::new(device), ""))
     }
 }
 
@@ -260,39 +230,43 @@ pub struct BloomForCausalLM {
 impl BloomForCausalLM {
     /// Builds the model from the tensors of `ckpt`, with or without the `transformer.` prefix.
     pub fn load(config: &BloomConfig, ckpt: &mut Checkpoint) -> Result<Self> {
-        let c = config;
-        let d = c.hidden_size;
         let root = if ckpt.contains("transformer.word_embeddings.weight") {
             "transformer."
         } else {
             ""
         };
-        let eps = c.layer_norm_epsilon;
-        let word_embeddings = load_embedding(ckpt, &format!("{root}word_embeddings"), c.vocab_size, d)?;
-        let word_embeddings_layernorm =
-            load_layer_norm(ckpt, &format!("{root}word_embeddings_layernorm"), d, eps)?;
+        Self::build(config, ckpt, root)
+    }
+
+    /// Lays out the model, taking each layer from `src` under its Hugging Face name prefixed by
+    /// `root` (`"transformer."` or `""`).
+    pub fn build<S: WeightSource>(config: &BloomConfig, src: &mut S, root: &str) -> Result<Self, S::Error> {
+        let c = config;
+        let (d, eps) = (c.hidden_size, c.layer_norm_epsilon);
+        let word_embeddings = src.embedding(&format!("{root}word_embeddings"), c.vocab_size, d)?;
+        let word_embeddings_layernorm = src.layer_norm(&format!("{root}word_embeddings_layernorm"), d, eps)?;
         let mut h = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let p = format!("{root}h.{i}");
             h.push(BloomBlock {
-                input_layernorm: load_layer_norm(ckpt, &format!("{p}.input_layernorm"), d, eps)?,
+                input_layernorm: src.layer_norm(&format!("{p}.input_layernorm"), d, eps)?,
                 self_attention: BloomAttention {
-                    query_key_value: load_linear(ckpt, &format!("{p}.self_attention.query_key_value"), d, 3 * d, true)?,
-                    dense: load_linear(ckpt, &format!("{p}.self_attention.dense"), d, d, true)?,
+                    query_key_value: src.linear(&format!("{p}.self_attention.query_key_value"), d, 3 * d, true)?,
+                    dense: src.linear(&format!("{p}.self_attention.dense"), d, d, true)?,
                     num_heads: c.n_head,
                     head_dim: c.head_dim(),
                 },
-                post_attention_layernorm: load_layer_norm(ckpt, &format!("{p}.post_attention_layernorm"), d, eps)?,
+                post_attention_layernorm: src.layer_norm(&format!("{p}.post_attention_layernorm"), d, eps)?,
                 mlp: BloomMlp {
-                    dense_h_to_4h: load_linear(ckpt, &format!("{p}.mlp.dense_h_to_4h"), d, 4 * d, true)?,
-                    dense_4h_to_h: load_linear(ckpt, &format!("{p}.mlp.dense_4h_to_h"), 4 * d, d, true)?,
+                    dense_h_to_4h: src.linear(&format!("{p}.mlp.dense_h_to_4h"), d, 4 * d, true)?,
+                    dense_4h_to_h: src.linear(&format!("{p}.mlp.dense_4h_to_h"), 4 * d, d, true)?,
                 },
                 residual_post_layernorm: c.apply_residual_connection_post_layernorm,
             });
         }
-        let ln_f = load_layer_norm(ckpt, &format!("{root}ln_f"), d, eps)?;
+        let ln_f = src.layer_norm(&format!("{root}ln_f"), d, eps)?;
         // BLOOM's head is always tied; some checkpoints store the copy anyway.
-        ckpt.skip("lm_head.weight");
+        src.skip("lm_head.weight");
         Ok(Self {
             transformer: BloomModel {
                 word_embeddings,
@@ -319,39 +293,21 @@ impl CausalLm for BloomForCausalLM {
     }
 
     fn forward_hidden(&self, input: ModelInput) -> ModelOutput {
-        let [batch, seq, _] = input.inputs_embeds.dims();
-        let device = input.inputs_embeds.device();
         let dtype = input.inputs_embeds.dtype();
-        let (past, past_mask) = past_and_mask(input.prefix, input.cache, &self.geometry(), batch);
-        let past_len = past.as_ref().and_then(|p| p.first()).map_or(0, LayerKv::len);
-        let total = past_len + seq;
-        let key_mask = join_masks(past_mask, past_len, input.attention_mask, batch, seq, &device);
-
+        let (embeds, past) = Past::resolve(input, &self.geometry());
         // ALiBi depends on key positions only (softmax is shift-invariant per query).
+        let positions = past.key_positions().float();
+        let [batch, keys] = positions.dims();
         let heads = self.config.n_head;
-        let slopes = Tensor::<1>::from_data(TensorData::new(alibi_slopes(heads), [heads]), &device);
-        let positions = key_positions(key_mask.clone(), batch, total, &device).float();
-        let alibi = (slopes.reshape([1, heads, 1, 1]) * positions.reshape([batch, 1, 1, total]))
-            .cast(dtype);
-
-        let mut past = past.map(Vec::into_iter);
-        let mut x = self
-            .transformer
-            .word_embeddings_layernorm
-            .forward(input.inputs_embeds);
-        let mut layers = Vec::with_capacity(self.transformer.h.len());
-        for block in &self.transformer.h {
-            let layer_past = past.as_mut().and_then(Iterator::next);
-            let (y, kv) = block.forward(x, &alibi, layer_past, key_mask.clone());
-            x = y;
-            layers.push(kv);
-        }
+        let slopes = Tensor::<1>::from_data(TensorData::new(alibi_slopes(heads), [heads]), &positions.device());
+        let alibi = (slopes.reshape([1, heads, 1, 1]) * positions.reshape([batch, 1, 1, keys])).cast(dtype);
+        let x = self.transformer.word_embeddings_layernorm.forward(embeds);
+        let (x, cache) = past.run(&self.transformer.h, x, |block, x, kv, mask| {
+            block.forward(x, &alibi, kv, mask)
+        });
         ModelOutput {
             hidden_states: self.transformer.ln_f.forward(x),
-            cache: KvCache {
-                layers,
-                attention_mask: key_mask,
-            },
+            cache,
         }
     }
 

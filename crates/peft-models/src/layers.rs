@@ -1,16 +1,12 @@
 //! Pieces shared by the model files: rotate-half RoPE, grouped-query attention over a padding
-//! mask, and small constructors for burn layers holding loaded weights.
+//! mask, the tied head, and `Past` (prefix / cache / mask / positions of one forward).
 
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::Embedding;
 use burn::prelude::*;
-use burn::module::Param;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use peft_core::mask::padding_attention_mask;
-use peft_core::{KvCache, LayerKv, ModelGeometry};
-
-use crate::checkpoint::Checkpoint;
-use crate::error::Result;
+use peft_core::mask::{join_masks, key_positions, padding_attention_mask, query_positions};
+use peft_core::{KvCache, LayerKv, ModelGeometry, ModelInput};
 
 /// Cosines and sines of rotate-half RoPE for per-row positions `[batch, seq]`, each
 /// `[batch, 1, seq, head_dim]` in `dtype`. Frequencies are computed in f32 as transformers does.
@@ -93,55 +89,6 @@ pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
     x.swap_dims(1, 2).reshape([b, s, h * d])
 }
 
-/// A `Linear(input -> out)` from a PyTorch `{prefix}.weight` (and `{prefix}.bias` if `bias`).
-pub fn load_linear(
-    ckpt: &mut Checkpoint,
-    prefix: &str,
-    input: usize,
-    out: usize,
-    bias: bool,
-) -> Result<Linear> {
-    let mut linear = LinearConfig::new(input, out)
-        .with_bias(bias)
-        .init(ckpt.device());
-    linear.weight = Param::from_tensor(ckpt.linear_weight(&format!("{prefix}.weight"), out, input)?);
-    if bias {
-        linear.bias = Some(Param::from_tensor(
-            ckpt.tensor(&format!("{prefix}.bias"), [out])?,
-        ));
-    }
-    Ok(linear)
-}
-
-/// An `Embedding(vocab, dim)` from `{prefix}.weight`.
-pub fn load_embedding(
-    ckpt: &mut Checkpoint,
-    prefix: &str,
-    vocab: usize,
-    dim: usize,
-) -> Result<Embedding> {
-    let mut embedding = EmbeddingConfig::new(vocab, dim).init(ckpt.device());
-    embedding.weight = Param::from_tensor(ckpt.tensor(&format!("{prefix}.weight"), [vocab, dim])?);
-    Ok(embedding)
-}
-
-/// A `LayerNorm(dim)` with bias from `{prefix}.weight` and `{prefix}.bias`.
-pub fn load_layer_norm(
-    ckpt: &mut Checkpoint,
-    prefix: &str,
-    dim: usize,
-    epsilon: f64,
-) -> Result<LayerNorm> {
-    let mut norm = LayerNormConfig::new(dim)
-        .with_epsilon(epsilon)
-        .init(ckpt.device());
-    norm.gamma = Param::from_tensor(ckpt.tensor(&format!("{prefix}.weight"), [dim])?);
-    norm.beta = Some(Param::from_tensor(
-        ckpt.tensor(&format!("{prefix}.bias"), [dim])?,
-    ));
-    Ok(norm)
-}
-
 /// Logits against a tied embedding matrix `[vocab, d]`: `hidden [b, s, d] -> [b, s, vocab]`.
 ///
 /// Computed as `(weight @ hidden^T)^T` so the large matrix is read in its stored row-major
@@ -155,44 +102,100 @@ pub fn tied_lm_head(hidden: Tensor<3>, embedding: &Embedding) -> Tensor<3> {
     logits.transpose().reshape([b, s, vocab])
 }
 
-/// Chooses what each layer attends to before the current input: an injected prefix (which
-/// seeds the cache) or a non-empty cache; checks its shape against the model.
-///
-/// # Panics
-///
-/// If both a prefix and a non-empty cache are given, or their shapes do not fit the model.
-pub(crate) fn past_and_mask(
-    prefix: Option<Vec<LayerKv>>,
-    cache: Option<KvCache>,
-    geometry: &ModelGeometry,
+/// What the current input attends to before itself (an injected prefix or a cache), with the
+/// padding mask of every key and the positions that follow from it. Shared by every model so that
+/// prefix, cache and padding behave the same everywhere.
+pub(crate) struct Past {
+    layers: Vec<Option<LayerKv>>,
+    key_mask: Option<Tensor<2, Int>>,
+    len: usize,
     batch: usize,
-) -> (Option<Vec<LayerKv>>, Option<Tensor<2, Int>>) {
-    let cache = cache.filter(|c| !c.is_empty());
-    let (past, mask) = match (prefix, cache) {
-        (Some(_), Some(_)) => panic!(
-            "a prefix cannot be combined with a non-empty cache: the cache already holds the prefix"
-        ),
-        (Some(prefix), None) => (Some(prefix), None),
-        (None, Some(cache)) => (Some(cache.layers), cache.attention_mask),
-        (None, None) => (None, None),
-    };
-    if let Some(past) = &past {
-        assert_eq!(
-            past.len(),
-            geometry.num_layers,
-            "prefix/cache has {} layers, the model {}",
-            past.len(),
-            geometry.num_layers
-        );
-        let [b, h, _, d] = past[0].key.dims();
-        assert!(
-            b == batch && h == geometry.num_key_value_heads && d == geometry.head_dim,
-            "prefix/cache keys are [{b}, {h}, _, {d}], expected [{batch}, {}, _, {}]",
-            geometry.num_key_value_heads,
-            geometry.head_dim
-        );
+    seq: usize,
+    device: Device,
+}
+
+impl Past {
+    /// Splits a model input into its embeddings and what they attend to before themselves.
+    ///
+    /// # Panics
+    ///
+    /// If both a prefix and a non-empty cache are given (the cache already holds the prefix), or
+    /// their shapes do not fit the model.
+    pub(crate) fn resolve(input: ModelInput, geometry: &ModelGeometry) -> (Tensor<3>, Self) {
+        let [batch, seq, _] = input.inputs_embeds.dims();
+        let device = input.inputs_embeds.device();
+        let cache = input.cache.filter(|c| !c.is_empty());
+        let (past, past_mask) = match (input.prefix, cache) {
+            (Some(_), Some(_)) => panic!(
+                "a prefix cannot be combined with a non-empty cache: the cache already holds the prefix"
+            ),
+            (Some(prefix), None) => (Some(prefix), None),
+            (None, Some(cache)) => (Some(cache.layers), cache.attention_mask),
+            (None, None) => (None, None),
+        };
+        let len = past.as_ref().and_then(|p| p.first()).map_or(0, LayerKv::len);
+        if let Some(past) = &past {
+            assert_eq!(
+                past.len(),
+                geometry.num_layers,
+                "prefix/cache has {} layers, the model {}",
+                past.len(),
+                geometry.num_layers
+            );
+            let [b, h, _, d] = past[0].key.dims();
+            assert!(
+                b == batch && h == geometry.num_key_value_heads && d == geometry.head_dim,
+                "prefix/cache keys are [{b}, {h}, _, {d}], expected [{batch}, {}, _, {}]",
+                geometry.num_key_value_heads,
+                geometry.head_dim
+            );
+        }
+        let layers = match past {
+            Some(past) => past.into_iter().map(Some).collect(),
+            None => vec![None; geometry.num_layers],
+        };
+        let key_mask = join_masks(past_mask, len, input.attention_mask, batch, seq, &device);
+        let past = Self {
+            layers,
+            key_mask,
+            len,
+            batch,
+            seq,
+            device,
+        };
+        (input.inputs_embeds, past)
     }
-    (past, mask)
+
+    /// Positions of the current input's tokens, `[batch, seq]`.
+    pub(crate) fn query_positions(&self) -> Tensor<2, Int> {
+        query_positions(self.key_mask.clone(), self.batch, self.len + self.seq, self.seq, &self.device)
+    }
+
+    /// Positions of every key, past and current, `[batch, past + seq]`.
+    pub(crate) fn key_positions(&self) -> Tensor<2, Int> {
+        key_positions(self.key_mask.clone(), self.batch, self.len + self.seq, &self.device)
+    }
+
+    /// Runs `layers` in order over `x`, each through `forward(layer, x, its past, key mask)`, and
+    /// collects the cache of every layer.
+    pub(crate) fn run<L>(
+        self,
+        layers: &[L],
+        mut x: Tensor<3>,
+        mut forward: impl FnMut(&L, Tensor<3>, Option<LayerKv>, Option<Tensor<2, Int>>) -> (Tensor<3>, LayerKv),
+    ) -> (Tensor<3>, KvCache) {
+        let mut cache = Vec::with_capacity(layers.len());
+        for (layer, past) in layers.iter().zip(self.layers) {
+            let (y, kv) = forward(layer, x, past, self.key_mask.clone());
+            x = y;
+            cache.push(kv);
+        }
+        let cache = KvCache {
+            layers: cache,
+            attention_mask: self.key_mask,
+        };
+        (x, cache)
+    }
 }
 
 #[cfg(test)]

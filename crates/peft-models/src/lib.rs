@@ -22,6 +22,7 @@ pub mod error;
 pub mod hf_config;
 pub mod layers;
 pub mod qwen2;
+pub mod weights;
 
 pub use auto::{AutoCausalLm, AutoConfig, SpecialTokens, load_tokenizer};
 pub use bloom::{BloomConfig, BloomForCausalLM};
@@ -29,4 +30,5 @@ pub use checkpoint::Checkpoint;
 pub use error::{ModelError, Result};
 pub use hf_config::HfConfig;
 pub use qwen2::{Qwen2Config, Qwen2ForCausalLM};
+pub use weights::{RandomWeights, WeightSource};
 pub use tokenizers::Tokenizer;

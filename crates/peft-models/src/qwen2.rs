@@ -5,20 +5,18 @@
 //! Field names mirror transformers' `Qwen2ForCausalLM`, so parameter paths are the Hugging Face
 //! tensor names (`model.layers.0.self_attn.q_proj.weight`).
 
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
-use burn::module::Param;
+use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
-use peft_core::mask::{join_masks, query_positions};
-use peft_core::{CausalLm, KvCache, LayerKv, ModelGeometry, ModelInput, ModelOutput};
+use peft_core::{CausalLm, LayerKv, ModelGeometry, ModelInput, ModelOutput};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::hf_config::HfConfig;
 use crate::layers::{
-    apply_rope, causal_attention, load_embedding, load_linear, merge_heads, past_and_mask,
-    rope_cos_sin, split_heads, tied_lm_head,
+    Past, apply_rope, causal_attention, merge_heads, rope_cos_sin, split_heads, tied_lm_head,
 };
+use crate::weights::{RandomWeights, WeightSource, infallible};
 
 /// Configuration of a Qwen2 or Llama model (the fields of its Hugging Face `config.json`).
 #[derive(Config, Debug, PartialEq)]
@@ -141,43 +139,7 @@ impl Qwen2Config {
     /// A model with random weights (for benchmarks and tests; real weights come from
     /// [`Qwen2ForCausalLM::load`]).
     pub fn init(&self, device: &Device) -> Qwen2ForCausalLM {
-        let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
-        let norm = || {
-            RmsNormConfig::new(self.hidden_size)
-                .with_epsilon(self.rms_norm_eps)
-                .init(device)
-        };
-        let (h, kv, d) = (self.num_attention_heads, self.num_key_value_heads, self.head_dim);
-        let layers = (0..self.num_hidden_layers)
-            .map(|_| Qwen2DecoderLayer {
-                self_attn: Qwen2Attention {
-                    q_proj: linear(self.hidden_size, h * d, self.qkv_bias),
-                    k_proj: linear(self.hidden_size, kv * d, self.qkv_bias),
-                    v_proj: linear(self.hidden_size, kv * d, self.qkv_bias),
-                    o_proj: linear(h * d, self.hidden_size, self.o_proj_bias),
-                    num_heads: h,
-                    num_key_value_heads: kv,
-                    head_dim: d,
-                },
-                mlp: Qwen2Mlp {
-                    gate_proj: linear(self.hidden_size, self.intermediate_size, self.mlp_bias),
-                    up_proj: linear(self.hidden_size, self.intermediate_size, self.mlp_bias),
-                    down_proj: linear(self.intermediate_size, self.hidden_size, self.mlp_bias),
-                },
-                input_layernorm: norm(),
-                post_attention_layernorm: norm(),
-            })
-            .collect();
-        Qwen2ForCausalLM {
-            model: Qwen2Model {
-                embed_tokens: EmbeddingConfig::new(self.vocab_size, self.hidden_size).init(device),
-                layers,
-                norm: norm(),
-            },
-            lm_head: (!self.tie_word_embeddings)
-                .then(|| linear(self.hidden_size, self.vocab_size, false)),
-            config: self.clone(),
-        }
+        infallible(Qwen2ForCausalLM::build(self, &mut RandomWeights::new(device)))
     }
 
     /// Geometry adapters see.
@@ -322,53 +284,50 @@ impl Qwen2ForCausalLM {
     /// Builds the model from the tensors of `ckpt` (Hugging Face names), checking every shape
     /// against `config`. Tensors left unread are reported by [`Checkpoint::finish`].
     pub fn load(config: &Qwen2Config, ckpt: &mut Checkpoint) -> Result<Self> {
+        Self::build(config, ckpt)
+    }
+
+    /// Lays out the model, taking each layer from `src` under its Hugging Face name.
+    pub fn build<S: WeightSource>(config: &Qwen2Config, src: &mut S) -> Result<Self, S::Error> {
         let c = config;
-        let (h, kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let norm = |ckpt: &mut Checkpoint, name: &str| -> Result<RmsNorm> {
-            let mut norm = RmsNormConfig::new(c.hidden_size)
-                .with_epsilon(c.rms_norm_eps)
-                .init(ckpt.device());
-            norm.gamma = Param::from_tensor(ckpt.tensor(&format!("{name}.weight"), [c.hidden_size])?);
-            Ok(norm)
-        };
-        let embed_tokens = load_embedding(ckpt, "model.embed_tokens", c.vocab_size, c.hidden_size)?;
+        let (d, h, kv, hd) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (inter, eps) = (c.intermediate_size, c.rms_norm_eps);
+        let embed_tokens = src.embedding("model.embed_tokens", c.vocab_size, d)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let a = format!("{p}.self_attn");
-            let m = format!("{p}.mlp");
             layers.push(Qwen2DecoderLayer {
                 self_attn: Qwen2Attention {
-                    q_proj: load_linear(ckpt, &format!("{a}.q_proj"), c.hidden_size, h * d, c.qkv_bias)?,
-                    k_proj: load_linear(ckpt, &format!("{a}.k_proj"), c.hidden_size, kv * d, c.qkv_bias)?,
-                    v_proj: load_linear(ckpt, &format!("{a}.v_proj"), c.hidden_size, kv * d, c.qkv_bias)?,
-                    o_proj: load_linear(ckpt, &format!("{a}.o_proj"), h * d, c.hidden_size, c.o_proj_bias)?,
+                    q_proj: src.linear(&format!("{p}.self_attn.q_proj"), d, h * hd, c.qkv_bias)?,
+                    k_proj: src.linear(&format!("{p}.self_attn.k_proj"), d, kv * hd, c.qkv_bias)?,
+                    v_proj: src.linear(&format!("{p}.self_attn.v_proj"), d, kv * hd, c.qkv_bias)?,
+                    o_proj: src.linear(&format!("{p}.self_attn.o_proj"), h * hd, d, c.o_proj_bias)?,
                     num_heads: h,
                     num_key_value_heads: kv,
-                    head_dim: d,
+                    head_dim: hd,
                 },
                 mlp: Qwen2Mlp {
-                    gate_proj: load_linear(ckpt, &format!("{m}.gate_proj"), c.hidden_size, c.intermediate_size, c.mlp_bias)?,
-                    up_proj: load_linear(ckpt, &format!("{m}.up_proj"), c.hidden_size, c.intermediate_size, c.mlp_bias)?,
-                    down_proj: load_linear(ckpt, &format!("{m}.down_proj"), c.intermediate_size, c.hidden_size, c.mlp_bias)?,
+                    gate_proj: src.linear(&format!("{p}.mlp.gate_proj"), d, inter, c.mlp_bias)?,
+                    up_proj: src.linear(&format!("{p}.mlp.up_proj"), d, inter, c.mlp_bias)?,
+                    down_proj: src.linear(&format!("{p}.mlp.down_proj"), inter, d, c.mlp_bias)?,
                 },
-                input_layernorm: norm(ckpt, &format!("{p}.input_layernorm"))?,
-                post_attention_layernorm: norm(ckpt, &format!("{p}.post_attention_layernorm"))?,
+                input_layernorm: src.rms_norm(&format!("{p}.input_layernorm"), d, eps)?,
+                post_attention_layernorm: src.rms_norm(&format!("{p}.post_attention_layernorm"), d, eps)?,
             });
         }
-        let final_norm = norm(ckpt, "model.norm")?;
+        let norm = src.rms_norm("model.norm", d, eps)?;
         let lm_head = if c.tie_word_embeddings {
             // Some tied checkpoints still store a copy of the embedding as lm_head.weight.
-            ckpt.skip("lm_head.weight");
+            src.skip("lm_head.weight");
             None
         } else {
-            Some(load_linear(ckpt, "lm_head", c.hidden_size, c.vocab_size, false)?)
+            Some(src.linear("lm_head", d, c.vocab_size, false)?)
         };
         Ok(Self {
             model: Qwen2Model {
                 embed_tokens,
                 layers,
-                norm: final_norm,
+                norm,
             },
             lm_head,
             config: config.clone(),
@@ -390,30 +349,16 @@ impl CausalLm for Qwen2ForCausalLM {
     }
 
     fn forward_hidden(&self, input: ModelInput) -> ModelOutput {
-        let [batch, seq, _] = input.inputs_embeds.dims();
-        let device = input.inputs_embeds.device();
         let dtype = input.inputs_embeds.dtype();
-        let (past, past_mask) = past_and_mask(input.prefix, input.cache, &self.geometry(), batch);
-        let past_len = past.as_ref().and_then(|p| p.first()).map_or(0, LayerKv::len);
-        let key_mask = join_masks(past_mask, past_len, input.attention_mask, batch, seq, &device);
-        let positions = query_positions(key_mask.clone(), batch, past_len + seq, seq, &device);
+        let (x, past) = Past::resolve(input, &self.geometry());
+        let positions = past.query_positions();
         let (cos, sin) = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype);
-
-        let mut past = past.map(Vec::into_iter);
-        let mut x = input.inputs_embeds;
-        let mut layers = Vec::with_capacity(self.model.layers.len());
-        for layer in &self.model.layers {
-            let layer_past = past.as_mut().and_then(Iterator::next);
-            let (y, kv) = layer.forward(x, &cos, &sin, layer_past, key_mask.clone());
-            x = y;
-            layers.push(kv);
-        }
+        let (x, cache) = past.run(&self.model.layers, x, |layer, x, kv, mask| {
+            layer.forward(x, &cos, &sin, kv, mask)
+        });
         ModelOutput {
             hidden_states: self.model.norm.forward(x),
-            cache: KvCache {
-                layers,
-                attention_mask: key_mask,
-            },
+            cache,
         }
     }
 

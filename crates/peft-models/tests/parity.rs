@@ -10,13 +10,14 @@ use peft_core::{CausalLm, GenerationConfig, Injection, KvCache, ModelInput, gene
 use peft_models::{AutoCausalLm, SpecialTokens};
 use serde_json::Value;
 
-const FIXTURES: [&str; 6] = [
+const FIXTURES: [&str; 7] = [
     "qwen2-gqa-tied",
     "qwen2-gqa-untied",
     "llama-mqa-sharded",
     "bloom-6-heads",
     "bloom-legacy-5-heads",
     "qwen2-bf16",
+    "llama-f16",
 ];
 
 fn fixtures() -> PathBuf {
