@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::DType;
 use clap::{Parser, Subcommand, ValueEnum};
-use peft_core::{CausalLm, GenerationConfig, Injection, ModelInput, generate};
+use peft_core::{CausalLm, GenerationConfig, Injection, generate};
 use peft_models::{AutoCausalLm, ModelError, SpecialTokens, load_tokenizer};
 
 /// Errors of the command line, each naming the file (and field) at fault.
@@ -247,9 +247,7 @@ pub fn forward(args: &ForwardArgs, device: &Device) -> Result<(), CliError> {
 pub fn forward_logits<M: CausalLm>(model: &M, input: &ForwardInput, device: &Device) -> Tensor<3> {
     let ids = int_tensor(&input.input_ids, device);
     let mask = input.attention_mask.as_ref().map(|m| int_tensor(m, device));
-    let embeds = model.embed_tokens(ids);
-    let (logits, _) = model.forward(ModelInput::new(embeds).with_attention_mask(mask));
-    logits.cast(DType::F32)
+    model.forward_ids(ids, mask).cast(DType::F32)
 }
 
 /// Writes `logits` as the single F32 tensor `logits` of a safetensors file, atomically.

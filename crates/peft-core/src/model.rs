@@ -51,6 +51,17 @@ impl LayerKv {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// `past` (if any) followed by new keys and values along the position axis.
+    pub fn extend(past: Option<Self>, key: Tensor<4>, value: Tensor<4>) -> Self {
+        match past {
+            Some(past) => Self {
+                key: Tensor::cat(vec![past.key, key], 2),
+                value: Tensor::cat(vec![past.value, value], 2),
+            },
+            None => Self { key, value },
+        }
+    }
 }
 
 /// Key/value cache of every layer plus the padding mask of the cached positions.
@@ -186,6 +197,13 @@ pub trait CausalLm: Module {
     fn forward(&self, input: ModelInput) -> (Tensor<3>, KvCache) {
         let out = self.forward_hidden(input);
         (self.lm_head(out.hidden_states), out.cache)
+    }
+
+    /// Logits `[batch, seq, vocab_size]` for token ids `[batch, seq]` with an optional padding mask
+    /// (`[batch, seq]`, 1 = real): the plain forward, without injection or cache.
+    fn forward_ids(&self, input_ids: Tensor<2, Int>, attention_mask: Option<Tensor<2, Int>>) -> Tensor<3> {
+        let embeds = self.embed_tokens(input_ids);
+        self.forward(ModelInput::new(embeds).with_attention_mask(attention_mask)).0
     }
 
     /// Checks ids (and an optional mask) from a user against the model before a forward:

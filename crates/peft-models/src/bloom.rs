@@ -144,17 +144,10 @@ impl BloomAttention {
                 .swap_dims(1, 2)
         };
         let (q, k, v) = (part(0), part(1), part(2));
-        let (k, v) = match past {
-            Some(past) => (
-                Tensor::cat(vec![past.key, k], 2),
-                Tensor::cat(vec![past.value, v], 2),
-            ),
-            None => (k, v),
-        };
-        let t = k.dims()[2];
-        let bias = alibi.clone().expand([b, h, s, t]);
-        let out = causal_attention(q, k.clone(), v.clone(), key_mask, Some(bias));
-        (self.dense.forward(merge_heads(out)), LayerKv { key: k, value: v })
+        let kv = LayerKv::extend(past, k, v);
+        let bias = alibi.clone().expand([b, h, s, kv.len()]);
+        let out = causal_attention(q, kv.key.clone(), kv.value.clone(), key_mask, Some(bias));
+        (self.dense.forward(merge_heads(out)), kv)
     }
 }
 

@@ -210,18 +210,9 @@ impl Qwen2Attention {
         let v = split_heads(self.v_proj.forward(x), self.num_key_value_heads, self.head_dim);
         let q = apply_rope(q, cos.clone(), sin.clone());
         let k = apply_rope(k, cos.clone(), sin.clone());
-        let (k, v) = match past {
-            Some(past) => (
-                Tensor::cat(vec![past.key, k], 2),
-                Tensor::cat(vec![past.value, v], 2),
-            ),
-            None => (k, v),
-        };
-        let out = causal_attention(q, k.clone(), v.clone(), key_mask, None);
-        (
-            self.o_proj.forward(merge_heads(out)),
-            LayerKv { key: k, value: v },
-        )
+        let kv = LayerKv::extend(past, k, v);
+        let out = causal_attention(q, kv.key.clone(), kv.value.clone(), key_mask, None);
+        (self.o_proj.forward(merge_heads(out)), kv)
     }
 }
 

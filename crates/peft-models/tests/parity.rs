@@ -75,9 +75,7 @@ fn ints(rows: &[Vec<i64>]) -> Tensor<2, Int> {
 }
 
 fn logits_of(model: &AutoCausalLm, ids: &[Vec<i64>], mask: Option<&[Vec<i64>]>) -> Vec<f32> {
-    let embeds = model.embed_tokens(ints(ids));
-    let input = ModelInput::new(embeds).with_attention_mask(mask.map(ints));
-    let (logits, _) = model.forward(input);
+    let logits = model.forward_ids(ints(ids), mask.map(ints));
     logits.cast(DType::F32).into_data().try_into_vec_as::<f32>().unwrap()
 }
 
