@@ -212,8 +212,8 @@ impl ForwardInput {
         if !value.is_object() {
             return Err(bad("must be a JSON object with an `input_ids` field".into()));
         }
-        let input_ids = matrix("input_ids")?
-            .ok_or_else(|| bad("missing field `input_ids`".into()))?;
+        let input_ids =
+            matrix("input_ids")?.ok_or_else(|| bad("missing field `input_ids`".into()))?;
         let attention_mask = matrix("attention_mask")?;
         Ok(Self {
             input_ids,
@@ -292,21 +292,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
 }
 
 /// `peft generate`: streams the continuation of `args.prompt` to `out`.
-pub fn generate_text(args: &GenerateArgs, device: &Device, out: &mut dyn Write) -> Result<(), CliError> {
+pub fn generate_text(
+    args: &GenerateArgs,
+    device: &Device,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     no_adapters_yet(&args.adapter)?;
     let tokenizer = load_tokenizer(&args.model)?;
     let tokenizer_path = args.model.join("tokenizer.json");
     let special = SpecialTokens::from_dir(&args.model)?;
-    if !(args.temperature >= 0.0) {
+    if args.temperature.is_nan() || args.temperature < 0.0 {
         return Err(CliError::Argument {
             flag: "--temperature",
-            message: format!("must be >= 0 (0 decodes greedily), found {}", args.temperature),
+            message: format!(
+                "must be >= 0 (0 decodes greedily), found {}",
+                args.temperature
+            ),
         });
     }
     let config = GenerationConfig::new()
         .with_max_new_tokens(args.max_new_tokens)
         .with_do_sample(args.temperature > 0.0)
-        .with_temperature(if args.temperature > 0.0 { args.temperature } else { 1.0 })
+        .with_temperature(if args.temperature > 0.0 {
+            args.temperature
+        } else {
+            1.0
+        })
         .with_top_k(args.top_k)
         .with_top_p(args.top_p)
         .with_seed(args.seed)
@@ -314,12 +325,13 @@ pub fn generate_text(args: &GenerateArgs, device: &Device, out: &mut dyn Write) 
         .with_pad_token_id(special.pad_token_id);
     config.validate().map_err(CliError::Generate)?;
     let model = AutoCausalLm::from_pretrained(&args.model, device, args.dtype.into())?;
-    let encoding = tokenizer
-        .encode(args.prompt.as_str(), true)
-        .map_err(|e| ModelError::Tokenizer {
-            path: tokenizer_path,
-            message: e.to_string(),
-        })?;
+    let encoding =
+        tokenizer
+            .encode(args.prompt.as_str(), true)
+            .map_err(|e| ModelError::Tokenizer {
+                path: tokenizer_path,
+                message: e.to_string(),
+            })?;
     let prompt: Vec<u32> = encoding.get_ids().to_vec();
     if prompt.is_empty() {
         return Err(CliError::Argument {

@@ -29,15 +29,28 @@ fn read_f32(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor(name).unwrap();
     assert_eq!(t.dtype(), safetensors::Dtype::F32);
-    let values = t.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let values = t
+        .data()
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     (t.shape().to_vec(), values)
 }
 
 fn expected_input_ids(name: &str) -> Vec<Vec<i64>> {
-    let bytes = std::fs::read(root().join("fixtures/expected").join(format!("{name}.safetensors"))).unwrap();
+    let bytes = std::fs::read(
+        root()
+            .join("fixtures/expected")
+            .join(format!("{name}.safetensors")),
+    )
+    .unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor("input_ids").unwrap();
-    let flat: Vec<i64> = t.data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    let flat: Vec<i64> = t
+        .data()
+        .chunks(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     flat.chunks(t.shape()[1]).map(<[i64]>::to_vec).collect()
 }
 
@@ -50,14 +63,28 @@ fn forward_writes_transformers_logits() {
         let ids = expected_input_ids(name);
         std::fs::write(&input, serde_json::json!({ "input_ids": ids }).to_string()).unwrap();
         let out = peft(&[
-            "forward", "--model", model(name).to_str().unwrap(),
-            "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(),
+            "forward",
+            "--model",
+            model(name).to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
         ]);
         assert!(out.status.success(), "{}", stderr(&out));
         let (shape, ours) = read_f32(&output, "logits");
-        let (want_shape, want) = read_f32(&root().join("fixtures/expected").join(format!("{name}.safetensors")), "logits");
+        let (want_shape, want) = read_f32(
+            &root()
+                .join("fixtures/expected")
+                .join(format!("{name}.safetensors")),
+            "logits",
+        );
         assert_eq!(shape, want_shape);
-        let diff = ours.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let diff = ours
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(diff <= 1e-4, "{name}: {diff}");
     }
 }
@@ -75,16 +102,34 @@ fn forward_accepts_a_padding_mask() {
     mask.extend(std::iter::repeat_n(1, seq));
     let input = tmp.path().join("in.json");
     let output = tmp.path().join("out.safetensors");
-    std::fs::write(&input, serde_json::json!({"input_ids": [row], "attention_mask": [mask]}).to_string()).unwrap();
+    std::fs::write(
+        &input,
+        serde_json::json!({"input_ids": [row], "attention_mask": [mask]}).to_string(),
+    )
+    .unwrap();
     let out = peft(&[
-        "forward", "--model", model(name).to_str().unwrap(),
-        "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(),
+        "forward",
+        "--model",
+        model(name).to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let (shape, ours) = read_f32(&output, "logits");
     let vocab = shape[2];
-    assert_eq!(shape, vec![1, seq + 2, vocab], "one row of logits per input token, padding included");
-    let (_, want) = read_f32(&root().join("fixtures/expected").join(format!("{name}.safetensors")), "logits");
+    assert_eq!(
+        shape,
+        vec![1, seq + 2, vocab],
+        "one row of logits per input token, padding included"
+    );
+    let (_, want) = read_f32(
+        &root()
+            .join("fixtures/expected")
+            .join(format!("{name}.safetensors")),
+        "logits",
+    );
     let diff = ours[2 * vocab..]
         .iter()
         .zip(&want[..seq * vocab])
@@ -100,10 +145,22 @@ fn forward_rejects_bad_input_and_writes_nothing() {
     let cases: [(&str, &str); 7] = [
         ("{\"input_ids\": [[1, 2]", "malformed JSON"),
         ("{\"attention_mask\": [[1]]}", "missing field `input_ids`"),
-        ("{\"input_ids\": [[1, \"a\"]]}", "`input_ids[0][1]` must be an integer"),
-        ("{\"input_ids\": [[1, 2], [3]]}", "row 1 has 1 tokens but row 0 has 2"),
-        ("{\"input_ids\": [[1, 600]]}", "token id 600 at row 0, position 1 is out of range for a vocabulary of 512"),
-        ("{\"input_ids\": [[1, 2]], \"attention_mask\": [[1, 3]]}", "attention_mask must hold only 0 and 1"),
+        (
+            "{\"input_ids\": [[1, \"a\"]]}",
+            "`input_ids[0][1]` must be an integer",
+        ),
+        (
+            "{\"input_ids\": [[1, 2], [3]]}",
+            "row 1 has 1 tokens but row 0 has 2",
+        ),
+        (
+            "{\"input_ids\": [[1, 600]]}",
+            "token id 600 at row 0, position 1 is out of range for a vocabulary of 512",
+        ),
+        (
+            "{\"input_ids\": [[1, 2]], \"attention_mask\": [[1, 3]]}",
+            "attention_mask must hold only 0 and 1",
+        ),
         ("LONG", "exceeds the model's max_position_embeddings (128)"),
     ];
     for (i, (json, expected)) in cases.iter().enumerate() {
@@ -116,13 +173,24 @@ fn forward_rejects_bad_input_and_writes_nothing() {
         };
         std::fs::write(&input, json).unwrap();
         let out = peft(&[
-            "forward", "--model", model_dir.to_str().unwrap(),
-            "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(),
+            "forward",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
         ]);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(1), "case {i}: {err}");
-        assert!(err.contains(input.to_str().unwrap()), "case {i} does not name the input file: {err}");
-        assert!(err.contains(expected), "case {i}: expected {expected:?} in {err}");
+        assert!(
+            err.contains(input.to_str().unwrap()),
+            "case {i} does not name the input file: {err}"
+        );
+        assert!(
+            err.contains(expected),
+            "case {i}: expected {expected:?} in {err}"
+        );
         assert!(!err.contains("panicked"), "case {i} panicked: {err}");
         assert!(!output.exists(), "case {i} left an output file");
     }
@@ -142,14 +210,30 @@ fn forward_reports_a_broken_model_and_the_adapter_flag() {
     let output = tmp.path().join("out.safetensors");
     std::fs::write(&input, "{\"input_ids\": [[1, 2]]}").unwrap();
     let out = peft(&[
-        "forward", "--model", tmp.path().to_str().unwrap(),
-        "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(),
+        "forward",
+        "--model",
+        tmp.path().to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("config.json: not found"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("config.json: not found"),
+        "{}",
+        stderr(&out)
+    );
     let out = peft(&[
-        "forward", "--model", model("qwen2-gqa-tied").to_str().unwrap(), "--adapter", "some/adapter",
-        "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(),
+        "forward",
+        "--model",
+        model("qwen2-gqa-tied").to_str().unwrap(),
+        "--adapter",
+        "some/adapter",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("--adapter some/adapter: adapters are not supported yet"));
@@ -160,36 +244,84 @@ fn forward_reports_a_broken_model_and_the_adapter_flag() {
 fn generate_streams_the_greedy_continuation_of_transformers() {
     let name = "qwen2-gqa-tied";
     let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("fixtures/expected").join(format!("{name}.json"))).unwrap(),
+        &std::fs::read_to_string(
+            root()
+                .join("fixtures/expected")
+                .join(format!("{name}.json")),
+        )
+        .unwrap(),
     )
     .unwrap();
     let prompt = meta["prompts"][1].as_str().unwrap();
     let tokens: Vec<u32> = serde_json::from_value(meta["greedy_single"][1].clone()).unwrap();
     let tokenizer = peft_models::load_tokenizer(model(name)).unwrap();
     let continuation = tokenizer.decode(&tokens, true).unwrap();
-    let out = peft(&["generate", "--model", model(name).to_str().unwrap(), "--prompt", prompt, "--max-new-tokens", "16"]);
+    let out = peft(&[
+        "generate",
+        "--model",
+        model(name).to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "16",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{prompt}{continuation}\n"));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{prompt}{continuation}\n")
+    );
 
     // Sampling with a seed is reproducible.
     let sample = |seed: &str| {
         peft(&[
-            "generate", "--model", model(name).to_str().unwrap(), "--prompt", prompt,
-            "--temperature", "0.9", "--top-p", "0.95", "--seed", seed,
+            "generate",
+            "--model",
+            model(name).to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
         ])
         .stdout
     };
     assert_eq!(sample("3"), sample("3"));
     for (flag, value, expected) in [
-        ("--top-p", "2", "generation setting `top_p` must be in (0, 1]"),
+        (
+            "--top-p",
+            "2",
+            "generation setting `top_p` must be in (0, 1]",
+        ),
         ("--temperature", "-1", "--temperature: must be >= 0"),
-        ("--top-k", "0", "generation setting `top_k` must be at least 1"),
-        ("--max-new-tokens", "200", "exceeds the model's max_position_embeddings (128)"),
+        (
+            "--top-k",
+            "0",
+            "generation setting `top_k` must be at least 1",
+        ),
+        (
+            "--max-new-tokens",
+            "200",
+            "exceeds the model's max_position_embeddings (128)",
+        ),
     ] {
         let arg = format!("{flag}={value}");
-        let out = peft(&["generate", "--model", model(name).to_str().unwrap(), "--prompt", prompt, &arg]);
+        let out = peft(&[
+            "generate",
+            "--model",
+            model(name).to_str().unwrap(),
+            "--prompt",
+            prompt,
+            &arg,
+        ]);
         assert_eq!(out.status.code(), Some(1), "{flag} {value}");
-        assert!(stderr(&out).contains(expected), "{flag} {value}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "{flag} {value}: {}",
+            stderr(&out)
+        );
         assert!(!stderr(&out).contains("panicked"));
     }
 }

@@ -124,14 +124,18 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
     let timed = |n: usize| -> Result<f64, String> {
         let config = GenerationConfig::new().with_max_new_tokens(n);
         let start = Instant::now();
-        let out = generate(&model, &prompts, Injection::default(), &config, |_| ControlFlow::Continue(()))
-            .map_err(|e| e.to_string())?;
+        let out = generate(&model, &prompts, Injection::default(), &config, |_| {
+            ControlFlow::Continue(())
+        })
+        .map_err(|e| e.to_string())?;
         debug_assert!(out.new_tokens.iter().all(|r| r.len() == n));
         Ok(start.elapsed().as_secs_f64())
     };
     timed(2)?; // warm-up: materializes the lazily initialized weights, autotunes kernels
     let best = |n| -> Result<f64, String> {
-        (0..args.reps).map(|_| timed(n)).try_fold(f64::INFINITY, |m, t| Ok(m.min(t?)))
+        (0..args.reps)
+            .map(|_| timed(n))
+            .try_fold(f64::INFINITY, |m, t| Ok(m.min(t?)))
     };
     let prefill = best(1)?;
     let full = best(args.new_tokens)?;
@@ -194,7 +198,11 @@ fn run_torch(args: &BenchArgs, threads: usize) -> Result<Value, String> {
         return Ok(json!({ "skipped": "no Python with torch + transformers" }));
     };
     let script = Path::new("scripts/bench_torch.py");
-    let device = if peft::backend_name() == "cuda" { "cuda" } else { "cpu" };
+    let device = if peft::backend_name() == "cuda" {
+        "cuda"
+    } else {
+        "cpu"
+    };
     let out = Command::new(&python)
         .arg(script)
         .args(["--config", &args.config.to_string_lossy()])
@@ -216,14 +224,22 @@ fn run_torch(args: &BenchArgs, threads: usize) -> Result<Value, String> {
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line).map_err(|e| format!("unexpected output of {}: {e}: {stdout}", script.display()))
+    serde_json::from_str(line)
+        .map_err(|e| format!("unexpected output of {}: {e}: {stdout}", script.display()))
 }
 
 fn print_table(ours: &Value, theirs: Option<&Value>) {
-    let cols = ["prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mib"];
+    let cols = [
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "peak_rss_mib",
+    ];
     let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
     let cell = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.1}"));
-    println!("\n{:<44} {:>14} {:>14} {:>14}", "", "prefill tok/s", "decode tok/s", "peak RSS MiB");
+    println!(
+        "\n{:<44} {:>14} {:>14} {:>14}",
+        "", "prefill tok/s", "decode tok/s", "peak RSS MiB"
+    );
     let row = |v: &Value| {
         let name = v.get("engine").and_then(Value::as_str).unwrap_or("?");
         println!(

@@ -4,7 +4,9 @@
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
     /// A token id is not a row of the embedding matrix.
-    #[error("token id {id} at row {row}, position {position} is out of range for a vocabulary of {vocab_size}")]
+    #[error(
+        "token id {id} at row {row}, position {position} is out of range for a vocabulary of {vocab_size}"
+    )]
     TokenOutOfRange {
         /// The offending id.
         id: i64,
@@ -32,7 +34,9 @@ pub enum CoreError {
         message: String,
     },
     /// An attention mask holds something other than 0 and 1.
-    #[error("attention_mask must hold only 0 and 1; found {value} at row {row}, position {position}")]
+    #[error(
+        "attention_mask must hold only 0 and 1; found {value} at row {row}, position {position}"
+    )]
     BadMask {
         /// The value found.
         value: i64,

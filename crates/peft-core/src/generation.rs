@@ -68,10 +68,10 @@ impl GenerationConfig {
         if self.do_sample && !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return bad("temperature", "must be a finite number > 0 when sampling");
         }
-        if let Some(p) = self.top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                return bad("top_p", "must be in (0, 1]");
-            }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return bad("top_p", "must be in (0, 1]");
         }
         if self.top_k == Some(0) {
             return bad("top_k", "must be at least 1");
@@ -114,16 +114,26 @@ pub fn generate<M: CausalLm>(
         .and_then(|p| p.first())
         .map_or(0, |kv| kv.len());
     for (what, rows) in [
-        ("virtual_embeds", injection.virtual_embeds.as_ref().map(|t| t.dims()[0])),
-        ("prefix", injection.prefix.as_ref().and_then(|p| p.first()).map(|kv| kv.key.dims()[0])),
+        (
+            "virtual_embeds",
+            injection.virtual_embeds.as_ref().map(|t| t.dims()[0]),
+        ),
+        (
+            "prefix",
+            injection
+                .prefix
+                .as_ref()
+                .and_then(|p| p.first())
+                .map(|kv| kv.key.dims()[0]),
+        ),
     ] {
-        if let Some(rows) = rows {
-            if rows != batch {
-                return Err(CoreError::Shape {
-                    what,
-                    message: format!("has {rows} rows for {batch} prompts"),
-                });
-            }
+        if let Some(rows) = rows
+            && rows != batch
+        {
+            return Err(CoreError::Shape {
+                what,
+                message: format!("has {rows} rows for {batch} prompts"),
+            });
         }
     }
 
@@ -138,7 +148,11 @@ pub fn generate<M: CausalLm>(
         mask.extend(std::iter::repeat_n(1i64, prompt.len()));
     }
     let rows: Vec<Vec<i64>> = ids.chunks(prompt_len).map(<[i64]>::to_vec).collect();
-    model.check_input(&rows, None, virtual_len + prefix_len + config.max_new_tokens)?;
+    model.check_input(
+        &rows,
+        None,
+        virtual_len + prefix_len + config.max_new_tokens,
+    )?;
 
     let padded = prompts.iter().any(|p| p.len() != prompt_len);
     let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, prompt_len]), &device);
@@ -147,9 +161,8 @@ pub fn generate<M: CausalLm>(
     let mut embeds = model.embed_tokens(ids);
     if let Some(virtual_embeds) = injection.virtual_embeds {
         embeds = Tensor::cat(vec![virtual_embeds, embeds], 1);
-        attention_mask = attention_mask.map(|m| {
-            Tensor::cat(vec![Tensor::ones([batch, virtual_len], &device), m], 1)
-        });
+        attention_mask = attention_mask
+            .map(|m| Tensor::cat(vec![Tensor::ones([batch, virtual_len], &device), m], 1));
     }
 
     let mut rng = StdRng::seed_from_u64(config.seed);
@@ -205,7 +218,6 @@ fn next_tokens(logits: Tensor<2>, config: &GenerationConfig, rng: &mut StdRng) -
         return logits
             .argmax(1)
             .into_data()
-            
             .try_into_vec_as::<i64>()
             .expect("argmax yields integers")
             .into_iter()
@@ -215,7 +227,6 @@ fn next_tokens(logits: Tensor<2>, config: &GenerationConfig, rng: &mut StdRng) -
     let [batch, vocab] = logits.dims();
     let values = logits
         .into_data()
-        
         .try_into_vec_as::<f32>()
         .expect("logits are floats");
     (0..batch)
@@ -229,14 +240,14 @@ fn sample_row(logits: &[f32], config: &GenerationConfig, rng: &mut StdRng) -> u3
         .iter()
         .map(|&l| l as f64 / config.temperature)
         .collect();
-    if let Some(k) = config.top_k {
-        if k < scores.len() {
-            let mut sorted = scores.clone();
-            sorted.sort_by(|a, b| b.total_cmp(a));
-            let kth = sorted[k - 1];
-            for s in scores.iter_mut().filter(|s| **s < kth) {
-                *s = f64::NEG_INFINITY;
-            }
+    if let Some(k) = config.top_k
+        && k < scores.len()
+    {
+        let mut sorted = scores.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let kth = sorted[k - 1];
+        for s in scores.iter_mut().filter(|s| **s < kth) {
+            *s = f64::NEG_INFINITY;
         }
     }
     let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -302,7 +313,9 @@ mod tests {
         }
         // top_p 0.85 keeps the first two, never the third.
         let cfg = config().with_top_p(Some(0.85));
-        let draws: Vec<u32> = (0..200).map(|_| sample_row(&logits, &cfg, &mut rng)).collect();
+        let draws: Vec<u32> = (0..200)
+            .map(|_| sample_row(&logits, &cfg, &mut rng))
+            .collect();
         assert!(draws.contains(&0) && draws.contains(&1) && !draws.contains(&2));
     }
 

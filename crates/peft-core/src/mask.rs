@@ -60,7 +60,9 @@ pub fn query_positions(
 ) -> Tensor<2, Int> {
     let past = total - seq;
     match mask {
-        Some(mask) => key_positions(Some(mask), batch, total, device).slice([0..batch, past..total]),
+        Some(mask) => {
+            key_positions(Some(mask), batch, total, device).slice([0..batch, past..total])
+        }
         None => Tensor::<1, Int>::arange(past as i64..total as i64, device)
             .reshape([1, seq])
             .expand([batch, seq]),
@@ -141,11 +143,16 @@ pub fn check_batch(
             if values.len() != seq {
                 return Err(CoreError::Shape {
                     what: "attention_mask",
-                    message: format!("row {row} has {} values but input_ids rows have {seq}", values.len()),
+                    message: format!(
+                        "row {row} has {} values but input_ids rows have {seq}",
+                        values.len()
+                    ),
                 });
             }
-            if let Some((position, &value)) =
-                values.iter().enumerate().find(|(_, v)| **v != 0 && **v != 1)
+            if let Some((position, &value)) = values
+                .iter()
+                .enumerate()
+                .find(|(_, v)| **v != 0 && **v != 1)
             {
                 return Err(CoreError::BadMask {
                     value,
@@ -155,13 +162,13 @@ pub fn check_batch(
             }
         }
     }
-    if let Some(max) = geometry.max_positions {
-        if seq + extra > max {
-            return Err(CoreError::SequenceTooLong {
-                length: seq + extra,
-                max,
-            });
-        }
+    if let Some(max) = geometry.max_positions
+        && seq + extra > max
+    {
+        return Err(CoreError::SequenceTooLong {
+            length: seq + extra,
+            max,
+        });
     }
     Ok(())
 }
@@ -223,11 +230,21 @@ mod tests {
         let err = check_batch(&geometry, &[vec![1, 2], vec![3]], None, 0).unwrap_err();
         assert!(err.to_string().contains("row 1 has 1 tokens"), "{err}");
         let err = check_batch(&geometry, &[vec![1, 12]], None, 0).unwrap_err();
-        assert!(matches!(err, CoreError::TokenOutOfRange { id: 12, position: 1, .. }));
+        assert!(matches!(
+            err,
+            CoreError::TokenOutOfRange {
+                id: 12,
+                position: 1,
+                ..
+            }
+        ));
         let err = check_batch(&geometry, &[vec![1, 2]], Some(&[vec![1, 2]]), 0).unwrap_err();
         assert!(matches!(err, CoreError::BadMask { value: 2, .. }));
         let err = check_batch(&geometry, &[vec![1, 2]], None, 3).unwrap_err();
-        assert!(matches!(err, CoreError::SequenceTooLong { length: 5, max: 4 }));
+        assert!(matches!(
+            err,
+            CoreError::SequenceTooLong { length: 5, max: 4 }
+        ));
         check_batch(&geometry, &[vec![1, 2]], Some(&[vec![0, 1]]), 2).unwrap();
     }
 }

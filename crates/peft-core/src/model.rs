@@ -201,9 +201,14 @@ pub trait CausalLm: Module {
 
     /// Logits `[batch, seq, vocab_size]` for token ids `[batch, seq]` with an optional padding mask
     /// (`[batch, seq]`, 1 = real): the plain forward, without injection or cache.
-    fn forward_ids(&self, input_ids: Tensor<2, Int>, attention_mask: Option<Tensor<2, Int>>) -> Tensor<3> {
+    fn forward_ids(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+    ) -> Tensor<3> {
         let embeds = self.embed_tokens(input_ids);
-        self.forward(ModelInput::new(embeds).with_attention_mask(attention_mask)).0
+        self.forward(ModelInput::new(embeds).with_attention_mask(attention_mask))
+            .0
     }
 
     /// Checks ids (and an optional mask) from a user against the model before a forward:

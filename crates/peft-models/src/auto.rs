@@ -148,11 +148,7 @@ impl SpecialTokens {
         let eos_token_ids = cfg.token_ids("eos_token_id")?;
         let pad = cfg.token_ids("pad_token_id")?;
         Ok(Self {
-            pad_token_id: pad
-                .first()
-                .or(eos_token_ids.first())
-                .copied()
-                .unwrap_or(0),
+            pad_token_id: pad.first().or(eos_token_ids.first()).copied().unwrap_or(0),
             bos_token_id: cfg.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids,
         })

@@ -40,13 +40,13 @@ impl BloomConfig {
     /// Reads a `bloom` config.json, accepting both key styles
     /// (`n_embed`/`hidden_size`, `n_head`/`num_attention_heads`, `n_layer`/`num_hidden_layers`).
     pub fn from_hf(cfg: &HfConfig) -> Result<Self> {
-        if let Some(model_type) = cfg.opt_str("model_type")? {
-            if model_type != "bloom" {
-                return Err(ModelError::UnsupportedModelType {
-                    path: cfg.path().to_path_buf(),
-                    model_type: model_type.to_string(),
-                });
-            }
+        if let Some(model_type) = cfg.opt_str("model_type")?
+            && model_type != "bloom"
+        {
+            return Err(ModelError::UnsupportedModelType {
+                path: cfg.path().to_path_buf(),
+                model_type: model_type.to_string(),
+            });
         }
         let hidden_size = cfg.usize(&["hidden_size", "n_embed"])?;
         let n_head = cfg.usize(&["n_head", "num_attention_heads"])?;
@@ -87,7 +87,11 @@ impl BloomConfig {
 
     /// A model with random weights (for benchmarks and tests).
     pub fn init(&self, device: &Device) -> BloomForCausalLM {
-        infallible(BloomForCausalLM::build(self, &mut RandomWeights::new(device), ""))
+        infallible(BloomForCausalLM::build(
+            self,
+            &mut RandomWeights::new(device),
+            "",
+        ))
     }
 }
 
@@ -184,11 +188,19 @@ impl BloomBlock {
         key_mask: Option<Tensor<2, Int>>,
     ) -> (Tensor<3>, LayerKv) {
         let normed = self.input_layernorm.forward(x.clone());
-        let residual = if self.residual_post_layernorm { normed.clone() } else { x };
+        let residual = if self.residual_post_layernorm {
+            normed.clone()
+        } else {
+            x
+        };
         let (attn, kv) = self.self_attention.forward(normed, alibi, past, key_mask);
         let attn = attn + residual;
         let normed = self.post_attention_layernorm.forward(attn.clone());
-        let residual = if self.residual_post_layernorm { normed.clone() } else { attn };
+        let residual = if self.residual_post_layernorm {
+            normed.clone()
+        } else {
+            attn
+        };
         let mlp = self
             .mlp
             .dense_4h_to_h
@@ -233,23 +245,37 @@ impl BloomForCausalLM {
 
     /// Lays out the model, taking each layer from `src` under its Hugging Face name prefixed by
     /// `root` (`"transformer."` or `""`).
-    pub fn build<S: WeightSource>(config: &BloomConfig, src: &mut S, root: &str) -> Result<Self, S::Error> {
+    pub fn build<S: WeightSource>(
+        config: &BloomConfig,
+        src: &mut S,
+        root: &str,
+    ) -> Result<Self, S::Error> {
         let c = config;
         let (d, eps) = (c.hidden_size, c.layer_norm_epsilon);
         let word_embeddings = src.embedding(&format!("{root}word_embeddings"), c.vocab_size, d)?;
-        let word_embeddings_layernorm = src.layer_norm(&format!("{root}word_embeddings_layernorm"), d, eps)?;
+        let word_embeddings_layernorm =
+            src.layer_norm(&format!("{root}word_embeddings_layernorm"), d, eps)?;
         let mut h = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let p = format!("{root}h.{i}");
             h.push(BloomBlock {
                 input_layernorm: src.layer_norm(&format!("{p}.input_layernorm"), d, eps)?,
                 self_attention: BloomAttention {
-                    query_key_value: src.linear(&format!("{p}.self_attention.query_key_value"), d, 3 * d, true)?,
+                    query_key_value: src.linear(
+                        &format!("{p}.self_attention.query_key_value"),
+                        d,
+                        3 * d,
+                        true,
+                    )?,
                     dense: src.linear(&format!("{p}.self_attention.dense"), d, d, true)?,
                     num_heads: c.n_head,
                     head_dim: c.head_dim(),
                 },
-                post_attention_layernorm: src.layer_norm(&format!("{p}.post_attention_layernorm"), d, eps)?,
+                post_attention_layernorm: src.layer_norm(
+                    &format!("{p}.post_attention_layernorm"),
+                    d,
+                    eps,
+                )?,
                 mlp: BloomMlp {
                     dense_h_to_4h: src.linear(&format!("{p}.mlp.dense_h_to_4h"), d, 4 * d, true)?,
                     dense_4h_to_h: src.linear(&format!("{p}.mlp.dense_4h_to_h"), 4 * d, d, true)?,
@@ -292,8 +318,12 @@ impl CausalLm for BloomForCausalLM {
         let positions = past.key_positions().float();
         let [batch, keys] = positions.dims();
         let heads = self.config.n_head;
-        let slopes = Tensor::<1>::from_data(TensorData::new(alibi_slopes(heads), [heads]), &positions.device());
-        let alibi = (slopes.reshape([1, heads, 1, 1]) * positions.reshape([batch, 1, 1, keys])).cast(dtype);
+        let slopes = Tensor::<1>::from_data(
+            TensorData::new(alibi_slopes(heads), [heads]),
+            &positions.device(),
+        );
+        let alibi =
+            (slopes.reshape([1, heads, 1, 1]) * positions.reshape([batch, 1, 1, keys])).cast(dtype);
         let x = self.transformer.word_embeddings_layernorm.forward(embeds);
         let (x, cache) = past.run(&self.transformer.h, x, |block, x, kv, mask| {
             block.forward(x, &alibi, kv, mask)

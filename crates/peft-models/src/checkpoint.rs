@@ -42,7 +42,10 @@ pub struct Checkpoint {
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checkpoint")
-            .field("files", &self.files.iter().map(|f| &f.0).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|f| &f.0).collect::<Vec<_>>(),
+            )
             .field("tensors", &self.entries.len())
             .field("dtype", &self.dtype)
             .finish()
@@ -267,9 +270,15 @@ mod tests {
     #[test]
     fn transpose_moves_whole_elements() {
         // [[1, 2, 3], [4, 5, 6]] as u16 -> [[1, 4], [2, 5], [3, 6]]
-        let m: Vec<u8> = [1u16, 2, 3, 4, 5, 6].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let m: Vec<u8> = [1u16, 2, 3, 4, 5, 6]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let t = transpose_bytes(&m, 2, 3, 2);
-        let back: Vec<u16> = t.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        let back: Vec<u16> = t
+            .chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
         assert_eq!(back, vec![1, 4, 2, 5, 3, 6]);
     }
 }

@@ -115,7 +115,9 @@ impl HfConfig {
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.lookup(&[key]) {
             None => Ok(default),
-            Some((key, value)) => value.as_bool().ok_or_else(|| self.invalid(key, "true or false", value)),
+            Some((key, value)) => value
+                .as_bool()
+                .ok_or_else(|| self.invalid(key, "true or false", value)),
         }
     }
 
@@ -196,7 +198,10 @@ mod tests {
             "config.json: key `n_head` must be a positive integer, found string \"four\""
         );
         let err = cfg.usize(&["n_layer", "num_hidden_layers"]).unwrap_err();
-        assert_eq!(err.to_string(), "config.json: missing key `n_layer` or `num_hidden_layers`");
+        assert_eq!(
+            err.to_string(),
+            "config.json: missing key `n_layer` or `num_hidden_layers`"
+        );
         assert_eq!(cfg.token_ids("eos_token_id").unwrap(), vec![1, 2]);
         assert_eq!(cfg.opt_usize(&["x"]).unwrap(), None);
     }
@@ -205,6 +210,10 @@ mod tests {
     fn malformed_json_reports_the_file() {
         let err = HfConfig::from_str("{\"hidden_size\": 64,", "dir/config.json").unwrap_err();
         assert!(matches!(err, ModelError::Json { .. }));
-        assert!(err.to_string().starts_with("dir/config.json: malformed JSON"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("dir/config.json: malformed JSON"),
+            "{err}"
+        );
     }
 }

@@ -133,7 +133,10 @@ impl Past {
             (None, Some(cache)) => (Some(cache.layers), cache.attention_mask),
             (None, None) => (None, None),
         };
-        let len = past.as_ref().and_then(|p| p.first()).map_or(0, LayerKv::len);
+        let len = past
+            .as_ref()
+            .and_then(|p| p.first())
+            .map_or(0, LayerKv::len);
         if let Some(past) = &past {
             assert_eq!(
                 past.len(),
@@ -168,12 +171,23 @@ impl Past {
 
     /// Positions of the current input's tokens, `[batch, seq]`.
     pub(crate) fn query_positions(&self) -> Tensor<2, Int> {
-        query_positions(self.key_mask.clone(), self.batch, self.len + self.seq, self.seq, &self.device)
+        query_positions(
+            self.key_mask.clone(),
+            self.batch,
+            self.len + self.seq,
+            self.seq,
+            &self.device,
+        )
     }
 
     /// Positions of every key, past and current, `[batch, past + seq]`.
     pub(crate) fn key_positions(&self) -> Tensor<2, Int> {
-        key_positions(self.key_mask.clone(), self.batch, self.len + self.seq, &self.device)
+        key_positions(
+            self.key_mask.clone(),
+            self.batch,
+            self.len + self.seq,
+            &self.device,
+        )
     }
 
     /// Runs `layers` in order over `x`, each through `forward(layer, x, its past, key mask)`, and
@@ -182,7 +196,12 @@ impl Past {
         self,
         layers: &[L],
         mut x: Tensor<3>,
-        mut forward: impl FnMut(&L, Tensor<3>, Option<LayerKv>, Option<Tensor<2, Int>>) -> (Tensor<3>, LayerKv),
+        mut forward: impl FnMut(
+            &L,
+            Tensor<3>,
+            Option<LayerKv>,
+            Option<Tensor<2, Int>>,
+        ) -> (Tensor<3>, LayerKv),
     ) -> (Tensor<3>, KvCache) {
         let mut cache = Vec::with_capacity(layers.len());
         for (layer, past) in layers.iter().zip(self.layers) {
@@ -206,7 +225,10 @@ mod tests {
     #[test]
     fn rope_at_position_zero_is_identity_and_rotates_halves() {
         let device = Device::default();
-        let x = Tensor::<4>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [1, 1, 1, 4]), &device);
+        let x = Tensor::<4>::from_data(
+            TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [1, 1, 1, 4]),
+            &device,
+        );
         let pos = Tensor::<2, Int>::from_data(TensorData::new(vec![0i64], [1, 1]), &device);
         let (cos, sin) = rope_cos_sin(pos, 4, 10000.0, burn::tensor::DType::F32);
         apply_rope(x.clone(), cos, sin)
@@ -217,7 +239,12 @@ mod tests {
         let (cos, sin) = rope_cos_sin(pos, 4, 1.0, burn::tensor::DType::F32);
         let (c, s) = (1f32.cos(), 1f32.sin());
         let expected = TensorData::new(
-            vec![1.0 * c - 3.0 * s, 2.0 * c - 4.0 * s, 3.0 * c + 1.0 * s, 4.0 * c + 2.0 * s],
+            vec![
+                1.0 * c - 3.0 * s,
+                2.0 * c - 4.0 * s,
+                3.0 * c + 1.0 * s,
+                4.0 * c + 2.0 * s,
+            ],
             [1, 1, 1, 4],
         );
         apply_rope(x, cos, sin)
@@ -229,7 +256,10 @@ mod tests {
     fn repeat_kv_repeats_each_head_in_place() {
         let device = Device::default();
         let x = Tensor::<4>::from_data(TensorData::new(vec![1.0f32, 2.0], [1, 2, 1, 1]), &device);
-        let r = repeat_kv(x, 2).into_data().try_into_vec_as::<f32>().unwrap();
+        let r = repeat_kv(x, 2)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap();
         assert_eq!(r, vec![1.0, 1.0, 2.0, 2.0]);
     }
 }

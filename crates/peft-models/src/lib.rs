@@ -30,5 +30,5 @@ pub use checkpoint::Checkpoint;
 pub use error::{ModelError, Result};
 pub use hf_config::HfConfig;
 pub use qwen2::{Qwen2Config, Qwen2ForCausalLM};
-pub use weights::{RandomWeights, WeightSource};
 pub use tokenizers::Tokenizer;
+pub use weights::{RandomWeights, WeightSource};

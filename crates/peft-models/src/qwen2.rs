@@ -94,15 +94,21 @@ impl Qwen2Config {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(cfg.unsupported("head_dim", format!("must be even for RoPE, found {head_dim}")));
+            return Err(cfg.unsupported(
+                "head_dim",
+                format!("must be even for RoPE, found {head_dim}"),
+            ));
         }
-        if let Some(act) = cfg.opt_str("hidden_act")? {
-            if act != "silu" {
-                return Err(cfg.unsupported("hidden_act", format!("must be \"silu\", found {act:?}")));
-            }
+        if let Some(act) = cfg.opt_str("hidden_act")?
+            && act != "silu"
+        {
+            return Err(cfg.unsupported("hidden_act", format!("must be \"silu\", found {act:?}")));
         }
         if cfg.bool_or("use_sliding_window", false)? {
-            return Err(cfg.unsupported("use_sliding_window", "true is not supported (full attention only)"));
+            return Err(cfg.unsupported(
+                "use_sliding_window",
+                "true is not supported (full attention only)",
+            ));
         }
         let mut rope_theta = cfg.opt_f64(&["rope_theta"])?;
         for key in ["rope_parameters", "rope_scaling"] {
@@ -139,7 +145,10 @@ impl Qwen2Config {
     /// A model with random weights (for benchmarks and tests; real weights come from
     /// [`Qwen2ForCausalLM::load`]).
     pub fn init(&self, device: &Device) -> Qwen2ForCausalLM {
-        infallible(Qwen2ForCausalLM::build(self, &mut RandomWeights::new(device)))
+        infallible(Qwen2ForCausalLM::build(
+            self,
+            &mut RandomWeights::new(device),
+        ))
     }
 
     /// Geometry adapters see.
@@ -205,9 +214,21 @@ impl Qwen2Attention {
         past: Option<LayerKv>,
         key_mask: Option<Tensor<2, Int>>,
     ) -> (Tensor<3>, LayerKv) {
-        let q = split_heads(self.q_proj.forward(x.clone()), self.num_heads, self.head_dim);
-        let k = split_heads(self.k_proj.forward(x.clone()), self.num_key_value_heads, self.head_dim);
-        let v = split_heads(self.v_proj.forward(x), self.num_key_value_heads, self.head_dim);
+        let q = split_heads(
+            self.q_proj.forward(x.clone()),
+            self.num_heads,
+            self.head_dim,
+        );
+        let k = split_heads(
+            self.k_proj.forward(x.clone()),
+            self.num_key_value_heads,
+            self.head_dim,
+        );
+        let v = split_heads(
+            self.v_proj.forward(x),
+            self.num_key_value_heads,
+            self.head_dim,
+        );
         let q = apply_rope(q, cos.clone(), sin.clone());
         let k = apply_rope(k, cos.clone(), sin.clone());
         let kv = LayerKv::extend(past, k, v);
@@ -239,9 +260,13 @@ impl Qwen2DecoderLayer {
         past: Option<LayerKv>,
         key_mask: Option<Tensor<2, Int>>,
     ) -> (Tensor<3>, LayerKv) {
-        let (attn, kv) =
-            self.self_attn
-                .forward(self.input_layernorm.forward(x.clone()), cos, sin, past, key_mask);
+        let (attn, kv) = self.self_attn.forward(
+            self.input_layernorm.forward(x.clone()),
+            cos,
+            sin,
+            past,
+            key_mask,
+        );
         let x = x + attn;
         let x = x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x));
         (x, kv)
@@ -281,7 +306,12 @@ impl Qwen2ForCausalLM {
     /// Lays out the model, taking each layer from `src` under its Hugging Face name.
     pub fn build<S: WeightSource>(config: &Qwen2Config, src: &mut S) -> Result<Self, S::Error> {
         let c = config;
-        let (d, h, kv, hd) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (d, h, kv, hd) = (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        );
         let (inter, eps) = (c.intermediate_size, c.rms_norm_eps);
         let embed_tokens = src.embedding("model.embed_tokens", c.vocab_size, d)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -292,7 +322,12 @@ impl Qwen2ForCausalLM {
                     q_proj: src.linear(&format!("{p}.self_attn.q_proj"), d, h * hd, c.qkv_bias)?,
                     k_proj: src.linear(&format!("{p}.self_attn.k_proj"), d, kv * hd, c.qkv_bias)?,
                     v_proj: src.linear(&format!("{p}.self_attn.v_proj"), d, kv * hd, c.qkv_bias)?,
-                    o_proj: src.linear(&format!("{p}.self_attn.o_proj"), h * hd, d, c.o_proj_bias)?,
+                    o_proj: src.linear(
+                        &format!("{p}.self_attn.o_proj"),
+                        h * hd,
+                        d,
+                        c.o_proj_bias,
+                    )?,
                     num_heads: h,
                     num_key_value_heads: kv,
                     head_dim: hd,
@@ -303,7 +338,11 @@ impl Qwen2ForCausalLM {
                     down_proj: src.linear(&format!("{p}.mlp.down_proj"), inter, d, c.mlp_bias)?,
                 },
                 input_layernorm: src.rms_norm(&format!("{p}.input_layernorm"), d, eps)?,
-                post_attention_layernorm: src.rms_norm(&format!("{p}.post_attention_layernorm"), d, eps)?,
+                post_attention_layernorm: src.rms_norm(
+                    &format!("{p}.post_attention_layernorm"),
+                    d,
+                    eps,
+                )?,
             });
         }
         let norm = src.rms_norm("model.norm", d, eps)?;
@@ -343,7 +382,12 @@ impl CausalLm for Qwen2ForCausalLM {
         let dtype = input.inputs_embeds.dtype();
         let (x, past) = Past::resolve(input, &self.geometry());
         let positions = past.query_positions();
-        let (cos, sin) = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype);
+        let (cos, sin) = rope_cos_sin(
+            positions,
+            self.config.head_dim,
+            self.config.rope_theta,
+            dtype,
+        );
         let (x, cache) = past.run(&self.model.layers, x, |layer, x, kv, mask| {
             layer.forward(x, &cos, &sin, kv, mask)
         });

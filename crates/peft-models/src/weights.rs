@@ -22,16 +22,32 @@ pub trait WeightSource {
     type Error;
 
     /// `nn.Linear(input, out)` under `{prefix}.weight` (and `{prefix}.bias` if `bias`).
-    fn linear(&mut self, prefix: &str, input: usize, out: usize, bias: bool) -> Result<Linear, Self::Error>;
+    fn linear(
+        &mut self,
+        prefix: &str,
+        input: usize,
+        out: usize,
+        bias: bool,
+    ) -> Result<Linear, Self::Error>;
 
     /// `nn.Embedding(vocab, dim)` under `{prefix}.weight`.
-    fn embedding(&mut self, prefix: &str, vocab: usize, dim: usize) -> Result<Embedding, Self::Error>;
+    fn embedding(
+        &mut self,
+        prefix: &str,
+        vocab: usize,
+        dim: usize,
+    ) -> Result<Embedding, Self::Error>;
 
     /// RMSNorm(dim) under `{prefix}.weight`.
     fn rms_norm(&mut self, prefix: &str, dim: usize, epsilon: f64) -> Result<RmsNorm, Self::Error>;
 
     /// LayerNorm(dim) with bias under `{prefix}.weight` and `{prefix}.bias`.
-    fn layer_norm(&mut self, prefix: &str, dim: usize, epsilon: f64) -> Result<LayerNorm, Self::Error>;
+    fn layer_norm(
+        &mut self,
+        prefix: &str,
+        dim: usize,
+        epsilon: f64,
+    ) -> Result<LayerNorm, Self::Error>;
 
     /// Declares a tensor the model knowingly does without (a tied `lm_head.weight` copy).
     fn skip(&mut self, _name: &str) {}
@@ -40,31 +56,59 @@ pub trait WeightSource {
 impl WeightSource for Checkpoint {
     type Error = ModelError;
 
-    fn linear(&mut self, prefix: &str, input: usize, out: usize, bias: bool) -> Result<Linear, ModelError> {
-        let mut linear = LinearConfig::new(input, out).with_bias(bias).init(self.device());
-        linear.weight = Param::from_tensor(self.linear_weight(&format!("{prefix}.weight"), out, input)?);
+    fn linear(
+        &mut self,
+        prefix: &str,
+        input: usize,
+        out: usize,
+        bias: bool,
+    ) -> Result<Linear, ModelError> {
+        let mut linear = LinearConfig::new(input, out)
+            .with_bias(bias)
+            .init(self.device());
+        linear.weight =
+            Param::from_tensor(self.linear_weight(&format!("{prefix}.weight"), out, input)?);
         if bias {
-            linear.bias = Some(Param::from_tensor(self.tensor(&format!("{prefix}.bias"), [out])?));
+            linear.bias = Some(Param::from_tensor(
+                self.tensor(&format!("{prefix}.bias"), [out])?,
+            ));
         }
         Ok(linear)
     }
 
-    fn embedding(&mut self, prefix: &str, vocab: usize, dim: usize) -> Result<Embedding, ModelError> {
+    fn embedding(
+        &mut self,
+        prefix: &str,
+        vocab: usize,
+        dim: usize,
+    ) -> Result<Embedding, ModelError> {
         let mut embedding = EmbeddingConfig::new(vocab, dim).init(self.device());
-        embedding.weight = Param::from_tensor(self.tensor(&format!("{prefix}.weight"), [vocab, dim])?);
+        embedding.weight =
+            Param::from_tensor(self.tensor(&format!("{prefix}.weight"), [vocab, dim])?);
         Ok(embedding)
     }
 
     fn rms_norm(&mut self, prefix: &str, dim: usize, epsilon: f64) -> Result<RmsNorm, ModelError> {
-        let mut norm = RmsNormConfig::new(dim).with_epsilon(epsilon).init(self.device());
+        let mut norm = RmsNormConfig::new(dim)
+            .with_epsilon(epsilon)
+            .init(self.device());
         norm.gamma = Param::from_tensor(self.tensor(&format!("{prefix}.weight"), [dim])?);
         Ok(norm)
     }
 
-    fn layer_norm(&mut self, prefix: &str, dim: usize, epsilon: f64) -> Result<LayerNorm, ModelError> {
-        let mut norm = LayerNormConfig::new(dim).with_epsilon(epsilon).init(self.device());
+    fn layer_norm(
+        &mut self,
+        prefix: &str,
+        dim: usize,
+        epsilon: f64,
+    ) -> Result<LayerNorm, ModelError> {
+        let mut norm = LayerNormConfig::new(dim)
+            .with_epsilon(epsilon)
+            .init(self.device());
         norm.gamma = Param::from_tensor(self.tensor(&format!("{prefix}.weight"), [dim])?);
-        norm.beta = Some(Param::from_tensor(self.tensor(&format!("{prefix}.bias"), [dim])?));
+        norm.beta = Some(Param::from_tensor(
+            self.tensor(&format!("{prefix}.bias"), [dim])?,
+        ));
         Ok(norm)
     }
 
@@ -91,8 +135,16 @@ impl RandomWeights {
 impl WeightSource for RandomWeights {
     type Error = Infallible;
 
-    fn linear(&mut self, _: &str, input: usize, out: usize, bias: bool) -> Result<Linear, Infallible> {
-        Ok(LinearConfig::new(input, out).with_bias(bias).init(&self.device))
+    fn linear(
+        &mut self,
+        _: &str,
+        input: usize,
+        out: usize,
+        bias: bool,
+    ) -> Result<Linear, Infallible> {
+        Ok(LinearConfig::new(input, out)
+            .with_bias(bias)
+            .init(&self.device))
     }
 
     fn embedding(&mut self, _: &str, vocab: usize, dim: usize) -> Result<Embedding, Infallible> {
@@ -100,11 +152,15 @@ impl WeightSource for RandomWeights {
     }
 
     fn rms_norm(&mut self, _: &str, dim: usize, epsilon: f64) -> Result<RmsNorm, Infallible> {
-        Ok(RmsNormConfig::new(dim).with_epsilon(epsilon).init(&self.device))
+        Ok(RmsNormConfig::new(dim)
+            .with_epsilon(epsilon)
+            .init(&self.device))
     }
 
     fn layer_norm(&mut self, _: &str, dim: usize, epsilon: f64) -> Result<LayerNorm, Infallible> {
-        Ok(LayerNormConfig::new(dim).with_epsilon(epsilon).init(&self.device))
+        Ok(LayerNormConfig::new(dim)
+            .with_epsilon(epsilon)
+            .init(&self.device))
     }
 }
 

@@ -10,7 +10,9 @@ use peft_models::{AutoCausalLm, ModelError, load_tokenizer};
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/models")
+        .join(name)
 }
 
 /// A writable copy of a fixture model directory.
@@ -45,13 +47,21 @@ fn edit_weights(
     let mut tensors: BTreeMap<_, _> = st
         .tensors()
         .into_iter()
-        .map(|(name, view)| (name, (view.dtype(), view.shape().to_vec(), view.data().to_vec())))
+        .map(|(name, view)| {
+            (
+                name,
+                (view.dtype(), view.shape().to_vec(), view.data().to_vec()),
+            )
+        })
         .collect();
     edit(&mut tensors);
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(name, (dtype, shape, data))| {
-            (name.clone(), safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).unwrap())
+            (
+                name.clone(),
+                safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).unwrap(),
+            )
         })
         .collect();
     std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
@@ -73,11 +83,18 @@ fn missing_config_json() {
 #[test]
 fn malformed_config_json() {
     let dir = copy_of("qwen2-gqa-tied");
-    std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"qwen2\",\n \"hidden_size\": 64,,}").unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        "{\"model_type\": \"qwen2\",\n \"hidden_size\": 64,,}",
+    )
+    .unwrap();
     let err = load(dir.path()).unwrap_err();
     assert!(matches!(err, ModelError::Json { .. }), "{err:?}");
     let msg = message(err);
-    assert!(msg.contains("config.json: malformed JSON") && msg.contains("line 2"), "{msg}");
+    assert!(
+        msg.contains("config.json: malformed JSON") && msg.contains("line 2"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -87,7 +104,9 @@ fn unsupported_model_type() {
         c.insert("model_type".into(), "gpt2".into());
     });
     let err = load(dir.path()).unwrap_err();
-    assert!(matches!(&err, ModelError::UnsupportedModelType { model_type, .. } if model_type == "gpt2"));
+    assert!(
+        matches!(&err, ModelError::UnsupportedModelType { model_type, .. } if model_type == "gpt2")
+    );
     assert!(message(err).contains("unsupported model_type `gpt2`"));
 }
 
@@ -98,21 +117,33 @@ fn missing_and_mistyped_config_keys() {
         c.remove("intermediate_size");
     });
     let err = load(dir.path()).unwrap_err();
-    assert!(matches!(&err, ModelError::MissingKey { key, .. } if key == "intermediate_size"), "{err:?}");
+    assert!(
+        matches!(&err, ModelError::MissingKey { key, .. } if key == "intermediate_size"),
+        "{err:?}"
+    );
 
     let dir = copy_of("bloom-6-heads");
     edit_config(dir.path(), |c| {
         c.insert("n_head".into(), "six".into());
     });
     let msg = message(load(dir.path()).unwrap_err());
-    assert!(msg.contains("config.json: key `n_head` must be a positive integer, found string \"six\""), "{msg}");
+    assert!(
+        msg.contains("config.json: key `n_head` must be a positive integer, found string \"six\""),
+        "{msg}"
+    );
 
     let dir = copy_of("qwen2-gqa-tied");
     edit_config(dir.path(), |c| {
-        c.insert("rope_parameters".into(), serde_json::json!({"rope_type": "yarn", "factor": 4.0}));
+        c.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+        );
     });
     let msg = message(load(dir.path()).unwrap_err());
-    assert!(msg.contains("key `rope_parameters`") && msg.contains("yarn"), "{msg}");
+    assert!(
+        msg.contains("key `rope_parameters`") && msg.contains("yarn"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -140,14 +171,20 @@ fn missing_tensor_is_named() {
         matches!(&err, ModelError::MissingTensor { name, .. } if name == "model.layers.1.self_attn.k_proj.bias"),
         "{err:?}"
     );
-    assert!(message(err).contains("model.safetensors: missing tensor `model.layers.1.self_attn.k_proj.bias`"));
+    assert!(
+        message(err)
+            .contains("model.safetensors: missing tensor `model.layers.1.self_attn.k_proj.bias`")
+    );
 }
 
 #[test]
 fn unexpected_tensor_is_named() {
     let dir = copy_of("bloom-6-heads");
     edit_weights(dir.path(), |t| {
-        t.insert("transformer.h.2.input_layernorm.weight".into(), (safetensors::Dtype::F32, vec![1], vec![0; 4]));
+        t.insert(
+            "transformer.h.2.input_layernorm.weight".into(),
+            (safetensors::Dtype::F32, vec![1], vec![0; 4]),
+        );
     });
     let err = load(dir.path()).unwrap_err();
     assert!(
@@ -164,11 +201,20 @@ fn shape_mismatch_names_tensor_and_shapes() {
         c.insert("intermediate_size".into(), 96.into());
     });
     let err = load(dir.path()).unwrap_err();
-    let ModelError::ShapeMismatch { name, expected, found, .. } = &err else {
+    let ModelError::ShapeMismatch {
+        name,
+        expected,
+        found,
+        ..
+    } = &err
+    else {
         panic!("{err:?}");
     };
     assert_eq!(name, "model.layers.0.mlp.gate_proj.weight");
-    assert_eq!((expected.clone(), found.clone()), (vec![96, 64], vec![128, 64]));
+    assert_eq!(
+        (expected.clone(), found.clone()),
+        (vec![96, 64], vec![128, 64])
+    );
     assert!(message(err).contains("has shape [128, 64], expected [96, 64]"));
 }
 
@@ -180,7 +226,10 @@ fn unsupported_dtype_and_corrupt_file() {
         entry.0 = safetensors::Dtype::I32;
     });
     let err = load(dir.path()).unwrap_err();
-    assert!(matches!(&err, ModelError::UnsupportedDtype { name, .. } if name == "model.norm.weight"), "{err:?}");
+    assert!(
+        matches!(&err, ModelError::UnsupportedDtype { name, .. } if name == "model.norm.weight"),
+        "{err:?}"
+    );
 
     let dir = copy_of("qwen2-gqa-tied");
     let path = dir.path().join("model.safetensors");

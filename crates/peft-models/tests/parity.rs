@@ -36,7 +36,12 @@ struct Expected {
 }
 
 fn expected(name: &str) -> Expected {
-    let bytes = std::fs::read(fixtures().join("expected").join(format!("{name}.safetensors"))).unwrap();
+    let bytes = std::fs::read(
+        fixtures()
+            .join("expected")
+            .join(format!("{name}.safetensors")),
+    )
+    .unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let ids = st.tensor("input_ids").unwrap();
     let [b, s] = [ids.shape()[0], ids.shape()[1]];
@@ -71,17 +76,27 @@ fn load(name: &str, dtype: DType) -> AutoCausalLm {
 
 fn ints(rows: &[Vec<i64>]) -> Tensor<2, Int> {
     let flat: Vec<i64> = rows.iter().flatten().copied().collect();
-    Tensor::from_data(TensorData::new(flat, [rows.len(), rows[0].len()]), &Device::default())
+    Tensor::from_data(
+        TensorData::new(flat, [rows.len(), rows[0].len()]),
+        &Device::default(),
+    )
 }
 
 fn logits_of(model: &AutoCausalLm, ids: &[Vec<i64>], mask: Option<&[Vec<i64>]>) -> Vec<f32> {
     let logits = model.forward_ids(ints(ids), mask.map(ints));
-    logits.cast(DType::F32).into_data().try_into_vec_as::<f32>().unwrap()
+    logits
+        .cast(DType::F32)
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Logits of positions `from..to` of row `row` in a `[batch, seq, vocab]` buffer.
@@ -125,9 +140,17 @@ fn padded_rows_equal_the_same_rows_unpadded() {
         let hf_row0 = rows(&exp.logits, a.len(), v, 0, 0, a.len());
         let diff0 = max_abs_diff(rows(&padded, seq, v, 0, left_pad, seq), hf_row0);
         let diff1 = max_abs_diff(rows(&padded, seq, v, 1, 0, b.len()), &alone_b);
-        eprintln!("{name}: left-padded vs transformers {diff0:e}, right-padded vs unpadded {diff1:e}");
-        assert!(diff0 <= 1e-4, "{name}: left-padded row differs from transformers' unpadded by {diff0}");
-        assert!(diff1 <= 1e-5, "{name}: right-padded row differs from itself unpadded by {diff1}");
+        eprintln!(
+            "{name}: left-padded vs transformers {diff0:e}, right-padded vs unpadded {diff1:e}"
+        );
+        assert!(
+            diff0 <= 1e-4,
+            "{name}: left-padded row differs from transformers' unpadded by {diff0}"
+        );
+        assert!(
+            diff1 <= 1e-5,
+            "{name}: right-padded row differs from itself unpadded by {diff1}"
+        );
     }
 }
 
@@ -149,13 +172,16 @@ fn cached_forward_matches_uncached_within_1e_5() {
         // Then one token at a time.
         for t in split..seq {
             let step: Vec<Vec<i64>> = ids.iter().map(|r| vec![r[t]]).collect();
-            let (logits, next) =
-                model.forward(ModelInput::new(model.embed_tokens(ints(&step))).with_cache(Some(cache)));
+            let (logits, next) = model
+                .forward(ModelInput::new(model.embed_tokens(ints(&step))).with_cache(Some(cache)));
             cache = next;
             pieces.push(logits);
         }
         assert_eq!(cache.len(), seq);
-        let cached: Vec<f32> = Tensor::cat(pieces, 1).into_data().try_into_vec_as::<f32>().unwrap();
+        let cached: Vec<f32> = Tensor::cat(pieces, 1)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap();
         let diff = max_abs_diff(&cached, &full);
         eprintln!("{name}: cached vs uncached {diff:e}");
         assert!(diff <= 1e-5, "{name}: cached vs uncached differ by {diff}");
@@ -174,16 +200,20 @@ fn cache_keeps_the_padding_mask_of_left_padded_prompts() {
     row.extend_from_slice(&a[..8]);
     let mask = vec![0, 0, 1, 1, 1, 1, 1, 1, 1, 1];
     let embeds = model.embed_tokens(ints(&[row]));
-    let (_, mut cache) = model.forward(ModelInput::new(embeds).with_attention_mask(Some(ints(&[mask]))));
+    let (_, mut cache) =
+        model.forward(ModelInput::new(embeds).with_attention_mask(Some(ints(&[mask]))));
     let mut steps = Vec::new();
     for &t in &a[8..] {
-        let (logits, next) =
-            model.forward(ModelInput::new(model.embed_tokens(ints(&[vec![t]]))).with_cache(Some(cache)));
+        let (logits, next) = model
+            .forward(ModelInput::new(model.embed_tokens(ints(&[vec![t]]))).with_cache(Some(cache)));
         cache = next;
         steps.extend(logits.into_data().try_into_vec_as::<f32>().unwrap());
     }
     let diff = max_abs_diff(&steps, rows(&exp.logits, a.len(), v, 0, 8, a.len()));
-    assert!(diff <= 1e-4, "decode after a left-padded prefill differs from transformers by {diff}");
+    assert!(
+        diff <= 1e-4,
+        "decode after a left-padded prefill differs from transformers by {diff}"
+    );
 }
 
 fn prompts(meta: &Value) -> Vec<Vec<u32>> {
@@ -201,12 +231,18 @@ fn greedy_generation_is_token_identical_to_transformers() {
             .with_eos_token_ids(special.eos_token_ids)
             .with_pad_token_id(special.pad_token_id);
         let prompts = prompts(&exp.meta);
-        let single: Vec<Vec<u32>> = serde_json::from_value(exp.meta["greedy_single"].clone()).unwrap();
-        let batched: Vec<Vec<u32>> = serde_json::from_value(exp.meta["greedy_batched"].clone()).unwrap();
+        let single: Vec<Vec<u32>> =
+            serde_json::from_value(exp.meta["greedy_single"].clone()).unwrap();
+        let batched: Vec<Vec<u32>> =
+            serde_json::from_value(exp.meta["greedy_batched"].clone()).unwrap();
         for (prompt, want) in prompts.iter().zip(&single) {
-            let out = generate(&model, &[prompt.clone()], Injection::default(), &config, |_| {
-                ControlFlow::Continue(())
-            })
+            let out = generate(
+                &model,
+                std::slice::from_ref(prompt),
+                Injection::default(),
+                &config,
+                |_| ControlFlow::Continue(()),
+            )
             .unwrap();
             assert_eq!(&out.new_tokens[0], want, "{name}: greedy on {prompt:?}");
         }
@@ -218,8 +254,14 @@ fn greedy_generation_is_token_identical_to_transformers() {
             ControlFlow::Continue(())
         })
         .unwrap();
-        assert_eq!(out.new_tokens, batched, "{name}: batched left-padded greedy");
-        assert_eq!(streamed, out.new_tokens, "{name}: the callback saw every token");
+        assert_eq!(
+            out.new_tokens, batched,
+            "{name}: batched left-padded greedy"
+        );
+        assert_eq!(
+            streamed, out.new_tokens,
+            "{name}: the callback saw every token"
+        );
     }
 }
 
@@ -232,15 +274,27 @@ fn generation_stops_at_eos_and_on_request() {
     let greedy: Vec<Vec<u32>> = serde_json::from_value(exp.meta["greedy_single"].clone()).unwrap();
     // Declare the 4th greedy token an EOS: generation must stop right after it, keeping it.
     let eos = greedy[0][3];
-    let config = GenerationConfig::new().with_max_new_tokens(16).with_eos_token_ids(vec![eos]);
-    let out = generate(&model, &[prompt.clone()], Injection::default(), &config, |_| ControlFlow::Continue(()))
-        .unwrap();
+    let config = GenerationConfig::new()
+        .with_max_new_tokens(16)
+        .with_eos_token_ids(vec![eos]);
+    let out = generate(
+        &model,
+        std::slice::from_ref(&prompt),
+        Injection::default(),
+        &config,
+        |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
     let first = greedy[0].iter().position(|&t| t == eos).unwrap();
     assert_eq!(out.new_tokens[0], greedy[0][..=first].to_vec());
     // A callback that breaks after 2 steps ends generation there.
     let config = GenerationConfig::new().with_max_new_tokens(16);
     let out = generate(&model, &[prompt], Injection::default(), &config, |step| {
-        if step.step == 1 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        if step.step == 1 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     })
     .unwrap();
     assert_eq!(out.new_tokens[0], greedy[0][..2].to_vec());
@@ -260,13 +314,19 @@ fn sampling_is_reproducible_per_seed_and_batched_rows_match_single_rows() {
             .with_top_k(Some(50))
             .with_top_p(top_p)
             .with_seed(seed);
-        generate(&model, prompts, Injection::default(), &config, |_| ControlFlow::Continue(()))
-            .unwrap()
-            .new_tokens
+        generate(&model, prompts, Injection::default(), &config, |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap()
+        .new_tokens
     };
     let a = sample(11, Some(0.9), &prompts);
     assert_eq!(a, sample(11, Some(0.9), &prompts), "same seed, same tokens");
-    assert_ne!(a, sample(12, Some(0.9), &prompts), "another seed, other tokens");
+    assert_ne!(
+        a,
+        sample(12, Some(0.9), &prompts),
+        "another seed, other tokens"
+    );
     assert!(a.iter().all(|row| row.len() == 12));
     // top_p that keeps only the most likely token is greedy.
     let greedy: Vec<Vec<u32>> = serde_json::from_value(exp.meta["greedy_batched"].clone()).unwrap();
@@ -287,10 +347,22 @@ fn bf16_checkpoint_loads_in_f32_exactly_and_runs_in_bf16() {
     // bf16 keeps 8 bits of mantissa (relative step 2^-8): per-op rounding of ~0.4% compounds
     // over two layers, so compare against the scale of the logits, not absolutely.
     let scale = exp.logits.iter().map(|x| x.abs()).sum::<f32>() / exp.logits.len() as f32;
-    let mean_err = ours.iter().zip(&exp.logits).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
+    let mean_err = ours
+        .iter()
+        .zip(&exp.logits)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / ours.len() as f32;
     eprintln!("bf16 compute: mean |error| {mean_err:e}, mean |logit| {scale:e}");
-    assert!(mean_err <= 0.02 * scale, "bf16 mean error {mean_err} vs logit scale {scale}");
+    assert!(
+        mean_err <= 0.02 * scale,
+        "bf16 mean error {mean_err} vs logit scale {scale}"
+    );
     // f16 compute loads too.
     let model = load(name, DType::F16);
-    assert!(logits_of(&model, &exp.input_ids, None).iter().all(|x| x.is_finite()));
+    assert!(
+        logits_of(&model, &exp.input_ids, None)
+            .iter()
+            .all(|x| x.is_finite())
+    );
 }
