@@ -25,7 +25,7 @@ import transformers
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import DynamicCache, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 PINNED = {"transformers": "5.23.0", "torch": "2.15.0"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,6 +121,7 @@ FIXTURES = {
 
 PROMPTS = ["The small model reads", "Hello world!", "Prefix tuning gives every layer"]
 MAX_NEW = 16
+PREFIX_LEN = 3
 
 
 def make_model(name, factory, options, tokenizer, tok_path):
@@ -156,6 +157,21 @@ def expected_outputs(name, model, tokenizer):
     input_ids = torch.randint(0, VOCAB, (2, 11), generator=gen)
     logits = model(input_ids=input_ids).logits.float()
 
+    # Per-layer prefix keys/values in the cache, as PEFT's prefix tuning passes them: never rotated,
+    # attended by every token, real tokens positioned after them.
+    cfg = model.config
+    layers = cfg.num_hidden_layers
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shape = (layers, 2, kv_heads, PREFIX_LEN, head_dim)
+    prefix_key = torch.randn(shape, generator=gen)
+    prefix_value = torch.randn(shape, generator=gen)
+    cache = DynamicCache()
+    for layer in range(layers):
+        cache.update(prefix_key[layer], prefix_value[layer], layer)
+    mask = torch.ones(2, PREFIX_LEN + input_ids.shape[1], dtype=torch.long)
+    prefix_logits = model(input_ids=input_ids, past_key_values=cache, attention_mask=mask).logits.float()
+
     def greedy(prompts):
         tokenizer.padding_side = "left"
         batch = tokenizer(prompts, return_tensors="pt", padding=True)
@@ -185,7 +201,13 @@ def expected_outputs(name, model, tokenizer):
     padded_ids, padded_mask, batched, gap = greedy(PROMPTS)
     gaps.append(gap)
     return (
-        {"input_ids": input_ids.to(torch.int64).contiguous(), "logits": logits.contiguous()},
+        {
+            "input_ids": input_ids.to(torch.int64).contiguous(),
+            "logits": logits.contiguous(),
+            "prefix_key": prefix_key.contiguous(),
+            "prefix_value": prefix_value.contiguous(),
+            "prefix_logits": prefix_logits.contiguous(),
+        },
         {
             "prompts": PROMPTS,
             "prompt_ids": prompt_ids,

@@ -329,7 +329,7 @@ pub fn generate_text(
         tokenizer
             .encode(args.prompt.as_str(), true)
             .map_err(|e| ModelError::Tokenizer {
-                path: tokenizer_path,
+                path: tokenizer_path.clone(),
                 message: e.to_string(),
             })?;
     let prompt: Vec<u32> = encoding.get_ids().to_vec();
@@ -382,7 +382,15 @@ pub fn generate_text(
         });
     }
     result.map_err(CliError::Generate)?;
-    writeln!(out).map_err(|source| CliError::Io {
+    // Whatever was held back (an incomplete character that never completed) goes out at the end.
+    let text = tokenizer
+        .decode(&generated, true)
+        .map_err(|e| ModelError::Tokenizer {
+            path: tokenizer_path,
+            message: e.to_string(),
+        })?;
+    let rest = text.get(printed..).unwrap_or_default();
+    writeln!(out, "{rest}").map_err(|source| CliError::Io {
         path: "<stdout>".into(),
         source,
     })

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use burn::prelude::*;
 use burn::tensor::DType;
-use peft_core::{CausalLm, GenerationConfig, Injection, KvCache, ModelInput, generate};
+use peft_core::{CausalLm, GenerationConfig, Injection, KvCache, LayerKv, ModelInput, generate};
 use peft_models::{AutoCausalLm, SpecialTokens};
 use serde_json::Value;
 
@@ -33,6 +33,21 @@ struct Expected {
     logits: Vec<f32>,
     vocab: usize,
     meta: Value,
+    /// Per-layer prefix keys/values `[layers, batch, kv_heads, p, head_dim]` and what transformers
+    /// computed with them in its cache.
+    prefix_key: (Vec<usize>, Vec<f32>),
+    prefix_value: (Vec<usize>, Vec<f32>),
+    prefix_logits: Vec<f32>,
+}
+
+fn f32_tensor(st: &safetensors::SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let t = st.tensor(name).unwrap();
+    let values = t
+        .data()
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (t.shape().to_vec(), values)
 }
 
 fn expected(name: &str) -> Expected {
@@ -50,13 +65,8 @@ fn expected(name: &str) -> Expected {
         .chunks(8)
         .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
         .collect();
-    let logits = st.tensor("logits").unwrap();
-    let vocab = logits.shape()[2];
-    let logits = logits
-        .data()
-        .chunks(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let (shape, logits) = f32_tensor(&st, "logits");
+    let vocab = shape[2];
     let meta = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("expected").join(format!("{name}.json"))).unwrap(),
     )
@@ -66,7 +76,33 @@ fn expected(name: &str) -> Expected {
         logits,
         vocab,
         meta,
+        prefix_key: f32_tensor(&st, "prefix_key"),
+        prefix_value: f32_tensor(&st, "prefix_value"),
+        prefix_logits: f32_tensor(&st, "prefix_logits").1,
     }
+}
+
+/// The fixture's prefix as one [`LayerKv`] per layer, rows `rows` of the batch.
+fn prefix(exp: &Expected, rows: std::ops::Range<usize>) -> Vec<LayerKv> {
+    let device = Device::default();
+    let to_tensor = |(shape, values): &(Vec<usize>, Vec<f32>)| {
+        Tensor::<5>::from_data(TensorData::new(values.clone(), shape.clone()), &device)
+    };
+    let (keys, values) = (to_tensor(&exp.prefix_key), to_tensor(&exp.prefix_value));
+    let [layers, _, h, p, d] = keys.dims();
+    (0..layers)
+        .map(|l| {
+            let pick = |t: &Tensor<5>| {
+                t.clone()
+                    .slice([l..l + 1, rows.clone(), 0..h, 0..p, 0..d])
+                    .reshape([rows.len(), h, p, d])
+            };
+            LayerKv {
+                key: pick(&keys),
+                value: pick(&values),
+            }
+        })
+        .collect()
 }
 
 fn load(name: &str, dtype: DType) -> AutoCausalLm {
@@ -365,4 +401,136 @@ fn bf16_checkpoint_loads_in_f32_exactly_and_runs_in_bf16() {
             .iter()
             .all(|x| x.is_finite())
     );
+}
+
+#[test]
+fn prefix_key_values_match_transformers_past_key_values() {
+    for name in FIXTURES {
+        let exp = expected(name);
+        let model = load(name, DType::F32);
+        let v = exp.vocab;
+        let seq = exp.input_ids[0].len();
+        // Whole batch, no padding: transformers with the prefix in its DynamicCache.
+        let input = ModelInput::new(model.embed_tokens(ints(&exp.input_ids)))
+            .with_prefix(Some(prefix(&exp, 0..2)));
+        let (logits, cache) = model.forward(input);
+        assert_eq!(
+            cache.len(),
+            3 + seq,
+            "{name}: the cache starts with the prefix"
+        );
+        let ours: Vec<f32> = logits.into_data().try_into_vec_as::<f32>().unwrap();
+        let diff = max_abs_diff(&ours, &exp.prefix_logits);
+        eprintln!("{name}: prefix max |ours - transformers| = {diff:e}");
+        assert!(
+            diff <= 1e-4,
+            "{name}: prefix logits differ from transformers by {diff}"
+        );
+
+        // Row 1 left-padded by 2: positions stay p + (real tokens before), so it matches too.
+        let mut row = vec![0, 0];
+        row.extend(&exp.input_ids[1]);
+        let mut mask = vec![0, 0];
+        mask.extend(std::iter::repeat_n(1, seq));
+        let input = ModelInput::new(model.embed_tokens(ints(&[row])))
+            .with_attention_mask(Some(ints(&[mask])))
+            .with_prefix(Some(prefix(&exp, 1..2)));
+        let (logits, _) = model.forward(input);
+        let ours: Vec<f32> = logits.into_data().try_into_vec_as::<f32>().unwrap();
+        let diff = max_abs_diff(&ours[2 * v..], rows(&exp.prefix_logits, seq, v, 1, 0, seq));
+        assert!(
+            diff <= 1e-4,
+            "{name}: left-padded prefix row differs by {diff}"
+        );
+
+        // Prefill with the prefix, then decode token by token from the cache alone.
+        let split = 5;
+        let head: Vec<Vec<i64>> = exp.input_ids.iter().map(|r| r[..split].to_vec()).collect();
+        let input =
+            ModelInput::new(model.embed_tokens(ints(&head))).with_prefix(Some(prefix(&exp, 0..2)));
+        let (first, mut cache) = model.forward(input);
+        let mut pieces = vec![first];
+        for t in split..seq {
+            let step: Vec<Vec<i64>> = exp.input_ids.iter().map(|r| vec![r[t]]).collect();
+            let (logits, next) = model
+                .forward(ModelInput::new(model.embed_tokens(ints(&step))).with_cache(Some(cache)));
+            cache = next;
+            pieces.push(logits);
+        }
+        let ours: Vec<f32> = Tensor::cat(pieces, 1)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap();
+        let diff = max_abs_diff(&ours, &exp.prefix_logits);
+        assert!(
+            diff <= 1e-4,
+            "{name}: prefix + cached decoding differs by {diff}"
+        );
+    }
+}
+
+#[test]
+fn injected_virtual_embeddings_act_like_the_prompt_tokens_they_embed() {
+    // Virtual embeddings that are exactly the embeddings of each prompt's first two tokens must
+    // give transformers' greedy continuation of the whole prompt (left padding included).
+    for name in ["qwen2-gqa-untied", "bloom-6-heads", "llama-mqa-sharded"] {
+        let exp = expected(name);
+        let model = load(name, DType::F32);
+        let prompts = prompts(&exp.meta);
+        let heads: Vec<Vec<i64>> = prompts
+            .iter()
+            .map(|p| p[..2].iter().map(|&t| t as i64).collect())
+            .collect();
+        let tails: Vec<Vec<u32>> = prompts.iter().map(|p| p[2..].to_vec()).collect();
+        let injection = Injection {
+            virtual_embeds: Some(model.embed_tokens(ints(&heads))),
+            prefix: None,
+        };
+        let special = SpecialTokens::from_dir(model_dir(name)).unwrap();
+        let config = GenerationConfig::new()
+            .with_max_new_tokens(16)
+            .with_eos_token_ids(special.eos_token_ids)
+            .with_pad_token_id(special.pad_token_id);
+        let out = generate(&model, &tails, injection, &config, |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        let batched: Vec<Vec<u32>> =
+            serde_json::from_value(exp.meta["greedy_batched"].clone()).unwrap();
+        assert_eq!(out.new_tokens, batched, "{name}");
+    }
+}
+
+#[test]
+fn injected_prefix_is_applied_at_prefill() {
+    for name in ["qwen2-gqa-tied", "bloom-legacy-5-heads"] {
+        let exp = expected(name);
+        let model = load(name, DType::F32);
+        let v = exp.vocab;
+        let seq = exp.input_ids[0].len();
+        let prompts: Vec<Vec<u32>> = exp
+            .input_ids
+            .iter()
+            .map(|r| r.iter().map(|&t| t as u32).collect())
+            .collect();
+        let injection = Injection {
+            virtual_embeds: None,
+            prefix: Some(prefix(&exp, 0..2)),
+        };
+        let config = GenerationConfig::new().with_max_new_tokens(1);
+        let out = generate(&model, &prompts, injection, &config, |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        for (row, tokens) in out.new_tokens.iter().enumerate() {
+            let last = rows(&exp.prefix_logits, seq, v, row, seq - 1, seq);
+            let argmax = last
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0;
+            assert_eq!(tokens, &vec![argmax as u32], "{name}, row {row}");
+        }
+    }
 }
