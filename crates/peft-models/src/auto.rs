@@ -169,3 +169,64 @@ pub fn load_tokenizer(dir: impl AsRef<Path>) -> Result<tokenizers::Tokenizer> {
         message: e.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixtures() -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+    }
+
+    #[test]
+    fn reads_the_qwen2_5_0_5b_config_with_its_legacy_rope_theta() {
+        let config =
+            AutoConfig::from_file(fixtures().join("configs/qwen2.5-0.5b/config.json")).unwrap();
+        let AutoConfig::Qwen2(c) = &config else {
+            panic!("{config:?}")
+        };
+        assert_eq!(c.rope_theta, 1_000_000.0);
+        assert!(c.tie_word_embeddings && c.qkv_bias && !c.o_proj_bias);
+        assert_eq!(
+            config.geometry(),
+            ModelGeometry {
+                num_layers: 24,
+                hidden_size: 896,
+                num_attention_heads: 14,
+                num_key_value_heads: 2,
+                head_dim: 64,
+                vocab_size: 151936,
+                max_positions: Some(32768),
+            }
+        );
+    }
+
+    #[test]
+    fn random_models_of_every_architecture_run() {
+        let device = Device::default();
+        for dir in [
+            "qwen2-gqa-untied",
+            "bloom-legacy-5-heads",
+            "llama-mqa-sharded",
+        ] {
+            let config =
+                AutoConfig::from_file(fixtures().join("models").join(dir).join("config.json"))
+                    .unwrap();
+            let model = config.init(&device);
+            let ids = Tensor::<2, Int>::from_data(
+                TensorData::new(vec![1i64, 2, 3, 4, 5, 6], [2, 3]),
+                &device,
+            );
+            let logits = model.forward_ids(ids, None);
+            assert_eq!(logits.dims(), [2, 3, config.geometry().vocab_size], "{dir}");
+            // Same parameter count as the checkpoint it was configured from.
+            let loaded = AutoCausalLm::from_pretrained(
+                fixtures().join("models").join(dir),
+                &device,
+                DType::F32,
+            )
+            .unwrap();
+            assert_eq!(model.num_params(), loaded.num_params(), "{dir}");
+        }
+    }
+}
