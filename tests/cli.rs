@@ -20,6 +20,21 @@ fn peft(args: &[&str]) -> Output {
         .expect("runs the peft binary")
 }
 
+/// `peft forward --model MODEL --input INPUT --output OUTPUT [extra...]`.
+fn forward(model: &Path, input: &Path, output: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    peft(&args)
+}
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -62,15 +77,7 @@ fn forward_writes_transformers_logits() {
         let output = tmp.path().join(format!("{name}.safetensors"));
         let ids = expected_input_ids(name);
         std::fs::write(&input, serde_json::json!({ "input_ids": ids }).to_string()).unwrap();
-        let out = peft(&[
-            "forward",
-            "--model",
-            model(name).to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-        ]);
+        let out = forward(&model(name), &input, &output, &[]);
         assert!(out.status.success(), "{}", stderr(&out));
         let (shape, ours) = read_f32(&output, "logits");
         let (want_shape, want) = read_f32(
@@ -107,15 +114,7 @@ fn forward_accepts_a_padding_mask() {
         serde_json::json!({"input_ids": [row], "attention_mask": [mask]}).to_string(),
     )
     .unwrap();
-    let out = peft(&[
-        "forward",
-        "--model",
-        model(name).to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
+    let out = forward(&model(name), &input, &output, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let (shape, ours) = read_f32(&output, "logits");
     let vocab = shape[2];
@@ -172,15 +171,7 @@ fn forward_rejects_bad_input_and_writes_nothing() {
             json.to_string()
         };
         std::fs::write(&input, json).unwrap();
-        let out = peft(&[
-            "forward",
-            "--model",
-            model_dir.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-        ]);
+        let out = forward(&model_dir, &input, &output, &[]);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(1), "case {i}: {err}");
         assert!(
@@ -209,32 +200,19 @@ fn forward_reports_a_broken_model_and_the_adapter_flag() {
     let input = tmp.path().join("in.json");
     let output = tmp.path().join("out.safetensors");
     std::fs::write(&input, "{\"input_ids\": [[1, 2]]}").unwrap();
-    let out = peft(&[
-        "forward",
-        "--model",
-        tmp.path().to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
+    let out = forward(tmp.path(), &input, &output, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("config.json: not found"),
         "{}",
         stderr(&out)
     );
-    let out = peft(&[
-        "forward",
-        "--model",
-        model("qwen2-gqa-tied").to_str().unwrap(),
-        "--adapter",
-        "some/adapter",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
+    let out = forward(
+        &model("qwen2-gqa-tied"),
+        &input,
+        &output,
+        &["--adapter", "some/adapter"],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("--adapter some/adapter: adapters are not supported yet"));
     assert!(!output.exists());
