@@ -11,7 +11,7 @@ use burn::prelude::*;
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 use crate::error::CoreError;
-use crate::model::{CausalLm, Injection, ModelInput, ModelOutput};
+use crate::model::{CausalLm, Injection, LayerKv, ModelInput, ModelOutput};
 
 /// How to pick tokens and when to stop.
 #[derive(Config, Debug)]
@@ -101,40 +101,35 @@ pub fn generate<M: CausalLm>(
     let device = model.device();
     let batch = prompts.len();
     let prompt_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    if prompts.iter().any(Vec::is_empty) {
+    if batch == 0 || prompts.iter().any(Vec::is_empty) {
         return Err(CoreError::Shape {
             what: "prompts",
-            message: "every prompt needs at least one token".into(),
+            message: "need at least one prompt, each of at least one token".into(),
         });
     }
-    let virtual_len = injection.virtual_embeds.as_ref().map_or(0, |t| t.dims()[1]);
-    let prefix_len = injection
-        .prefix
-        .as_ref()
-        .and_then(|p| p.first())
-        .map_or(0, |kv| kv.len());
-    for (what, rows) in [
-        (
-            "virtual_embeds",
-            injection.virtual_embeds.as_ref().map(|t| t.dims()[0]),
-        ),
-        (
-            "prefix",
-            injection
-                .prefix
-                .as_ref()
-                .and_then(|p| p.first())
-                .map(|kv| kv.key.dims()[0]),
-        ),
-    ] {
-        if let Some(rows) = rows
-            && rows != batch
-        {
-            return Err(CoreError::Shape {
-                what,
-                message: format!("has {rows} rows for {batch} prompts"),
-            });
-        }
+    let geometry = model.geometry();
+    let virtual_dims = injection.virtual_embeds.as_ref().map(|t| t.dims());
+    let first_prefix = injection.prefix.as_ref().and_then(|p| p.first());
+    let virtual_len = virtual_dims.map_or(0, |[_, n, _]| n);
+    let prefix_len = first_prefix.map_or(0, LayerKv::len);
+    if let Some([rows, _, hidden]) = virtual_dims
+        && (rows != batch || hidden != geometry.hidden_size)
+    {
+        return Err(CoreError::Shape {
+            what: "virtual_embeds",
+            message: format!(
+                "is [{rows}, _, {hidden}], expected [{batch}, _, {}] for {batch} prompts",
+                geometry.hidden_size
+            ),
+        });
+    }
+    if let Some(rows) = first_prefix.map(|kv| kv.key.dims()[0])
+        && rows != batch
+    {
+        return Err(CoreError::Shape {
+            what: "prefix",
+            message: format!("has {rows} rows for {batch} prompts"),
+        });
     }
 
     // Left-pad into one batch.
@@ -171,7 +166,7 @@ pub fn generate<M: CausalLm>(
     let mut input = ModelInput::new(embeds)
         .with_attention_mask(attention_mask)
         .with_prefix(injection.prefix);
-    let vocab = model.geometry().vocab_size;
+    let vocab = geometry.vocab_size;
     for step in 0..config.max_new_tokens {
         let ModelOutput {
             hidden_states,

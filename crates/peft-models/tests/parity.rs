@@ -534,3 +534,26 @@ fn injected_prefix_is_applied_at_prefill() {
         }
     }
 }
+
+#[test]
+fn generate_rejects_inputs_that_do_not_fit() {
+    let model = load("qwen2-gqa-tied", DType::F32);
+    let config = GenerationConfig::new().with_max_new_tokens(2);
+    let run = |prompts: &[Vec<u32>], injection| {
+        generate(&model, prompts, injection, &config, |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap_err()
+        .to_string()
+    };
+    assert!(run(&[], Injection::default()).contains("need at least one prompt"));
+    assert!(run(&[vec![1], vec![]], Injection::default()).contains("each of at least one token"));
+    assert!(run(&[vec![1, 999]], Injection::default()).contains("token id 999"));
+    let wrong_width = Injection {
+        virtual_embeds: Some(Tensor::zeros([1, 2, 7], &Device::default())),
+        prefix: None,
+    };
+    assert!(
+        run(&[vec![1]], wrong_width).contains("virtual_embeds: is [1, _, 7], expected [1, _, 64]")
+    );
+}
