@@ -4,15 +4,21 @@
 //! - [`model`]: the [`CausalLm`] trait a base model implements (geometry, `embed_tokens`, one
 //!   forward over input embeddings with a padding mask, per-layer prefix key/values and a KV cache).
 //! - [`mask`]: padding-aware positions and attention masks, shared by every model.
+//! - [`adapter`] and [`peft_model`]: the [`Adapter`] trait and [`PeftModel`], a base joined with an
+//!   adapter (forward, PEFT's loss, generation).
 //! - [`generation`]: batched generation (greedy or sampled) over any [`CausalLm`], with an optional
 //!   [`Injection`] applied at prefill.
 #![warn(missing_docs)]
 
+pub mod adapter;
 pub mod error;
 pub mod generation;
 pub mod mask;
 pub mod model;
+pub mod peft_model;
 
+pub use adapter::Adapter;
 pub use error::CoreError;
 pub use generation::{GenerationConfig, GenerationOutput, GenerationStep, generate};
 pub use model::{CausalLm, Injection, KvCache, LayerKv, ModelGeometry, ModelInput, ModelOutput};
+pub use peft_model::{IGNORE_INDEX, PeftModel, cross_entropy_ignoring};

@@ -1,5 +1,181 @@
-//! Prompt Tuning (PEFT `PROMPT_TUNING`) for peft-burn.
+//! Prompt Tuning for peft-burn (PEFT `PROMPT_TUNING`).
 //!
-//! Not implemented yet: the method arrives with the adapter issue. The crate exists so the
-//! workspace has its final shape and the facade can re-export it.
+//! A soft prompt of `num_virtual_tokens` trainable embeddings is prepended to every row's input
+//! embeddings; the base model stays frozen. Equal to PEFT's `PromptEmbedding`: same forward,
+//! same loss, same gradients (see `tests/peft_parity.rs`).
+//!
+//! Still to come with the adapter issue: `adapter_config.json` reading/writing and saving.
 #![warn(missing_docs)]
+
+use burn::module::Param;
+use burn::nn::{Embedding, EmbeddingConfig};
+use burn::prelude::*;
+use peft_core::{Adapter, Injection};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+/// How the soft prompt starts (PEFT's `prompt_tuning_init`).
+#[derive(Config, Debug, PartialEq, Eq)]
+pub enum PromptTuningInit {
+    /// N(0, 1), as `nn.Embedding` initializes (`RANDOM`).
+    Random,
+    /// Rows of the word embeddings of the tokenized init text, repeated then cut to
+    /// `num_virtual_tokens` (`TEXT`).
+    Text,
+    /// Rows of the word embeddings of random token ids (`SAMPLE_VOCAB`).
+    SampleVocab,
+}
+
+/// Configuration of a soft prompt.
+#[derive(Config, Debug)]
+pub struct PromptTuningConfig {
+    /// Number of virtual tokens prepended to every row.
+    pub num_virtual_tokens: usize,
+    /// Width of one virtual token: the base model's `hidden_size`.
+    pub token_dim: usize,
+    /// How the prompt starts.
+    #[config(default = "PromptTuningInit::Random")]
+    pub prompt_tuning_init: PromptTuningInit,
+    /// Seed of `SampleVocab`'s token draw.
+    #[config(default = 0)]
+    pub seed: u64,
+}
+
+/// The soft prompt: `num_virtual_tokens` trainable embeddings.
+#[derive(Module, Debug)]
+pub struct PromptEmbedding {
+    /// `[num_virtual_tokens, token_dim]`; its weight is PEFT's `prompt_embeddings` tensor.
+    pub embedding: Embedding,
+}
+
+impl PromptTuningConfig {
+    /// A `Random` prompt (N(0, 1)) on `device`.
+    pub fn init(&self, device: &Device) -> PromptEmbedding {
+        PromptEmbedding {
+            embedding: EmbeddingConfig::new(self.num_virtual_tokens, self.token_dim).init(device),
+        }
+    }
+
+    /// A prompt initialized from the base model's word embeddings `[vocab, token_dim]`:
+    /// `Text` takes the rows of `text_ids` (the tokenized init text, special tokens included),
+    /// repeated then cut to `num_virtual_tokens`; `SampleVocab` takes rows of seeded random ids;
+    /// `Random` ignores both.
+    ///
+    /// # Panics
+    ///
+    /// If `Text` is asked for with no ids.
+    pub fn init_from_embeddings(
+        &self,
+        word_embeddings: Tensor<2>,
+        text_ids: &[u32],
+    ) -> PromptEmbedding {
+        let device = word_embeddings.device();
+        let [vocab, _] = word_embeddings.dims();
+        let n = self.num_virtual_tokens;
+        let ids: Vec<i64> = match self.prompt_tuning_init {
+            PromptTuningInit::Random => return self.init(&device),
+            PromptTuningInit::Text => {
+                assert!(
+                    !text_ids.is_empty(),
+                    "TEXT init needs the ids of a non-empty init text"
+                );
+                text_ids
+                    .iter()
+                    .cycle()
+                    .take(n)
+                    .map(|&t| i64::from(t))
+                    .collect()
+            }
+            PromptTuningInit::SampleVocab => {
+                let mut rng = StdRng::seed_from_u64(self.seed);
+                (0..n).map(|_| rng.random_range(0..vocab as i64)).collect()
+            }
+        };
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), &device);
+        PromptEmbedding::from_prompt_embeddings(word_embeddings.select(0, ids).detach())
+    }
+}
+
+impl PromptEmbedding {
+    /// A prompt holding `prompt_embeddings` `[num_virtual_tokens, token_dim]` (PEFT's saved tensor).
+    pub fn from_prompt_embeddings(prompt_embeddings: Tensor<2>) -> Self {
+        let [n, d] = prompt_embeddings.dims();
+        let mut embedding = EmbeddingConfig::new(n, d).init(&prompt_embeddings.device());
+        embedding.weight = Param::from_tensor(prompt_embeddings);
+        Self { embedding }
+    }
+
+    /// The inference form PEFT saves as `prompt_embeddings`: `[num_virtual_tokens, token_dim]`.
+    pub fn prompt_embeddings(&self) -> Tensor<2> {
+        self.embedding.weight.val()
+    }
+}
+
+impl Adapter for PromptEmbedding {
+    fn num_virtual_tokens(&self) -> usize {
+        self.embedding.weight.dims()[0]
+    }
+
+    fn inject(&self, batch: usize) -> Injection {
+        let [n, d] = self.embedding.weight.dims();
+        Injection {
+            virtual_embeds: Some(
+                self.prompt_embeddings()
+                    .unsqueeze::<3>()
+                    .expand([batch, n, d]),
+            ),
+            prefix: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_init_repeats_then_cuts_the_ids() {
+        let device = Device::default();
+        let words = Tensor::<2>::from_data(
+            TensorData::new((0..12).map(|v| v as f32).collect::<Vec<_>>(), [6, 2]),
+            &device,
+        );
+        let prompt = PromptTuningConfig::new(5, 2)
+            .with_prompt_tuning_init(PromptTuningInit::Text)
+            .init_from_embeddings(words, &[4, 1]);
+        let rows: Vec<f32> = prompt
+            .prompt_embeddings()
+            .into_data()
+            .try_into_vec_as()
+            .unwrap();
+        // ids 4, 1, 4, 1, 4 -> rows [8, 9], [2, 3], ...
+        assert_eq!(rows, vec![8., 9., 2., 3., 8., 9., 2., 3., 8., 9.]);
+        assert_eq!(prompt.num_virtual_tokens(), 5);
+    }
+
+    #[test]
+    fn sample_vocab_takes_rows_of_the_vocabulary_and_is_seeded() {
+        let device = Device::default();
+        let words = Tensor::<2>::from_data(
+            TensorData::new((0..40).map(|v| v as f32).collect::<Vec<_>>(), [20, 2]),
+            &device,
+        );
+        let init = |seed| {
+            PromptTuningConfig::new(4, 2)
+                .with_prompt_tuning_init(PromptTuningInit::SampleVocab)
+                .with_seed(seed)
+                .init_from_embeddings(words.clone(), &[])
+                .prompt_embeddings()
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .unwrap()
+        };
+        let rows = init(3);
+        assert_eq!(rows, init(3));
+        for pair in rows.chunks(2) {
+            assert!(
+                (pair[0] as usize).is_multiple_of(2) && pair[1] == pair[0] + 1.0,
+                "{pair:?} is not a vocabulary row"
+            );
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! A base model joined with an adapter: forward, loss and generation as PEFT computes them.
+
+use std::ops::ControlFlow;
+
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+
+use crate::adapter::Adapter;
+use crate::error::CoreError;
+use crate::generation::{GenerationConfig, GenerationOutput, GenerationStep, generate};
+use crate::model::{CausalLm, ModelInput};
+
+/// Label value that contributes nothing to the loss (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// A base causal LM with an adapter.
+#[derive(Module, Debug)]
+pub struct PeftModel<M: Module, A: Module> {
+    /// The base model, made trainable (usually frozen) by [`Adapter::prepare_base`].
+    pub base: M,
+    /// The adapter's parameters.
+    pub adapter: A,
+}
+
+impl<M: CausalLm, A: Adapter> PeftModel<M, A> {
+    /// Joins `base` and `adapter`, letting the adapter freeze (or partly unfreeze) the base.
+    pub fn new(base: M, adapter: A) -> Self {
+        Self {
+            base: adapter.prepare_base(base),
+            adapter,
+        }
+    }
+
+    /// Hidden states of every position, virtual tokens first: `[batch, n_virtual + seq, hidden]`.
+    fn hidden_with_virtual(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+    ) -> Tensor<3> {
+        let [batch, _] = input_ids.dims();
+        let injection = self.adapter.inject(batch);
+        let mut embeds = self.base.embed_tokens(input_ids);
+        let mut mask = attention_mask;
+        if let Some(virtual_embeds) = injection.virtual_embeds {
+            let n = virtual_embeds.dims()[1];
+            let device = embeds.device();
+            embeds = Tensor::cat(vec![virtual_embeds, embeds], 1);
+            mask = mask.map(|m| Tensor::cat(vec![Tensor::ones([batch, n], &device), m], 1));
+        }
+        let input = ModelInput::new(embeds)
+            .with_attention_mask(mask)
+            .with_prefix(injection.prefix);
+        self.base.forward_hidden(input).hidden_states
+    }
+
+    /// Logits of the real tokens, `[batch, seq, vocab]` (PEFT also returns logits for the virtual
+    /// positions; they are dropped here so shapes match the input).
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+    ) -> Tensor<3> {
+        let [batch, seq] = input_ids.dims();
+        let hidden = self.hidden_with_virtual(input_ids, attention_mask);
+        let [_, total, d] = hidden.dims();
+        self.base
+            .lm_head(hidden.slice([0..batch, total - seq..total, 0..d]))
+    }
+
+    /// Mean next-token cross-entropy over labels other than [`IGNORE_INDEX`], counted exactly as
+    /// PEFT does: labels gain `IGNORE_INDEX` for the virtual tokens, so the first real token is
+    /// predicted from the last virtual one; logits `[:, :-1]` are scored against labels `[:, 1:]`.
+    pub fn loss(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        labels: Tensor<2, Int>,
+    ) -> Tensor<1> {
+        let [batch, seq] = input_ids.dims();
+        let hidden = self.hidden_with_virtual(input_ids, attention_mask);
+        let [_, total, d] = hidden.dims();
+        let n = total - seq;
+        // Position t predicts label t + 1 of the joined sequence; the first n - 1 virtual positions
+        // predict virtual tokens (ignored), so scoring starts at position max(n, 1) - 1.
+        let start = n.saturating_sub(1);
+        let first_label = if n == 0 { 1 } else { 0 };
+        let hidden = hidden.slice([0..batch, start..total - 1, 0..d]);
+        let targets = labels.slice([0..batch, first_label..seq]);
+        cross_entropy_ignoring(self.base.lm_head(hidden), targets)
+    }
+
+    /// Generates after each prompt with the adapter injected at prefill (see [`generate`]).
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        config: &GenerationConfig,
+        on_step: impl FnMut(GenerationStep<'_>) -> ControlFlow<()>,
+    ) -> Result<GenerationOutput, CoreError> {
+        let injection = self.adapter.inject(prompts.len());
+        generate(&self.base, prompts, injection, config, on_step)
+    }
+}
+
+/// Mean cross-entropy of `logits` `[b, s, v]` against `targets` `[b, s]`, skipping
+/// [`IGNORE_INDEX`]; 0 when every target is ignored. Computed in f32.
+pub fn cross_entropy_ignoring(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
+    let [b, s, _] = logits.dims();
+    let keep = targets.clone().not_equal_elem(IGNORE_INDEX);
+    let safe_targets = targets.mask_fill(keep.clone().bool_not(), 0);
+    let log_probs = log_softmax(logits.cast(burn::tensor::DType::F32), 2);
+    let picked = log_probs
+        .gather(2, safe_targets.reshape([b, s, 1]))
+        .reshape([b, s]);
+    let weights = keep.float();
+    let count = weights.clone().sum().clamp_min(1.0);
+    (picked * weights).sum().neg() / count
+}
