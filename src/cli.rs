@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::DType;
 use clap::{Parser, Subcommand, ValueEnum};
+use peft_core::adapter_file::write_atomic;
 use peft_core::{CausalLm, GenerationConfig, Injection, generate};
 use peft_models::{AutoCausalLm, ModelError, SpecialTokens, load_tokenizer};
 
@@ -262,33 +263,10 @@ pub fn write_logits(path: &Path, logits: Tensor<3>) -> Result<(), CliError> {
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, bytes)
         .map_err(encoding_failed)?;
     let encoded = safetensors::serialize([("logits", view)], None).map_err(encoding_failed)?;
-    write_atomic(path, &encoded)
-}
-
-/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
-    let io = |source| CliError::Io {
+    write_atomic(path, &encoded).map_err(|source| CliError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| CliError::Input {
-            path: path.to_path_buf(),
-            message: "output path names no file".into(),
-        })?
-        .to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io)
+    })
 }
 
 /// `peft generate`: streams the continuation of `args.prompt` to `out`.

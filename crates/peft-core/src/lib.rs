@@ -6,11 +6,13 @@
 //! - [`mask`]: padding-aware positions and attention masks, shared by every model.
 //! - [`adapter`] and [`peft_model`]: the [`Adapter`] trait and [`PeftModel`], a base joined with an
 //!   adapter (forward, PEFT's loss, generation).
+//! - [`adapter_file`]: PEFT's `adapter_model.safetensors` (`prompt_embeddings`), atomic writes.
 //! - [`generation`]: batched generation (greedy or sampled) over any [`CausalLm`], with an optional
 //!   [`Injection`] applied at prefill.
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod adapter_file;
 pub mod error;
 pub mod generation;
 pub mod mask;

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::DType;
-use peft_core::PeftModel;
+use peft_core::adapter_file::{PROMPT_EMBEDDINGS, read_tensor, write_tensors};
+use peft_core::{CausalLm, PeftModel};
 use peft_models::AutoCausalLm;
 use peft_prompt::PromptEmbedding;
 
@@ -48,9 +49,9 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 fn prompt_tuning_matches_peft_forward_loss_and_sgd_step() {
     for model in ["qwen2-gqa-tied", "llama-mqa-sharded", "bloom-6-heads"] {
         let device = Device::default().autodiff();
-        let adapter = Tensors::read(fixtures().join(format!(
+        let adapter_file = fixtures().join(format!(
             "adapters/{model}/prompt-tuning/adapter_model.safetensors"
-        )));
+        ));
         let expected = Tensors::read(fixtures().join(format!(
             "expected/adapters/{model}-prompt-tuning.safetensors"
         )));
@@ -61,9 +62,11 @@ fn prompt_tuning_matches_peft_forward_loss_and_sgd_step() {
             DType::F32,
         )
         .unwrap();
-        let prompt = PromptEmbedding::from_prompt_embeddings(
-            adapter.floats::<2>("prompt_embeddings", &device),
-        );
+        let hidden = base.geometry().hidden_size;
+        let why = "4 virtual tokens";
+        let embeddings =
+            read_tensor(&adapter_file, PROMPT_EMBEDDINGS, [4, hidden], why, &device).unwrap();
+        let prompt = PromptEmbedding::from_prompt_embeddings(embeddings);
         let peft = PeftModel::new(base, prompt);
 
         let ids = expected.ints("input_ids", &device);
@@ -123,5 +126,29 @@ fn prompt_tuning_matches_peft_forward_loss_and_sgd_step() {
         // Only the prompt received a gradient: the base is frozen.
         let trainable = GradientsParams::from_grads(grads, &peft);
         assert_eq!(trainable.len(), 1, "{model}: only the prompt trains");
+
+        // Our file of PEFT's prompt reads back bit-identical.
+        let tmp = std::env::temp_dir().join(format!(
+            "peft-prompt-{model}-{}.safetensors",
+            std::process::id()
+        ));
+        write_tensors(
+            &tmp,
+            vec![(PROMPT_EMBEDDINGS, peft.adapter.prompt_embeddings())],
+        )
+        .unwrap();
+        let again = read_tensor(
+            &tmp,
+            PROMPT_EMBEDDINGS,
+            [4, hidden],
+            "4 virtual tokens",
+            &device,
+        )
+        .unwrap();
+        assert_eq!(
+            again.into_data(),
+            peft.adapter.prompt_embeddings().into_data()
+        );
+        std::fs::remove_file(tmp).unwrap();
     }
 }

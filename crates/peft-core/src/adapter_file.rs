@@ -1,0 +1,245 @@
+//! PEFT's inference file for prompt-learning methods: `adapter_model.safetensors` holding one F32
+//! tensor `prompt_embeddings` (metadata `{"format": "pt"}`), and atomic file writing.
+//!
+//! `prompt_embeddings` is the encoder's output: `[num_virtual_tokens, hidden]` for prompt tuning
+//! and P-tuning, `[num_virtual_tokens, layers * 2 * token_dim]` for prefix tuning.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::tensor::DType;
+
+/// File name PEFT uses for adapter weights.
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// The tensor PEFT saves for prompt-learning methods.
+pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
+
+/// Why an adapter file cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterFileError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The system error.
+        source: std::io::Error,
+    },
+    /// The file is not valid safetensors.
+    #[error("{path}: invalid safetensors file: {message}")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The tensor is absent.
+    #[error("{path}: missing tensor `{name}`")]
+    MissingTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor looked for.
+        name: String,
+    },
+    /// The tensor is stored in a dtype other than F32, F16 or BF16.
+    #[error("{path}: tensor `{name}` has dtype {dtype}; expected F32 (F16 and BF16 are converted)")]
+    Dtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// The dtype found.
+        dtype: String,
+    },
+    /// The tensor's shape does not fit the model and configuration.
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?} ({why})")]
+    Shape {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// The shape the adapter and base model imply.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+        /// Where the expectation comes from.
+        why: String,
+    },
+}
+
+/// Reads the 2-D tensor `name` of a safetensors file onto `device` as F32, checking its shape is
+/// `expected`; `why` says where `expected` comes from (for the error message).
+pub fn read_tensor(
+    path: &Path,
+    name: &str,
+    expected: [usize; 2],
+    why: &str,
+    device: &Device,
+) -> Result<Tensor<2>, AdapterFileError> {
+    let bytes = std::fs::read(path).map_err(|source| AdapterFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        AdapterFileError::Safetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    })?;
+    let view = st
+        .tensor(name)
+        .map_err(|_| AdapterFileError::MissingTensor {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+        })?;
+    let dtype = match view.dtype() {
+        safetensors::Dtype::F32 => DType::F32,
+        safetensors::Dtype::F16 => DType::F16,
+        safetensors::Dtype::BF16 => DType::BF16,
+        other => {
+            return Err(AdapterFileError::Dtype {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+                dtype: format!("{other:?}"),
+            });
+        }
+    };
+    if view.shape() != expected {
+        return Err(AdapterFileError::Shape {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            found: view.shape().to_vec(),
+            why: why.to_string(),
+        });
+    }
+    let data = TensorData::from_bytes_vec(view.data().to_vec(), expected.to_vec(), dtype);
+    Ok(Tensor::from_data(
+        data,
+        burn::tensor::TensorCreationOptions::new(device.clone()).with_dtype(DType::F32),
+    ))
+}
+
+/// Writes `tensors` (name, 2-D tensor) as F32 to a safetensors file with PEFT's metadata
+/// `{"format": "pt"}`, atomically.
+pub fn write_tensors(path: &Path, tensors: Vec<(&str, Tensor<2>)>) -> Result<(), AdapterFileError> {
+    let owned: Vec<(String, Vec<usize>, TensorData)> = tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let shape = t.dims().to_vec();
+            (name.to_string(), shape, t.into_data().convert::<f32>())
+        })
+        .collect();
+    let invalid = |e: safetensors::SafeTensorError| AdapterFileError::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let views = owned
+        .iter()
+        .map(|(name, shape, data)| {
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                shape.clone(),
+                data.as_bytes(),
+            )
+            .map(|view| (name.clone(), view))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
+    let metadata = Some(
+        [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect(),
+    );
+    let bytes = safetensors::serialize(views, metadata).map_err(invalid)?;
+    write_atomic(path, &bytes).map_err(|source| AdapterFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`, so a reader
+/// sees the old file or the new one, never a part; the temporary file is removed on failure.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")
+        })?
+        .to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("peft-core-adapter-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn round_trip_and_errors_name_the_tensor() {
+        let device = Device::default();
+        let path = dir().join(ADAPTER_WEIGHTS);
+        let t = Tensor::<2>::from_data(
+            TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], [2, 3]),
+            &device,
+        );
+        write_tensors(&path, vec![(PROMPT_EMBEDDINGS, t.clone())]).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
+        let back = read_tensor(&path, PROMPT_EMBEDDINGS, [2, 3], "test", &device).unwrap();
+        assert_eq!(back.into_data(), t.into_data());
+
+        let err = read_tensor(
+            &path,
+            PROMPT_EMBEDDINGS,
+            [2, 4],
+            "token_dim 4 from the base model",
+            &device,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: tensor `prompt_embeddings` has shape [2, 3], expected [2, 4] (token_dim 4 from the base model)",
+                path.display()
+            )
+        );
+        let err = read_tensor(&path, "prefix", [2, 3], "test", &device).unwrap_err();
+        assert!(
+            matches!(err, AdapterFileError::MissingTensor { .. }),
+            "{err}"
+        );
+        std::fs::write(&path, b"not safetensors").unwrap();
+        let err = read_tensor(&path, PROMPT_EMBEDDINGS, [2, 3], "test", &device).unwrap_err();
+        assert!(matches!(err, AdapterFileError::Safetensors { .. }), "{err}");
+        let leftovers = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".tmp-")
+            })
+            .count();
+        assert_eq!(leftovers, 0);
+    }
+}
