@@ -7,6 +7,7 @@
 //! - [`adapter`] and [`peft_model`]: the [`Adapter`] trait and [`PeftModel`], a base joined with an
 //!   adapter (forward, PEFT's loss, generation).
 //! - [`adapter_file`]: PEFT's `adapter_model.safetensors` (`prompt_embeddings`), atomic writes.
+//! - [`json_config`]: JSON config files read key by key, errors naming file and key.
 //! - [`generation`]: batched generation (greedy or sampled) over any [`CausalLm`], with an optional
 //!   [`Injection`] applied at prefill.
 #![warn(missing_docs)]
@@ -15,6 +16,7 @@ pub mod adapter;
 pub mod adapter_file;
 pub mod error;
 pub mod generation;
+pub mod json_config;
 pub mod mask;
 pub mod model;
 pub mod peft_model;

@@ -33,7 +33,7 @@ pub enum AutoConfig {
 impl AutoConfig {
     /// Reads `config.json` (a file) and picks the architecture from `model_type`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        Self::from_hf(&HfConfig::from_file(path)?)
+        Self::from_hf(&HfConfig::from_file(path, "the model's config.json")?)
     }
 
     /// Picks the architecture of a parsed config.
@@ -141,9 +141,9 @@ impl SpecialTokens {
         let dir = dir.as_ref();
         let generation = dir.join("generation_config.json");
         let cfg = if generation.is_file() {
-            HfConfig::from_file(generation)?
+            HfConfig::from_file(generation, "generation_config.json")?
         } else {
-            HfConfig::from_file(dir.join("config.json"))?
+            HfConfig::from_file(dir.join("config.json"), "the model's config.json")?
         };
         let eos_token_ids = cfg.token_ids("eos_token_id")?;
         let pad = cfg.token_ids("pad_token_id")?;

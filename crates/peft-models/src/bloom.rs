@@ -51,10 +51,12 @@ impl BloomConfig {
         let hidden_size = cfg.usize(&["hidden_size", "n_embed"])?;
         let n_head = cfg.usize(&["n_head", "num_attention_heads"])?;
         if hidden_size % n_head != 0 {
-            return Err(cfg.unsupported(
-                "n_head",
-                format!("({n_head}) must divide hidden_size ({hidden_size})"),
-            ));
+            return Err(cfg
+                .unsupported(
+                    "n_head",
+                    format!("({n_head}) must divide hidden_size ({hidden_size})"),
+                )
+                .into());
         }
         Ok(Self {
             vocab_size: cfg.usize(&["vocab_size"])?,

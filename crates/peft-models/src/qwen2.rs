@@ -81,7 +81,7 @@ impl Qwen2Config {
             return Err(cfg.unsupported(
                 "num_key_value_heads",
                 format!("({num_key_value_heads}) must divide num_attention_heads ({num_attention_heads})"),
-            ));
+            ).into());
         }
         let head_dim = match cfg.opt_usize(&["head_dim"])? {
             Some(d) => d,
@@ -90,35 +90,43 @@ impl Qwen2Config {
                 return Err(cfg.unsupported(
                     "num_attention_heads",
                     format!("({num_attention_heads}) must divide hidden_size ({hidden_size}) when head_dim is absent"),
-                ));
+                ).into());
             }
         };
         if head_dim % 2 != 0 {
-            return Err(cfg.unsupported(
-                "head_dim",
-                format!("must be even for RoPE, found {head_dim}"),
-            ));
+            return Err(cfg
+                .unsupported(
+                    "head_dim",
+                    format!("must be even for RoPE, found {head_dim}"),
+                )
+                .into());
         }
         if let Some(act) = cfg.opt_str("hidden_act")?
             && act != "silu"
         {
-            return Err(cfg.unsupported("hidden_act", format!("must be \"silu\", found {act:?}")));
+            return Err(cfg
+                .unsupported("hidden_act", format!("must be \"silu\", found {act:?}"))
+                .into());
         }
         if cfg.bool_or("use_sliding_window", false)? {
-            return Err(cfg.unsupported(
-                "use_sliding_window",
-                "true is not supported (full attention only)",
-            ));
+            return Err(cfg
+                .unsupported(
+                    "use_sliding_window",
+                    "true is not supported (full attention only)",
+                )
+                .into());
         }
         let mut rope_theta = cfg.opt_f64(&["rope_theta"])?;
         for key in ["rope_parameters", "rope_scaling"] {
             if let Some(rope) = cfg.opt_object(key)? {
                 let kind = rope.opt_str("rope_type")?.or(rope.opt_str("type")?);
                 if let Some(kind) = kind.filter(|k| *k != "default") {
-                    return Err(cfg.unsupported(
-                        key,
-                        format!("has rope_type {kind:?}; only \"default\" RoPE is supported"),
-                    ));
+                    return Err(cfg
+                        .unsupported(
+                            key,
+                            format!("has rope_type {kind:?}; only \"default\" RoPE is supported"),
+                        )
+                        .into());
                 }
                 rope_theta = rope.opt_f64(&["rope_theta"])?.or(rope_theta);
             }
