@@ -12,8 +12,12 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use clap::{Parser, Subcommand, ValueEnum};
 use peft_core::adapter_file::write_atomic;
-use peft_core::{CausalLm, GenerationConfig, Injection, generate};
+use peft_core::{
+    Adapter, CausalLm, GenerationConfig, GenerationStep, Injection, PeftModel, generate,
+};
 use peft_models::{AutoCausalLm, ModelError, SpecialTokens, load_tokenizer};
+
+use crate::AutoAdapter;
 
 /// Errors of the command line, each naming the file (and field) at fault.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +25,9 @@ pub enum CliError {
     /// Loading or running the model failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The adapter directory cannot be used with this model.
+    #[error(transparent)]
+    Adapter(#[from] peft_core::adapter_config::AdapterError),
     /// The input file is not what the command expects.
     #[error("{path}: {message}")]
     Input {
@@ -48,9 +55,6 @@ pub enum CliError {
         /// Why its value is rejected.
         message: String,
     },
-    /// A feature the command does not offer yet.
-    #[error("{0}")]
-    Unsupported(String),
 }
 
 /// Compute dtype of the model weights and activations.
@@ -98,7 +102,8 @@ pub struct ForwardArgs {
     /// Hugging Face model directory (config.json + model.safetensors or a sharded index).
     #[arg(long)]
     pub model: PathBuf,
-    /// Adapter directory (adapter_config.json + adapter_model.safetensors).
+    /// Adapter directory (adapter_config.json + adapter_model.safetensors, as PEFT writes them);
+    /// the logits are those of the real tokens only.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// JSON file: {"input_ids": [[...], ...], "attention_mask": [[...], ...]} (mask optional,
@@ -119,7 +124,7 @@ pub struct GenerateArgs {
     /// Hugging Face model directory (with tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
-    /// Adapter directory.
+    /// Adapter directory (injected at prefill).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// The prompt text.
@@ -153,14 +158,15 @@ pub fn run(cli: Cli, device: &Device, out: &mut dyn Write) -> Result<(), CliErro
     }
 }
 
-fn no_adapters_yet(adapter: &Option<PathBuf>) -> Result<(), CliError> {
-    match adapter {
-        Some(dir) => Err(CliError::Unsupported(format!(
-            "--adapter {}: adapters are not supported yet (they arrive with the adapter issue)",
-            dir.display()
-        ))),
-        None => Ok(()),
-    }
+fn load_adapter(
+    dir: &Option<PathBuf>,
+    model: &AutoCausalLm,
+    device: &Device,
+) -> Result<Option<AutoAdapter>, CliError> {
+    dir.as_ref()
+        .map(|dir| AutoAdapter::load(dir, &model.geometry(), device))
+        .transpose()
+        .map_err(CliError::from)
 }
 
 /// The `{"input_ids", "attention_mask"}` input of `peft forward`.
@@ -231,24 +237,27 @@ fn int_tensor(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
 
 /// `peft forward`: logits of every input token, written atomically to `args.output`.
 pub fn forward(args: &ForwardArgs, device: &Device) -> Result<(), CliError> {
-    no_adapters_yet(&args.adapter)?;
     let input = ForwardInput::from_file(&args.input)?;
     let model = AutoCausalLm::from_pretrained(&args.model, device, args.dtype.into())?;
+    let adapter = load_adapter(&args.adapter, &model, device)?;
+    let virtual_tokens = adapter.as_ref().map_or(0, Adapter::num_virtual_tokens);
     model
-        .check_input(&input.input_ids, input.attention_mask.as_deref(), 0)
+        .check_input(
+            &input.input_ids,
+            input.attention_mask.as_deref(),
+            virtual_tokens,
+        )
         .map_err(|e| CliError::Input {
             path: args.input.clone(),
             message: e.to_string(),
         })?;
-    let logits = forward_logits(&model, &input, device);
-    write_logits(&args.output, logits)
-}
-
-/// Logits `[batch, seq, vocab]` in f32 for a checked input.
-pub fn forward_logits<M: CausalLm>(model: &M, input: &ForwardInput, device: &Device) -> Tensor<3> {
     let ids = int_tensor(&input.input_ids, device);
     let mask = input.attention_mask.as_ref().map(|m| int_tensor(m, device));
-    model.forward_ids(ids, mask).cast(DType::F32)
+    let logits = match adapter {
+        Some(adapter) => PeftModel::new(model, adapter).forward(ids, mask),
+        None => model.forward_ids(ids, mask),
+    };
+    write_logits(&args.output, logits.cast(DType::F32))
 }
 
 /// Writes `logits` as the single F32 tensor `logits` of a safetensors file, atomically.
@@ -275,7 +284,6 @@ pub fn generate_text(
     device: &Device,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
-    no_adapters_yet(&args.adapter)?;
     let tokenizer = load_tokenizer(&args.model)?;
     let tokenizer_path = args.model.join("tokenizer.json");
     let special = SpecialTokens::from_dir(&args.model)?;
@@ -303,6 +311,8 @@ pub fn generate_text(
         .with_pad_token_id(special.pad_token_id);
     config.validate().map_err(CliError::Generate)?;
     let model = AutoCausalLm::from_pretrained(&args.model, device, args.dtype.into())?;
+    let adapter = load_adapter(&args.adapter, &model, device)?;
+    let virtual_tokens = adapter.as_ref().map_or(0, Adapter::num_virtual_tokens);
     let encoding =
         tokenizer
             .encode(args.prompt.as_str(), true)
@@ -320,7 +330,7 @@ pub fn generate_text(
 
     let row: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
     model
-        .check_input(&[row], None, args.max_new_tokens)
+        .check_input(&[row], None, virtual_tokens + args.max_new_tokens)
         .map_err(CliError::Generate)?;
 
     write!(out, "{}", args.prompt).map_err(|source| CliError::Io {
@@ -332,7 +342,8 @@ pub fn generate_text(
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = 0usize;
     let mut failure = None;
-    let result = generate(&model, &[prompt], Injection::default(), &config, |step| {
+    let prompts = [prompt];
+    let on_step = |step: GenerationStep<'_>| {
         let Some(token) = step.tokens[0] else {
             return ControlFlow::Continue(());
         };
@@ -352,7 +363,11 @@ pub fn generate_text(
             _ => {}
         }
         ControlFlow::Continue(())
-    });
+    };
+    let result = match adapter {
+        Some(adapter) => PeftModel::new(model, adapter).generate(&prompts, &config, on_step),
+        None => generate(&model, &prompts, Injection::default(), &config, on_step),
+    };
     if let Some(source) = failure {
         return Err(CliError::Io {
             path: "<stdout>".into(),

@@ -9,7 +9,10 @@
 //! - [`prompt`], [`ptuning`], [`prefix`], [`bitfit`]: the methods.
 #![warn(missing_docs)]
 
+pub mod adapters;
 pub mod cli;
+
+pub use adapters::AutoAdapter;
 
 pub use peft_bitfit as bitfit;
 pub use peft_core as core;

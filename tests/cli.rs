@@ -214,8 +214,100 @@ fn forward_reports_a_broken_model_and_the_adapter_flag() {
         &["--adapter", "some/adapter"],
     );
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("--adapter some/adapter: adapters are not supported yet"));
+    assert!(
+        stderr(&out).contains("some/adapter/adapter_config.json: not found"),
+        "{}",
+        stderr(&out)
+    );
     assert!(!output.exists());
+}
+
+#[test]
+fn forward_and_generate_with_a_peft_prompt_tuning_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "llama-mqa-sharded";
+    let adapter = root()
+        .join("fixtures/adapters")
+        .join(name)
+        .join("prompt-tuning");
+    let expected = root()
+        .join("fixtures/expected/adapters")
+        .join(format!("{name}-prompt-tuning.safetensors"));
+    // PEFT's batch: row 1 right-padded.
+    let bytes = std::fs::read(&expected).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ints = |n: &str| -> Vec<Vec<i64>> {
+        let t = st.tensor(n).unwrap();
+        let flat: Vec<i64> = t
+            .data()
+            .chunks(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        flat.chunks(t.shape()[1]).map(<[i64]>::to_vec).collect()
+    };
+    let (ids, mask) = (ints("input_ids"), ints("attention_mask"));
+    let input = tmp.path().join("in.json");
+    let output = tmp.path().join("out.safetensors");
+    std::fs::write(
+        &input,
+        serde_json::json!({"input_ids": ids, "attention_mask": mask}).to_string(),
+    )
+    .unwrap();
+    let out = forward(
+        &model(name),
+        &input,
+        &output,
+        &["--adapter", adapter.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (shape, ours) = read_f32(&output, "logits");
+    let (want_shape, want) = read_f32(&expected, "logits");
+    assert_eq!(shape, want_shape, "logits of the real tokens only");
+    let vocab = shape[2];
+    let real: Vec<i64> = mask.concat();
+    let diff = (0..real.len())
+        .filter(|&i| real[i] == 1)
+        .flat_map(|i| i * vocab..(i + 1) * vocab)
+        .map(|j| (ours[j] - want[j]).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        diff <= 1e-4,
+        "logits with PEFT's adapter differ from PEFT by {diff}"
+    );
+
+    let out = peft(&[
+        "generate",
+        "--model",
+        model(name).to_str().unwrap(),
+        "--prompt",
+        "Hello",
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Hello"));
+
+    // A method not implemented yet is named.
+    let other = tmp.path().join("p-tuning");
+    std::fs::create_dir(&other).unwrap();
+    let cfg = std::fs::read_to_string(adapter.join("adapter_config.json"))
+        .unwrap()
+        .replace("PROMPT_TUNING", "P_TUNING");
+    std::fs::write(other.join("adapter_config.json"), cfg).unwrap();
+    let out = forward(
+        &model(name),
+        &input,
+        &output,
+        &["--adapter", other.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("key `peft_type` \"P_TUNING\": this method is not implemented yet"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

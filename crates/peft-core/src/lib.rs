@@ -6,6 +6,7 @@
 //! - [`mask`]: padding-aware positions and attention masks, shared by every model.
 //! - [`adapter`] and [`peft_model`]: the [`Adapter`] trait and [`PeftModel`], a base joined with an
 //!   adapter (forward, PEFT's loss, generation).
+//! - [`adapter_config`]: PEFT's `adapter_config.json` (method, shared prompt-learning fields, base checks).
 //! - [`adapter_file`]: PEFT's `adapter_model.safetensors` (`prompt_embeddings`), atomic writes.
 //! - [`json_config`]: JSON config files read key by key, errors naming file and key.
 //! - [`generation`]: batched generation (greedy or sampled) over any [`CausalLm`], with an optional
@@ -13,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod adapter_config;
 pub mod adapter_file;
 pub mod error;
 pub mod generation;

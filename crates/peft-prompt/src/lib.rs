@@ -4,13 +4,20 @@
 //! embeddings; the base model stays frozen. Equal to PEFT's `PromptEmbedding`: same forward,
 //! same loss, same gradients (see `tests/peft_parity.rs`).
 //!
-//! Still to come with the adapter issue: `adapter_config.json` reading/writing and saving.
+//! Files are PEFT's: [`PromptEmbedding::load`] reads a directory PEFT's `save_pretrained` wrote, and
+//! [`PromptEmbedding::save`] writes one PEFT's `PeftModel.from_pretrained` reads.
 #![warn(missing_docs)]
+
+use std::path::Path;
 
 use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig};
 use burn::prelude::*;
-use peft_core::{Adapter, Injection};
+use peft_core::adapter_config::{PeftType, PromptLearningConfig, write_config};
+use peft_core::adapter_file::{ADAPTER_WEIGHTS, PROMPT_EMBEDDINGS, read_tensor, write_tensors};
+use peft_core::{Adapter, Injection, ModelGeometry};
+
+pub use peft_core::adapter_config::AdapterError;
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 /// How the soft prompt starts (PEFT's `prompt_tuning_init`).
@@ -35,9 +42,23 @@ pub struct PromptTuningConfig {
     /// How the prompt starts.
     #[config(default = "PromptTuningInit::Random")]
     pub prompt_tuning_init: PromptTuningInit,
+    /// The init text (`prompt_tuning_init_text`), recorded in the saved config; its ids go to
+    /// [`PromptTuningConfig::init_from_embeddings`].
+    pub prompt_tuning_init_text: Option<String>,
     /// Seed of `SampleVocab`'s token draw.
     #[config(default = 0)]
     pub seed: u64,
+}
+
+impl PromptTuningInit {
+    /// PEFT's spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Random => "RANDOM",
+            Self::Text => "TEXT",
+            Self::SampleVocab => "SAMPLE_VOCAB",
+        }
+    }
 }
 
 /// The soft prompt: `num_virtual_tokens` trainable embeddings.
@@ -107,6 +128,94 @@ impl PromptEmbedding {
     /// The inference form PEFT saves as `prompt_embeddings`: `[num_virtual_tokens, token_dim]`.
     pub fn prompt_embeddings(&self) -> Tensor<2> {
         self.embedding.weight.val()
+    }
+
+    /// Loads a prompt-tuning adapter directory (`adapter_config.json` +
+    /// `adapter_model.safetensors`, as PEFT writes them) for a base model of `geometry`.
+    ///
+    /// # Errors
+    ///
+    /// A missing or malformed file, another method, an adapter made for another base model
+    /// (`token_dim`, `num_layers`, `num_attention_heads`), or a `prompt_embeddings` tensor absent
+    /// or of the wrong shape; each names the file and the key or tensor.
+    pub fn load(
+        dir: &Path,
+        geometry: &ModelGeometry,
+        device: &Device,
+    ) -> Result<Self, AdapterError> {
+        let (config, raw) = PromptLearningConfig::read(dir)?;
+        if config.peft_type != PeftType::PromptTuning {
+            return Err(AdapterError::WrongMethod {
+                path: raw.path().to_path_buf(),
+                found: config.peft_type.as_str().to_string(),
+                expected: PeftType::PromptTuning.as_str(),
+            });
+        }
+        config.check_base(
+            &raw,
+            geometry,
+            geometry.hidden_size,
+            geometry.num_attention_heads,
+        )?;
+        let n = config.num_virtual_tokens;
+        let why = format!(
+            "num_virtual_tokens {n} x the base model's hidden_size {}",
+            geometry.hidden_size
+        );
+        let weights = read_tensor(
+            &dir.join(ADAPTER_WEIGHTS),
+            PROMPT_EMBEDDINGS,
+            [n, geometry.hidden_size],
+            &why,
+            device,
+        )?;
+        Ok(Self::from_prompt_embeddings(weights))
+    }
+
+    /// Saves in PEFT's format into `dir` (created if needed): `adapter_config.json` with PEFT's
+    /// keys and `adapter_model.safetensors` with `prompt_embeddings`. Each file is written
+    /// atomically.
+    pub fn save(
+        &self,
+        dir: &Path,
+        geometry: &ModelGeometry,
+        config: &PromptTuningConfig,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<(), AdapterError> {
+        std::fs::create_dir_all(dir).map_err(|source| {
+            peft_core::adapter_file::AdapterFileError::Io {
+                path: dir.to_path_buf(),
+                source,
+            }
+        })?;
+        let shared = PromptLearningConfig {
+            peft_type: PeftType::PromptTuning,
+            num_virtual_tokens: self.num_virtual_tokens(),
+            token_dim: geometry.hidden_size,
+            num_attention_heads: geometry.num_attention_heads,
+            num_layers: geometry.num_layers,
+            base_model_name_or_path: base_model_name_or_path.map(str::to_string),
+        };
+        let mut json = shared.to_json();
+        json.insert(
+            "prompt_tuning_init".into(),
+            config.prompt_tuning_init.as_str().into(),
+        );
+        json.insert(
+            "prompt_tuning_init_text".into(),
+            config.prompt_tuning_init_text.clone().into(),
+        );
+        json.insert(
+            "tokenizer_name_or_path".into(),
+            base_model_name_or_path.into(),
+        );
+        json.insert("tokenizer_kwargs".into(), serde_json::Value::Null);
+        write_tensors(
+            &dir.join(ADAPTER_WEIGHTS),
+            vec![(PROMPT_EMBEDDINGS, self.prompt_embeddings())],
+        )?;
+        write_config(dir, &json)?;
+        Ok(())
     }
 }
 

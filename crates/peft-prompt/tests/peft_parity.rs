@@ -6,10 +6,9 @@ use std::path::PathBuf;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::DType;
-use peft_core::adapter_file::{PROMPT_EMBEDDINGS, read_tensor, write_tensors};
 use peft_core::{CausalLm, PeftModel};
 use peft_models::AutoCausalLm;
-use peft_prompt::PromptEmbedding;
+use peft_prompt::{PromptEmbedding, PromptTuningConfig};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -49,9 +48,6 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 fn prompt_tuning_matches_peft_forward_loss_and_sgd_step() {
     for model in ["qwen2-gqa-tied", "llama-mqa-sharded", "bloom-6-heads"] {
         let device = Device::default().autodiff();
-        let adapter_file = fixtures().join(format!(
-            "adapters/{model}/prompt-tuning/adapter_model.safetensors"
-        ));
         let expected = Tensors::read(fixtures().join(format!(
             "expected/adapters/{model}-prompt-tuning.safetensors"
         )));
@@ -62,11 +58,9 @@ fn prompt_tuning_matches_peft_forward_loss_and_sgd_step() {
             DType::F32,
         )
         .unwrap();
-        let hidden = base.geometry().hidden_size;
-        let why = "4 virtual tokens";
-        let embeddings =
-            read_tensor(&adapter_file, PROMPT_EMBEDDINGS, [4, hidden], why, &device).unwrap();
-        let prompt = PromptEmbedding::from_prompt_embeddings(embeddings);
+        let geometry = base.geometry();
+        let adapter_dir = fixtures().join(format!("adapters/{model}/prompt-tuning"));
+        let prompt = PromptEmbedding::load(&adapter_dir, &geometry, &device).unwrap();
         let peft = PeftModel::new(base, prompt);
 
         let ids = expected.ints("input_ids", &device);
@@ -127,28 +121,40 @@ fn prompt_tuning_matches_peft_forward_loss_and_sgd_step() {
         let trainable = GradientsParams::from_grads(grads, &peft);
         assert_eq!(trainable.len(), 1, "{model}: only the prompt trains");
 
-        // Our file of PEFT's prompt reads back bit-identical.
-        let tmp = std::env::temp_dir().join(format!(
-            "peft-prompt-{model}-{}.safetensors",
-            std::process::id()
-        ));
-        write_tensors(
-            &tmp,
-            vec![(PROMPT_EMBEDDINGS, peft.adapter.prompt_embeddings())],
-        )
-        .unwrap();
-        let again = read_tensor(
-            &tmp,
-            PROMPT_EMBEDDINGS,
-            [4, hidden],
-            "4 virtual tokens",
-            &device,
-        )
-        .unwrap();
+        // Saved in PEFT's format, it loads back bit-identical.
+        let tmp = std::env::temp_dir().join(format!("peft-prompt-{model}-{}", std::process::id()));
+        let config = PromptTuningConfig::new(4, geometry.hidden_size);
+        peft.adapter
+            .save(&tmp, &geometry, &config, Some("fixtures/models"))
+            .unwrap();
+        let again = PromptEmbedding::load(&tmp, &geometry, &device).unwrap();
         assert_eq!(
-            again.into_data(),
+            again.prompt_embeddings().into_data(),
             peft.adapter.prompt_embeddings().into_data()
         );
-        std::fs::remove_file(tmp).unwrap();
+        let saved: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(tmp.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let peft_config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(adapter_dir.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        for key in [
+            "peft_type",
+            "task_type",
+            "num_virtual_tokens",
+            "token_dim",
+            "num_attention_heads",
+            "num_layers",
+            "num_transformer_submodules",
+            "prompt_tuning_init",
+        ] {
+            assert_eq!(
+                saved[key], peft_config[key],
+                "{model}: `{key}` as PEFT writes it"
+            );
+        }
+        std::fs::remove_dir_all(tmp).unwrap();
     }
 }

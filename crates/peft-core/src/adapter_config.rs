@@ -1,0 +1,202 @@
+//! PEFT's `adapter_config.json`: the method, and the fields every prompt-learning method shares.
+//!
+//! Unknown keys are tolerated (PEFT adds some every release); known keys with wrong values are
+//! rejected with the key named, and so is an adapter made for another base model.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value, json};
+
+use crate::adapter_file::{AdapterFileError, write_atomic};
+use crate::json_config::{ConfigError, JsonConfig};
+use crate::model::ModelGeometry;
+
+/// File name of PEFT's adapter configuration.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+
+/// Why an adapter directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// `adapter_config.json` is missing, malformed, or has a wrong value.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `adapter_model.safetensors` is missing, malformed, or does not fit.
+    #[error(transparent)]
+    File(#[from] AdapterFileError),
+    /// The directory holds an adapter of another method.
+    #[error("{path}: key `peft_type` is {found:?}, but a {expected} adapter was asked for")]
+    WrongMethod {
+        /// The config file.
+        path: PathBuf,
+        /// The method found.
+        found: String,
+        /// The method asked for.
+        expected: &'static str,
+    },
+}
+
+/// The methods of this workspace, by PEFT's `peft_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeftType {
+    /// `PROMPT_TUNING`.
+    PromptTuning,
+    /// `P_TUNING`.
+    PTuning,
+    /// `PREFIX_TUNING` (P-tuning v2 without projection).
+    PrefixTuning,
+    /// `BITFIT` (ours; PEFT has no such type).
+    BitFit,
+}
+
+impl PeftType {
+    /// PEFT's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PromptTuning => "PROMPT_TUNING",
+            Self::PTuning => "P_TUNING",
+            Self::PrefixTuning => "PREFIX_TUNING",
+            Self::BitFit => "BITFIT",
+        }
+    }
+
+    /// Reads `peft_type` of an adapter config.
+    pub fn from_config(cfg: &JsonConfig) -> Result<Self, ConfigError> {
+        let found = cfg
+            .opt_str("peft_type")?
+            .ok_or_else(|| ConfigError::MissingKey {
+                path: cfg.path().to_path_buf(),
+                key: "peft_type".into(),
+            })?;
+        [
+            Self::PromptTuning,
+            Self::PTuning,
+            Self::PrefixTuning,
+            Self::BitFit,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == found)
+        .ok_or_else(|| {
+            cfg.unsupported(
+                "peft_type",
+                format!(
+                    "{found:?} is not supported (PROMPT_TUNING, P_TUNING, PREFIX_TUNING, BITFIT)"
+                ),
+            )
+        })
+    }
+}
+
+/// The fields PEFT's `PromptLearningConfig` gives every prompt-learning method.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLearningConfig {
+    /// The method.
+    pub peft_type: PeftType,
+    /// Virtual tokens.
+    pub num_virtual_tokens: usize,
+    /// Width of one virtual token (hidden size; prefix tuning: key/value width, GQA-reduced).
+    pub token_dim: usize,
+    /// Attention heads the adapter was shaped for (prefix tuning with GQA: key/value heads).
+    pub num_attention_heads: usize,
+    /// Decoder layers of the base model.
+    pub num_layers: usize,
+    /// The base model the adapter was trained on, as recorded.
+    pub base_model_name_or_path: Option<String>,
+}
+
+impl PromptLearningConfig {
+    /// Reads `dir/adapter_config.json`, returning the shared fields and the whole file (for the
+    /// method's own keys). Rejects another `task_type` than `CAUSAL_LM` and
+    /// `num_transformer_submodules` other than 1.
+    pub fn read(dir: &Path) -> Result<(Self, JsonConfig), ConfigError> {
+        let cfg = JsonConfig::from_file(
+            dir.join(ADAPTER_CONFIG),
+            "the adapter's adapter_config.json",
+        )?;
+        if let Some(task) = cfg.opt_str("task_type")?
+            && task != "CAUSAL_LM"
+        {
+            return Err(cfg.unsupported(
+                "task_type",
+                format!("must be \"CAUSAL_LM\", found {task:?}"),
+            ));
+        }
+        if let Some(n) = cfg.opt_usize(&["num_transformer_submodules"])?
+            && n != 1
+        {
+            return Err(cfg.unsupported(
+                "num_transformer_submodules",
+                format!("must be 1 for a decoder-only model, found {n}"),
+            ));
+        }
+        let config = Self {
+            peft_type: PeftType::from_config(&cfg)?,
+            num_virtual_tokens: cfg.usize(&["num_virtual_tokens"])?,
+            token_dim: cfg.usize(&["token_dim"])?,
+            num_attention_heads: cfg.usize(&["num_attention_heads"])?,
+            num_layers: cfg.usize(&["num_layers"])?,
+            base_model_name_or_path: cfg.opt_str("base_model_name_or_path")?.map(str::to_string),
+        };
+        Ok((config, cfg))
+    }
+
+    /// Checks the adapter fits a base model of `geometry`, given the `token_dim` and heads the
+    /// method derives from it; the error names the key that does not fit.
+    pub fn check_base(
+        &self,
+        cfg: &JsonConfig,
+        geometry: &ModelGeometry,
+        token_dim: usize,
+        heads: usize,
+    ) -> Result<(), ConfigError> {
+        let mismatch = |key: &str, found: usize, expected: usize| {
+            cfg.unsupported(
+                key,
+                format!("is {found} but the base model needs {expected}: the adapter was made for another model"),
+            )
+        };
+        if self.token_dim != token_dim {
+            return Err(mismatch("token_dim", self.token_dim, token_dim));
+        }
+        if self.num_layers != geometry.num_layers {
+            return Err(mismatch("num_layers", self.num_layers, geometry.num_layers));
+        }
+        if self.num_attention_heads != heads {
+            return Err(mismatch(
+                "num_attention_heads",
+                self.num_attention_heads,
+                heads,
+            ));
+        }
+        Ok(())
+    }
+
+    /// The PEFT keys of this config (PEFT's defaults for the rest), to which a method adds its own.
+    pub fn to_json(&self) -> Map<String, Value> {
+        let value = json!({
+            "peft_type": self.peft_type.as_str(),
+            "task_type": "CAUSAL_LM",
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "token_dim": self.token_dim,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": self.num_attention_heads,
+            "num_layers": self.num_layers,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "inference_mode": true,
+            "revision": null,
+            "auto_mapping": null,
+            "modules_to_save": null,
+        });
+        match value {
+            Value::Object(map) => map,
+            _ => unreachable!("json! of an object literal is an object"),
+        }
+    }
+}
+
+/// Writes an `adapter_config.json` (sorted keys, as PEFT does) into `dir`, atomically.
+pub fn write_config(dir: &Path, config: &Map<String, Value>) -> Result<(), AdapterFileError> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let sorted: std::collections::BTreeMap<_, _> = config.iter().collect();
+    let text = serde_json::to_string_pretty(&sorted).expect("JSON values serialize") + "\n";
+    write_atomic(&path, text.as_bytes()).map_err(|source| AdapterFileError::Io { path, source })
+}
