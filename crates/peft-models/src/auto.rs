@@ -9,7 +9,7 @@ use peft_core::{CausalLm, ModelGeometry, ModelInput, ModelOutput};
 use crate::bloom::{BloomConfig, BloomForCausalLM};
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
-use crate::hf_config::HfConfig;
+use crate::hf_config::{ConfigError, HfConfig};
 use crate::qwen2::{Qwen2Config, Qwen2ForCausalLM};
 
 /// Any causal LM this crate implements, chosen by `model_type` in `config.json`.
@@ -45,10 +45,11 @@ impl AutoConfig {
                 path: cfg.path().to_path_buf(),
                 model_type: other.to_string(),
             }),
-            None => Err(ModelError::MissingKey {
+            None => Err(ConfigError::MissingKey {
                 path: cfg.path().to_path_buf(),
                 key: "model_type".into(),
-            }),
+            }
+            .into()),
         }
     }
 

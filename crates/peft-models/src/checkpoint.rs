@@ -16,6 +16,7 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{ModelError, Result};
+use crate::hf_config::ConfigError;
 
 /// File name of a single-file checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -221,25 +222,27 @@ fn read_index(index: &Path) -> Result<Vec<PathBuf>> {
         source,
     })?;
     let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        serde_json::from_str(&text).map_err(|source| ConfigError::Json {
             path: index.to_path_buf(),
             source,
         })?;
     let Some(map) = value.get("weight_map").and_then(|m| m.as_object()) else {
-        return Err(ModelError::MissingKey {
+        return Err(ConfigError::MissingKey {
             path: index.to_path_buf(),
             key: "weight_map".into(),
-        });
+        }
+        .into());
     };
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut shards: Vec<PathBuf> = Vec::new();
     for (tensor, file) in map {
         let Some(file) = file.as_str() else {
-            return Err(ModelError::InvalidValue {
+            return Err(ConfigError::InvalidValue {
                 path: index.to_path_buf(),
                 key: format!("weight_map.{tensor}"),
                 message: "must be a file name".into(),
-            });
+            }
+            .into());
         };
         let path = dir.join(file);
         if !shards.contains(&path) {

@@ -5,6 +5,10 @@ use std::path::PathBuf;
 /// Why a model directory, config or checkpoint could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// `config.json`, `generation_config.json` or a shard index is missing, malformed or has a
+    /// wrong value (names the file and key).
+    #[error(transparent)]
+    Config(#[from] peft_core::json_config::ConfigError),
     /// A file could not be read.
     #[error("{path}: {source}")]
     Io {
@@ -20,32 +24,6 @@ pub enum ModelError {
         path: PathBuf,
         /// What it should have held.
         what: &'static str,
-    },
-    /// A JSON file does not parse.
-    #[error("{path}: malformed JSON: {source}")]
-    Json {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message (with line and column).
-        source: serde_json::Error,
-    },
-    /// A required config key is absent.
-    #[error("{path}: missing key `{key}`")]
-    MissingKey {
-        /// The config file.
-        path: PathBuf,
-        /// The key (or the accepted spellings, separated by " or ").
-        key: String,
-    },
-    /// A config key has a value of the wrong type or out of range.
-    #[error("{path}: key `{key}` {message}")]
-    InvalidValue {
-        /// The config file.
-        path: PathBuf,
-        /// The key.
-        key: String,
-        /// What was expected and what was found.
-        message: String,
     },
     /// `model_type` names an architecture this crate does not implement.
     #[error("{path}: unsupported model_type `{model_type}` (supported: qwen2, llama, bloom)")]

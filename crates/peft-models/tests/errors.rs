@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use burn::tensor::DType;
+use peft_models::hf_config::ConfigError;
 use peft_models::{AutoCausalLm, ModelError, load_tokenizer};
 use serde_json::Value;
 
@@ -76,7 +77,10 @@ fn missing_config_json() {
     let dir = copy_of("qwen2-gqa-tied");
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
     let err = load(dir.path()).unwrap_err();
-    assert!(matches!(err, ModelError::MissingFile { .. }), "{err:?}");
+    assert!(
+        matches!(err, ModelError::Config(ConfigError::MissingFile { .. })),
+        "{err:?}"
+    );
     assert!(message(err).contains("config.json: not found"));
 }
 
@@ -89,7 +93,10 @@ fn malformed_config_json() {
     )
     .unwrap();
     let err = load(dir.path()).unwrap_err();
-    assert!(matches!(err, ModelError::Json { .. }), "{err:?}");
+    assert!(
+        matches!(err, ModelError::Config(ConfigError::Json { .. })),
+        "{err:?}"
+    );
     let msg = message(err);
     assert!(
         msg.contains("config.json: malformed JSON") && msg.contains("line 2"),
@@ -118,7 +125,7 @@ fn missing_and_mistyped_config_keys() {
     });
     let err = load(dir.path()).unwrap_err();
     assert!(
-        matches!(&err, ModelError::MissingKey { key, .. } if key == "intermediate_size"),
+        matches!(&err, ModelError::Config(ConfigError::MissingKey { key, .. }) if key == "intermediate_size"),
         "{err:?}"
     );
 
