@@ -84,6 +84,10 @@ impl<M: CausalLm, A: Adapter> PeftModel<M, A> {
         // predict virtual tokens (ignored), so scoring starts at position max(n, 1) - 1.
         let start = n.saturating_sub(1);
         let first_label = if n == 0 { 1 } else { 0 };
+        if total - 1 == start {
+            // A single real token and no virtual one: nothing to predict.
+            return Tensor::zeros([1], &hidden.device());
+        }
         let hidden = hidden.slice([0..batch, start..total - 1, 0..d]);
         let targets = labels.slice([0..batch, first_label..seq]);
         cross_entropy_ignoring(self.base.lm_head(hidden), targets)
@@ -114,4 +118,29 @@ pub fn cross_entropy_ignoring(logits: Tensor<3>, targets: Tensor<2, Int>) -> Ten
     let weights = keep.float();
     let count = weights.clone().sum().clamp_min(1.0);
     (picked * weights).sum().neg() / count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cross_entropy_skips_ignored_targets_and_averages_the_rest() {
+        let device = Device::default();
+        // Two positions over a 3-token vocabulary; the second target is ignored.
+        let logits = Tensor::<3>::from_data(
+            TensorData::new(vec![0.0f32, 1.0, 2.0, 5.0, 5.0, 5.0], [1, 2, 3]),
+            &device,
+        );
+        let targets =
+            Tensor::<2, Int>::from_data(TensorData::new(vec![2i64, IGNORE_INDEX], [1, 2]), &device);
+        let loss: f32 = cross_entropy_ignoring(logits.clone(), targets).into_scalar();
+        let expected = -(2.0f32 - (1.0f32 + 1f32.exp() + 2f32.exp()).ln());
+        assert!((loss - expected).abs() < 1e-6, "{loss} vs {expected}");
+        // Everything ignored: 0, not NaN.
+        let none =
+            Tensor::<2, Int>::from_data(TensorData::new(vec![IGNORE_INDEX; 2], [1, 2]), &device);
+        let loss: f32 = cross_entropy_ignoring(logits, none).into_scalar();
+        assert_eq!(loss, 0.0);
+    }
 }
