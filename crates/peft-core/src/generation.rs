@@ -151,21 +151,13 @@ pub fn generate<M: CausalLm>(
 
     let padded = prompts.iter().any(|p| p.len() != prompt_len);
     let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, prompt_len]), &device);
-    let mut attention_mask = padded
+    let attention_mask = padded
         .then(|| Tensor::<2, Int>::from_data(TensorData::new(mask, [batch, prompt_len]), &device));
-    let mut embeds = model.embed_tokens(ids);
-    if let Some(virtual_embeds) = injection.virtual_embeds {
-        embeds = Tensor::cat(vec![virtual_embeds, embeds], 1);
-        attention_mask = attention_mask
-            .map(|m| Tensor::cat(vec![Tensor::ones([batch, virtual_len], &device), m], 1));
-    }
 
     let mut rng = StdRng::seed_from_u64(config.seed);
     let mut new_tokens = vec![Vec::new(); batch];
     let mut finished = vec![false; batch];
-    let mut input = ModelInput::new(embeds)
-        .with_attention_mask(attention_mask)
-        .with_prefix(injection.prefix);
+    let mut input = injection.into_input(model.embed_tokens(ids), attention_mask);
     let vocab = geometry.vocab_size;
     for step in 0..config.max_new_tokens {
         let ModelOutput {

@@ -109,6 +109,31 @@ pub struct Injection {
     pub prefix: Option<Vec<LayerKv>>,
 }
 
+impl Injection {
+    /// The model input for token embeddings `[batch, seq, hidden]` and their padding mask with this
+    /// injection applied: virtual embeddings prepended (the mask, if any, gains ones for them) and
+    /// the prefix attached.
+    pub fn into_input(
+        self,
+        embeds: Tensor<3>,
+        attention_mask: Option<Tensor<2, Int>>,
+    ) -> ModelInput {
+        let (embeds, attention_mask) = match self.virtual_embeds {
+            Some(virtual_embeds) => {
+                let [batch, n, _] = virtual_embeds.dims();
+                let device = embeds.device();
+                let mask = attention_mask
+                    .map(|m| Tensor::cat(vec![Tensor::ones([batch, n], &device), m], 1));
+                (Tensor::cat(vec![virtual_embeds, embeds], 1), mask)
+            }
+            None => (embeds, attention_mask),
+        };
+        ModelInput::new(embeds)
+            .with_attention_mask(attention_mask)
+            .with_prefix(self.prefix)
+    }
+}
+
 /// The input of one forward pass.
 #[derive(Debug, Clone)]
 pub struct ModelInput {

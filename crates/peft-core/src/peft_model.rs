@@ -8,7 +8,7 @@ use burn::tensor::activation::log_softmax;
 use crate::adapter::Adapter;
 use crate::error::CoreError;
 use crate::generation::{GenerationConfig, GenerationOutput, GenerationStep, generate};
-use crate::model::{CausalLm, ModelInput};
+use crate::model::CausalLm;
 
 /// Label value that contributes nothing to the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -38,18 +38,10 @@ impl<M: CausalLm, A: Adapter> PeftModel<M, A> {
         attention_mask: Option<Tensor<2, Int>>,
     ) -> Tensor<3> {
         let [batch, _] = input_ids.dims();
-        let injection = self.adapter.inject(batch);
-        let mut embeds = self.base.embed_tokens(input_ids);
-        let mut mask = attention_mask;
-        if let Some(virtual_embeds) = injection.virtual_embeds {
-            let n = virtual_embeds.dims()[1];
-            let device = embeds.device();
-            embeds = Tensor::cat(vec![virtual_embeds, embeds], 1);
-            mask = mask.map(|m| Tensor::cat(vec![Tensor::ones([batch, n], &device), m], 1));
-        }
-        let input = ModelInput::new(embeds)
-            .with_attention_mask(mask)
-            .with_prefix(injection.prefix);
+        let input = self
+            .adapter
+            .inject(batch)
+            .into_input(self.base.embed_tokens(input_ids), attention_mask);
         self.base.forward_hidden(input).hidden_states
     }
 
