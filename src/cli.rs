@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::DType;
 use clap::{Parser, Subcommand, ValueEnum};
-use peft_core::adapter_file::write_atomic;
+use peft_core::adapter_file::write_tensors;
 use peft_core::{
     Adapter, CausalLm, GenerationConfig, GenerationStep, Injection, PeftModel, generate,
 };
@@ -28,6 +28,9 @@ pub enum CliError {
     /// The adapter directory cannot be used with this model.
     #[error(transparent)]
     Adapter(#[from] peft_core::adapter_config::AdapterError),
+    /// An output file could not be written (nothing is left half-written).
+    #[error(transparent)]
+    Output(#[from] peft_core::adapter_file::AdapterFileError),
     /// The input file is not what the command expects.
     #[error("{path}: {message}")]
     Input {
@@ -262,20 +265,7 @@ pub fn forward(args: &ForwardArgs, device: &Device) -> Result<(), CliError> {
 
 /// Writes `logits` as the single F32 tensor `logits` of a safetensors file, atomically.
 pub fn write_logits(path: &Path, logits: Tensor<3>) -> Result<(), CliError> {
-    let shape = logits.dims().to_vec();
-    let data = logits.into_data().convert::<f32>();
-    let bytes: &[u8] = data.as_bytes();
-    let encoding_failed = |e: safetensors::SafeTensorError| CliError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-    };
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, bytes)
-        .map_err(encoding_failed)?;
-    let encoded = safetensors::serialize([("logits", view)], None).map_err(encoding_failed)?;
-    write_atomic(path, &encoded).map_err(|source| CliError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    Ok(write_tensors(path, vec![("logits", logits.into_data())])?)
 }
 
 /// `peft generate`: streams the continuation of `args.prompt` to `out`.

@@ -68,6 +68,16 @@ pub enum AdapterFileError {
     },
 }
 
+/// The burn dtype of a safetensors float dtype this workspace reads (F32, F16, BF16), else `None`.
+pub fn float_dtype(dtype: safetensors::Dtype) -> Option<DType> {
+    match dtype {
+        safetensors::Dtype::F32 => Some(DType::F32),
+        safetensors::Dtype::F16 => Some(DType::F16),
+        safetensors::Dtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
 /// Reads the 2-D tensor `name` of a safetensors file onto `device` as F32, checking its shape is
 /// `expected`; `why` says where `expected` comes from (for the error message).
 pub fn read_tensor(
@@ -93,18 +103,11 @@ pub fn read_tensor(
             path: path.to_path_buf(),
             name: name.to_string(),
         })?;
-    let dtype = match view.dtype() {
-        safetensors::Dtype::F32 => DType::F32,
-        safetensors::Dtype::F16 => DType::F16,
-        safetensors::Dtype::BF16 => DType::BF16,
-        other => {
-            return Err(AdapterFileError::Dtype {
-                path: path.to_path_buf(),
-                name: name.to_string(),
-                dtype: format!("{other:?}"),
-            });
-        }
-    };
+    let dtype = float_dtype(view.dtype()).ok_or_else(|| AdapterFileError::Dtype {
+        path: path.to_path_buf(),
+        name: name.to_string(),
+        dtype: format!("{:?}", view.dtype()),
+    })?;
     if view.shape() != expected {
         return Err(AdapterFileError::Shape {
             path: path.to_path_buf(),
@@ -121,29 +124,26 @@ pub fn read_tensor(
     ))
 }
 
-/// Writes `tensors` (name, 2-D tensor) as F32 to a safetensors file with PEFT's metadata
+/// Writes `tensors` (name, data of any rank) as F32 to a safetensors file with PEFT's metadata
 /// `{"format": "pt"}`, atomically.
-pub fn write_tensors(path: &Path, tensors: Vec<(&str, Tensor<2>)>) -> Result<(), AdapterFileError> {
-    let owned: Vec<(String, Vec<usize>, TensorData)> = tensors
+pub fn write_tensors(
+    path: &Path,
+    tensors: Vec<(&str, TensorData)>,
+) -> Result<(), AdapterFileError> {
+    let f32_data: Vec<(&str, TensorData)> = tensors
         .into_iter()
-        .map(|(name, t)| {
-            let shape = t.dims().to_vec();
-            (name.to_string(), shape, t.into_data().convert::<f32>())
-        })
+        .map(|(name, data)| (name, data.convert::<f32>()))
         .collect();
     let invalid = |e: safetensors::SafeTensorError| AdapterFileError::Safetensors {
         path: path.to_path_buf(),
         message: e.to_string(),
     };
-    let views = owned
+    let views = f32_data
         .iter()
-        .map(|(name, shape, data)| {
-            safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                shape.clone(),
-                data.as_bytes(),
-            )
-            .map(|view| (name.clone(), view))
+        .map(|(name, data)| {
+            let shape = data.shape().iter().copied().collect();
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, data.as_bytes())
+                .map(|view| (name.to_string(), view))
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(invalid)?;
@@ -200,7 +200,7 @@ mod tests {
             TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], [2, 3]),
             &device,
         );
-        write_tensors(&path, vec![(PROMPT_EMBEDDINGS, t.clone())]).unwrap();
+        write_tensors(&path, vec![(PROMPT_EMBEDDINGS, t.to_data())]).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorCreationOptions};
 use memmap2::Mmap;
+use peft_core::adapter_file::float_dtype;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{ModelError, Result};
@@ -164,18 +165,11 @@ impl Checkpoint {
                 found: entry.shape.clone(),
             });
         }
-        let dtype = match entry.dtype {
-            Dtype::F32 => DType::F32,
-            Dtype::F16 => DType::F16,
-            Dtype::BF16 => DType::BF16,
-            other => {
-                return Err(ModelError::UnsupportedDtype {
-                    path: path(),
-                    name: name.to_string(),
-                    dtype: format!("{other:?}"),
-                });
-            }
-        };
+        let dtype = float_dtype(entry.dtype).ok_or_else(|| ModelError::UnsupportedDtype {
+            path: path(),
+            name: name.to_string(),
+            dtype: format!("{:?}", entry.dtype),
+        })?;
         let bytes = self.files[entry.file].1[entry.start..entry.end].to_vec();
         self.used.insert(name.to_string());
         Ok((bytes, dtype))

@@ -212,7 +212,7 @@ impl PromptEmbedding {
         json.insert("tokenizer_kwargs".into(), serde_json::Value::Null);
         write_tensors(
             &dir.join(ADAPTER_WEIGHTS),
-            vec![(PROMPT_EMBEDDINGS, self.prompt_embeddings())],
+            vec![(PROMPT_EMBEDDINGS, self.prompt_embeddings().into_data())],
         )?;
         write_config(dir, &json)?;
         Ok(())
