@@ -52,15 +52,19 @@ fn read_f32(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     (t.shape().to_vec(), values)
 }
 
-fn expected_input_ids(name: &str) -> Vec<Vec<i64>> {
-    let bytes = std::fs::read(
-        root()
-            .join("fixtures/expected")
-            .join(format!("{name}.safetensors")),
-    )
-    .unwrap();
+/// What transformers computed on fixture model `name` (`.safetensors` or `.json`).
+fn expected(name: &str, extension: &str) -> PathBuf {
+    root()
+        .join("fixtures/expected")
+        .join(format!("{name}.{extension}"))
+}
+
+/// A 2-D I64 tensor of a safetensors file, as rows.
+fn read_i64_rows(path: &Path, name: &str) -> Vec<Vec<i64>> {
+    let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor("input_ids").unwrap();
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::I64);
     let flat: Vec<i64> = t
         .data()
         .chunks(8)
@@ -69,29 +73,24 @@ fn expected_input_ids(name: &str) -> Vec<Vec<i64>> {
     flat.chunks(t.shape()[1]).map(<[i64]>::to_vec).collect()
 }
 
+fn max_abs_diff<'a>(pairs: impl Iterator<Item = (&'a f32, &'a f32)>) -> f32 {
+    pairs.map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
+}
+
 #[test]
 fn forward_writes_transformers_logits() {
     let tmp = tempfile::tempdir().unwrap();
     for name in ["qwen2-gqa-untied", "bloom-legacy-5-heads"] {
         let input = tmp.path().join(format!("{name}.json"));
         let output = tmp.path().join(format!("{name}.safetensors"));
-        let ids = expected_input_ids(name);
+        let ids = read_i64_rows(&expected(name, "safetensors"), "input_ids");
         std::fs::write(&input, serde_json::json!({ "input_ids": ids }).to_string()).unwrap();
         let out = forward(&model(name), &input, &output, &[]);
         assert!(out.status.success(), "{}", stderr(&out));
         let (shape, ours) = read_f32(&output, "logits");
-        let (want_shape, want) = read_f32(
-            &root()
-                .join("fixtures/expected")
-                .join(format!("{name}.safetensors")),
-            "logits",
-        );
+        let (want_shape, want) = read_f32(&expected(name, "safetensors"), "logits");
         assert_eq!(shape, want_shape);
-        let diff = ours
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let diff = max_abs_diff(ours.iter().zip(&want));
         assert!(diff <= 1e-4, "{name}: {diff}");
     }
 }
@@ -100,7 +99,7 @@ fn forward_writes_transformers_logits() {
 fn forward_accepts_a_padding_mask() {
     let tmp = tempfile::tempdir().unwrap();
     let name = "llama-mqa-sharded";
-    let ids = expected_input_ids(name);
+    let ids = read_i64_rows(&expected(name, "safetensors"), "input_ids");
     let seq = ids[0].len();
     // Row 0 left-padded by two tokens (id 5, masked).
     let mut row = vec![5, 5];
@@ -123,17 +122,8 @@ fn forward_accepts_a_padding_mask() {
         vec![1, seq + 2, vocab],
         "one row of logits per input token, padding included"
     );
-    let (_, want) = read_f32(
-        &root()
-            .join("fixtures/expected")
-            .join(format!("{name}.safetensors")),
-        "logits",
-    );
-    let diff = ours[2 * vocab..]
-        .iter()
-        .zip(&want[..seq * vocab])
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+    let (_, want) = read_f32(&expected(name, "safetensors"), "logits");
+    let diff = max_abs_diff(ours[2 * vocab..].iter().zip(&want[..seq * vocab]));
     assert!(diff <= 1e-4, "padded row vs transformers unpadded: {diff}");
 }
 
@@ -230,22 +220,10 @@ fn forward_and_generate_with_a_peft_prompt_tuning_adapter() {
         .join("fixtures/adapters")
         .join(name)
         .join("prompt-tuning");
-    let expected = root()
-        .join("fixtures/expected/adapters")
-        .join(format!("{name}-prompt-tuning.safetensors"));
+    let peft_expected = expected(&format!("adapters/{name}-prompt-tuning"), "safetensors");
     // PEFT's batch: row 1 right-padded.
-    let bytes = std::fs::read(&expected).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ints = |n: &str| -> Vec<Vec<i64>> {
-        let t = st.tensor(n).unwrap();
-        let flat: Vec<i64> = t
-            .data()
-            .chunks(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        flat.chunks(t.shape()[1]).map(<[i64]>::to_vec).collect()
-    };
-    let (ids, mask) = (ints("input_ids"), ints("attention_mask"));
+    let ids = read_i64_rows(&peft_expected, "input_ids");
+    let mask = read_i64_rows(&peft_expected, "attention_mask");
     let input = tmp.path().join("in.json");
     let output = tmp.path().join("out.safetensors");
     std::fs::write(
@@ -261,15 +239,14 @@ fn forward_and_generate_with_a_peft_prompt_tuning_adapter() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let (shape, ours) = read_f32(&output, "logits");
-    let (want_shape, want) = read_f32(&expected, "logits");
+    let (want_shape, want) = read_f32(&peft_expected, "logits");
     assert_eq!(shape, want_shape, "logits of the real tokens only");
     let vocab = shape[2];
     let real: Vec<i64> = mask.concat();
-    let diff = (0..real.len())
+    let real_positions = (0..real.len())
         .filter(|&i| real[i] == 1)
-        .flat_map(|i| i * vocab..(i + 1) * vocab)
-        .map(|j| (ours[j] - want[j]).abs())
-        .fold(0.0, f32::max);
+        .flat_map(|i| i * vocab..(i + 1) * vocab);
+    let diff = max_abs_diff(real_positions.map(|j| (&ours[j], &want[j])));
     assert!(
         diff <= 1e-4,
         "logits with PEFT's adapter differ from PEFT by {diff}"
@@ -313,15 +290,8 @@ fn forward_and_generate_with_a_peft_prompt_tuning_adapter() {
 #[test]
 fn generate_streams_the_greedy_continuation_of_transformers() {
     let name = "qwen2-gqa-tied";
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            root()
-                .join("fixtures/expected")
-                .join(format!("{name}.json")),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(expected(name, "json")).unwrap()).unwrap();
     let prompt = meta["prompts"][1].as_str().unwrap();
     let tokens: Vec<u32> = serde_json::from_value(meta["greedy_single"][1].clone()).unwrap();
     let tokenizer = peft_models::load_tokenizer(model(name)).unwrap();
