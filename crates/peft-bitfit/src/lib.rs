@@ -1,5 +1,230 @@
-//! BitFit (bias-only fine-tuning, `peft_type` `BITFIT`) for peft-burn.
+//! BitFit for peft-burn: only bias terms train (Ben Zaken et al., 2022).
 //!
-//! Not implemented yet: the method arrives with the adapter issue. The crate exists so the
-//! workspace has its final shape and the facade can re-export it.
+//! The adapter holds no parameters of its own: it freezes the base model and unfreezes its
+//! biases — every parameter whose Hugging Face name ends in `.bias`, or the subset a regular
+//! expression selects (e.g. `query_key_value|dense_h_to_4h` for the paper's ablation). On Qwen2
+//! that is the q/k/v projection biases; on BLOOM every Linear and LayerNorm bias, the embedding
+//! LayerNorm and `ln_f` included; on Llama the attention/MLP biases when the config has them.
+//!
+//! PEFT has no BitFit, so the file format is ours, in PEFT's spirit: `adapter_config.json` with
+//! `"peft_type": "BITFIT"` and `bias_pattern`, and `adapter_model.safetensors` holding the trained
+//! biases under their Hugging Face tensor names, so merging into a checkpoint is a key overwrite.
 #![warn(missing_docs)]
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::prelude::*;
+use peft_core::adapter_config::{ADAPTER_CONFIG, AdapterError, PeftType, write_config};
+use peft_core::adapter_file::{ADAPTER_WEIGHTS, AdapterFileError, TensorFile, write_tensors};
+use peft_core::json_config::JsonConfig;
+use peft_core::params::{param_infos, read_params, unfreeze_params, write_params};
+use peft_core::{Adapter, Injection};
+use regex::Regex;
+
+/// A `bias_pattern` that is not a valid regular expression.
+#[derive(Debug, thiserror::Error)]
+#[error("bias_pattern {pattern:?} is not a valid regular expression: {message}")]
+pub struct PatternError {
+    /// The pattern given.
+    pub pattern: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// Which biases train.
+#[derive(Config, Debug)]
+pub struct BitFitConfig {
+    /// A regular expression over Hugging Face parameter names: only the biases it matches (searched
+    /// anywhere in the name) train. `None`: every bias.
+    pub bias_pattern: Option<String>,
+}
+
+impl BitFitConfig {
+    /// The adapter.
+    ///
+    /// # Errors
+    ///
+    /// If `bias_pattern` is not a valid regular expression.
+    pub fn init(&self) -> Result<BitFit, PatternError> {
+        let pattern = self
+            .bias_pattern
+            .as_deref()
+            .map(|p| {
+                Regex::new(p).map_err(|e| PatternError {
+                    pattern: p.to_string(),
+                    message: e.to_string(),
+                })
+            })
+            .transpose()?;
+        Ok(BitFit { pattern })
+    }
+}
+
+/// The BitFit adapter: which of the base model's biases train.
+#[derive(Module, Debug)]
+pub struct BitFit {
+    #[module(skip)]
+    pattern: Option<Regex>,
+}
+
+impl BitFit {
+    /// Whether the parameter of Hugging Face name `name` trains.
+    pub fn selects(&self, name: &str) -> bool {
+        name.ends_with(".bias") && self.pattern.as_ref().is_none_or(|p| p.is_match(name))
+    }
+
+    /// The pattern, as written in `adapter_config.json`.
+    pub fn bias_pattern(&self) -> Option<&str> {
+        self.pattern.as_ref().map(Regex::as_str)
+    }
+
+    /// Trainable parameters among `params` (Hugging Face name, element count): what PEFT's report
+    /// would count, from names and shapes alone.
+    pub fn count<'a>(&self, params: impl IntoIterator<Item = (&'a str, usize)>) -> usize {
+        params
+            .into_iter()
+            .filter(|(name, _)| self.selects(name))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// The selected biases of `base`, by Hugging Face name.
+    pub fn biases<M: Module>(&self, base: &M) -> Vec<(String, TensorData)> {
+        read_params(base, |name| self.selects(name))
+    }
+
+    /// Saves the selected biases of `base` into `dir`: `adapter_model.safetensors` (Hugging Face
+    /// names, F32) and `adapter_config.json`, each atomically.
+    pub fn save<M: Module>(
+        &self,
+        dir: &Path,
+        base: &M,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<(), AdapterError> {
+        std::fs::create_dir_all(dir).map_err(|source| AdapterFileError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let biases = self.biases(base);
+        write_tensors(
+            &dir.join(ADAPTER_WEIGHTS),
+            biases.iter().map(|(n, d)| (n.as_str(), d.clone())).collect(),
+        )?;
+        let json = serde_json::json!({
+            "peft_type": PeftType::BitFit.as_str(),
+            "task_type": "CAUSAL_LM",
+            "bias_pattern": self.bias_pattern(),
+            "base_model_name_or_path": base_model_name_or_path,
+            "inference_mode": true,
+        });
+        let serde_json::Value::Object(map) = json else {
+            unreachable!("json! of an object literal is an object")
+        };
+        write_config(dir, &map)?;
+        Ok(())
+    }
+
+    /// Loads a BitFit adapter directory into `base`: its biases replace the base model's.
+    ///
+    /// # Errors
+    ///
+    /// A missing or malformed file, another method, an invalid `bias_pattern`, or an adapter that
+    /// does not fit `base`: a tensor the model has no bias of that name for, one of the wrong shape,
+    /// or a selected bias missing from the file; each names the file and the key or tensor.
+    pub fn load<M: Module>(dir: &Path, base: M) -> Result<(Self, M), AdapterError> {
+        let cfg = JsonConfig::from_file(dir.join(ADAPTER_CONFIG), "the adapter's adapter_config.json")?;
+        let found = PeftType::from_config(&cfg)?;
+        if found != PeftType::BitFit {
+            return Err(AdapterError::WrongMethod {
+                path: cfg.path().to_path_buf(),
+                found: found.as_str().to_string(),
+                expected: PeftType::BitFit.as_str(),
+            });
+        }
+        if let Some(task) = cfg.opt_str("task_type")?
+            && task != "CAUSAL_LM"
+        {
+            return Err(cfg
+                .unsupported("task_type", format!("must be \"CAUSAL_LM\", found {task:?}"))
+                .into());
+        }
+        let adapter = BitFitConfig::new()
+            .with_bias_pattern(cfg.opt_str("bias_pattern")?.map(str::to_string))
+            .init()
+            .map_err(|e| cfg.unsupported("bias_pattern", e.to_string()))?;
+
+        let path = dir.join(ADAPTER_WEIGHTS);
+        let file = TensorFile::open(&path)?;
+        let shapes: HashMap<String, Vec<usize>> = param_infos(&base)
+            .into_iter()
+            .map(|p| (p.name, p.shape))
+            .collect();
+        let mut values = HashMap::new();
+        for name in file.names() {
+            let shape = shapes
+                .get(&name)
+                .filter(|_| adapter.selects(&name))
+                .ok_or_else(|| AdapterFileError::UnexpectedTensor {
+                    path: path.clone(),
+                    name: name.clone(),
+                    why: "is not a bias the adapter trains in this base model: the adapter was made for another model or another bias_pattern".into(),
+                })?;
+            let data = file.data(&name, shape, "the base model's bias of that name")?;
+            values.insert(name, data);
+        }
+        if let Some(missing) = shapes
+            .keys()
+            .filter(|name| adapter.selects(name) && !values.contains_key(*name))
+            .min()
+        {
+            return Err(AdapterFileError::MissingTensor {
+                path,
+                name: missing.clone(),
+            }
+            .into());
+        }
+        let base = write_params(base, &mut values);
+        Ok((adapter, base))
+    }
+}
+
+impl Adapter for BitFit {
+    fn num_virtual_tokens(&self) -> usize {
+        0
+    }
+
+    fn inject(&self, _batch: usize) -> Injection {
+        Injection::default()
+    }
+
+    /// Freezes the base, then unfreezes the selected biases.
+    fn prepare_base<M: Module>(&self, base: M) -> M {
+        unfreeze_params(base.freeze(), |name| self.selects(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selects_biases_and_the_pattern_narrows_them() {
+        let all = BitFitConfig::new().init().unwrap();
+        assert!(all.selects("transformer.h.0.input_layernorm.bias"));
+        assert!(!all.selects("transformer.h.0.input_layernorm.weight"));
+        assert!(!all.selects("model.bias_free.weight"));
+        let some = BitFitConfig::new()
+            .with_bias_pattern(Some("query_key_value|dense_h_to_4h".into()))
+            .init()
+            .unwrap();
+        assert!(some.selects("transformer.h.3.self_attention.query_key_value.bias"));
+        assert!(!some.selects("transformer.h.3.self_attention.dense.bias"));
+        assert_eq!(
+            some.count([("a.query_key_value.bias", 3), ("a.dense.bias", 5), ("a.dense_h_to_4h.bias", 7)]),
+            10
+        );
+        let err = BitFitConfig::new().with_bias_pattern(Some("(".into())).init().unwrap_err();
+        assert!(err.to_string().starts_with("bias_pattern \"(\" is not a valid regular expression"), "{err}");
+    }
+}

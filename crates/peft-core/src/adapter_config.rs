@@ -139,6 +139,19 @@ impl PromptLearningConfig {
         Ok((config, cfg))
     }
 
+    /// [`PromptLearningConfig::read`], refusing an adapter of another method than `expected`.
+    pub fn read_method(dir: &Path, expected: PeftType) -> Result<(Self, JsonConfig), AdapterError> {
+        let (config, raw) = Self::read(dir)?;
+        if config.peft_type != expected {
+            return Err(AdapterError::WrongMethod {
+                path: raw.path().to_path_buf(),
+                found: config.peft_type.as_str().to_string(),
+                expected: expected.as_str(),
+            });
+        }
+        Ok((config, raw))
+    }
+
     /// Checks the adapter fits a base model of `geometry`, given the `token_dim` and heads the
     /// method derives from it; the error names the key that does not fit.
     pub fn check_base(
@@ -199,4 +212,35 @@ pub fn write_config(dir: &Path, config: &Map<String, Value>) -> Result<(), Adapt
     let sorted: std::collections::BTreeMap<_, _> = config.iter().collect();
     let text = serde_json::to_string_pretty(&sorted).expect("JSON values serialize") + "\n";
     write_atomic(&path, text.as_bytes()).map_err(|source| AdapterFileError::Io { path, source })
+}
+
+/// Writes an adapter directory `dir` (created if needed): `adapter_model.safetensors` with
+/// `weights` (PEFT's inference form), our trainable checkpoint `adapter_encoder.safetensors` with
+/// `encoder` (or, when `None`, the removal of a stale one, so the directory never pairs new
+/// weights with an old encoder), and last `adapter_config.json`. Each file is written atomically.
+pub fn write_adapter_dir(
+    dir: &Path,
+    config: &Map<String, Value>,
+    weights: Vec<(&str, burn::tensor::TensorData)>,
+    encoder: Option<Vec<(String, burn::tensor::TensorData)>>,
+) -> Result<(), AdapterFileError> {
+    use crate::adapter_file::{ADAPTER_ENCODER, ADAPTER_WEIGHTS, write_tensors};
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AdapterFileError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    write_tensors(&dir.join(ADAPTER_WEIGHTS), weights)?;
+    let encoder_path = dir.join(ADAPTER_ENCODER);
+    match encoder {
+        Some(tensors) => write_tensors(
+            &encoder_path,
+            tensors.iter().map(|(n, d)| (n.as_str(), d.clone())).collect(),
+        )?,
+        None if encoder_path.exists() => {
+            std::fs::remove_file(&encoder_path).map_err(io(&encoder_path))?
+        }
+        None => {}
+    }
+    write_config(dir, config)
 }

@@ -12,6 +12,9 @@ use burn::tensor::DType;
 
 /// File name PEFT uses for adapter weights.
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// Our trainable checkpoint of an encoder-based method (P-tuning, prefix tuning): the encoder's
+/// weights under the names of PEFT's `prompt_encoder` state dict. PEFT ignores the file.
+pub const ADAPTER_ENCODER: &str = "adapter_encoder.safetensors";
 /// The tensor PEFT saves for prompt-learning methods.
 pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
 
@@ -52,6 +55,16 @@ pub enum AdapterFileError {
         /// The dtype found.
         dtype: String,
     },
+    /// The file holds a tensor the model has no place for.
+    #[error("{path}: tensor `{name}` {why}")]
+    UnexpectedTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// Why it does not fit.
+        why: String,
+    },
     /// The tensor's shape does not fit the model and configuration.
     #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?} ({why})")]
     Shape {
@@ -78,6 +91,131 @@ pub fn float_dtype(dtype: safetensors::Dtype) -> Option<DType> {
     }
 }
 
+/// An adapter safetensors file read into memory, whose tensors are taken out by name with their
+/// shapes checked.
+pub struct TensorFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl TensorFile {
+    /// Reads `path` and checks it is a safetensors file.
+    pub fn open(path: &Path) -> Result<Self, AdapterFileError> {
+        let bytes = std::fs::read(path).map_err(|source| AdapterFileError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file = Self {
+            path: path.to_path_buf(),
+            bytes,
+        };
+        file.parse()?;
+        Ok(file)
+    }
+
+    fn parse(&self) -> Result<safetensors::SafeTensors<'_>, AdapterFileError> {
+        safetensors::SafeTensors::deserialize(&self.bytes).map_err(|e| {
+            AdapterFileError::Safetensors {
+                path: self.path.clone(),
+                message: e.to_string(),
+            }
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Names of the tensors held, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .parse()
+            .map(|st| st.names().into_iter().map(str::to_string).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// The tensor `name` as F32 data, checking its shape is `expected`; `why` says where `expected`
+    /// comes from (for the error message).
+    pub fn data(
+        &self,
+        name: &str,
+        expected: &[usize],
+        why: &str,
+    ) -> Result<TensorData, AdapterFileError> {
+        let st = self.parse()?;
+        let view = st
+            .tensor(name)
+            .map_err(|_| AdapterFileError::MissingTensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+            })?;
+        let dtype = float_dtype(view.dtype()).ok_or_else(|| AdapterFileError::Dtype {
+            path: self.path.clone(),
+            name: name.to_string(),
+            dtype: format!("{:?}", view.dtype()),
+        })?;
+        if view.shape() != expected {
+            return Err(AdapterFileError::Shape {
+                path: self.path.clone(),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: view.shape().to_vec(),
+                why: why.to_string(),
+            });
+        }
+        Ok(TensorData::from_bytes_vec(view.data().to_vec(), expected.to_vec(), dtype).convert::<f32>())
+    }
+
+    /// The tensor `name` on `device` as F32, checking its shape is `expected` (see
+    /// [`TensorFile::data`]).
+    pub fn tensor<const D: usize>(
+        &self,
+        name: &str,
+        expected: [usize; D],
+        why: &str,
+        device: &Device,
+    ) -> Result<Tensor<D>, AdapterFileError> {
+        let data = self.data(name, &expected, why)?;
+        Ok(Tensor::from_data(
+            data,
+            burn::tensor::TensorCreationOptions::new(device.clone()).with_dtype(DType::F32),
+        ))
+    }
+}
+
+/// A `Linear(d_in, d_out)` with bias read from PyTorch's `{prefix}.weight` `[d_out, d_in]` and
+/// `{prefix}.bias` `[d_out]`.
+pub fn read_linear(
+    file: &TensorFile,
+    prefix: &str,
+    [d_in, d_out]: [usize; 2],
+    why: &str,
+    device: &Device,
+) -> Result<burn::nn::Linear, AdapterFileError> {
+    let weight: Tensor<2> = file.tensor(&format!("{prefix}.weight"), [d_out, d_in], why, device)?;
+    let bias: Tensor<1> = file.tensor(&format!("{prefix}.bias"), [d_out], why, device)?;
+    Ok(burn::nn::Linear {
+        weight: burn::module::Param::from_tensor(weight.transpose()),
+        bias: Some(burn::module::Param::from_tensor(bias)),
+    })
+}
+
+/// A `Linear`'s weights under PyTorch's names and layout: `{prefix}.weight` `[d_out, d_in]` and
+/// `{prefix}.bias` (if any).
+pub fn linear_tensors(prefix: &str, linear: &burn::nn::Linear) -> Vec<(String, TensorData)> {
+    let mut out = vec![(
+        format!("{prefix}.weight"),
+        linear.weight.val().transpose().into_data(),
+    )];
+    if let Some(bias) = &linear.bias {
+        out.push((format!("{prefix}.bias"), bias.val().into_data()));
+    }
+    out
+}
+
 /// Reads the 2-D tensor `name` of a safetensors file onto `device` as F32, checking its shape is
 /// `expected`; `why` says where `expected` comes from (for the error message).
 pub fn read_tensor(
@@ -87,41 +225,7 @@ pub fn read_tensor(
     why: &str,
     device: &Device,
 ) -> Result<Tensor<2>, AdapterFileError> {
-    let bytes = std::fs::read(path).map_err(|source| AdapterFileError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-        AdapterFileError::Safetensors {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        }
-    })?;
-    let view = st
-        .tensor(name)
-        .map_err(|_| AdapterFileError::MissingTensor {
-            path: path.to_path_buf(),
-            name: name.to_string(),
-        })?;
-    let dtype = float_dtype(view.dtype()).ok_or_else(|| AdapterFileError::Dtype {
-        path: path.to_path_buf(),
-        name: name.to_string(),
-        dtype: format!("{:?}", view.dtype()),
-    })?;
-    if view.shape() != expected {
-        return Err(AdapterFileError::Shape {
-            path: path.to_path_buf(),
-            name: name.to_string(),
-            expected: expected.to_vec(),
-            found: view.shape().to_vec(),
-            why: why.to_string(),
-        });
-    }
-    let data = TensorData::from_bytes_vec(view.data().to_vec(), expected.to_vec(), dtype);
-    Ok(Tensor::from_data(
-        data,
-        burn::tensor::TensorCreationOptions::new(device.clone()).with_dtype(DType::F32),
-    ))
+    TensorFile::open(path)?.tensor(name, expected, why, device)
 }
 
 /// Writes `tensors` (name, data of any rank) as F32 to a safetensors file with PEFT's metadata

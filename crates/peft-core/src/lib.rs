@@ -8,6 +8,7 @@
 //!   adapter (forward, PEFT's loss, generation).
 //! - [`adapter_config`]: PEFT's `adapter_config.json` (method, shared prompt-learning fields, base checks).
 //! - [`adapter_file`]: PEFT's `adapter_model.safetensors` (`prompt_embeddings`), atomic writes.
+//! - [`params`]: parameters by Hugging Face name, and PEFT's trainable-parameter report.
 //! - [`json_config`]: JSON config files read key by key, errors naming file and key.
 //! - [`generation`]: batched generation (greedy or sampled) over any [`CausalLm`], with an optional
 //!   [`Injection`] applied at prefill.
@@ -21,10 +22,12 @@ pub mod generation;
 pub mod json_config;
 pub mod mask;
 pub mod model;
+pub mod params;
 pub mod peft_model;
 
 pub use adapter::Adapter;
 pub use error::CoreError;
 pub use generation::{GenerationConfig, GenerationOutput, GenerationStep, generate};
 pub use model::{CausalLm, Injection, KvCache, LayerKv, ModelGeometry, ModelInput, ModelOutput};
+pub use params::TrainableParameters;
 pub use peft_model::{IGNORE_INDEX, PeftModel, cross_entropy_ignoring};

@@ -1,5 +1,354 @@
-//! Prefix Tuning and P-Tuning v2 (PEFT `PREFIX_TUNING`) for peft-burn.
+//! Prefix Tuning and P-Tuning v2 for peft-burn (PEFT `PREFIX_TUNING`).
 //!
-//! Not implemented yet: the method arrives with the adapter issue. The crate exists so the
-//! workspace has its final shape and the facade can re-export it.
+//! Every attention layer gets `num_virtual_tokens` trainable key/value pairs that every real
+//! token attends to (prefix keys are not rotated by RoPE; BLOOM's ALiBi treats them as the first
+//! positions). With `prefix_projection` (Prefix Tuning proper) they are the output of
+//! `Embedding(n, token_dim) -> Linear(token_dim, h) -> Tanh -> Linear(h, layers * 2 * token_dim)`;
+//! without it (P-Tuning v2, "deep prompts") they are an `Embedding(n, layers * 2 * token_dim)`
+//! trained directly. Shapes follow PEFT exactly, including grouped-query attention, where the
+//! prefix has the key/value heads: `token_dim = head_dim * num_key_value_heads`.
+//!
+//! Files: PEFT saves the encoder's output `prompt_embeddings` `[n, layers * 2 * token_dim]`; ours
+//! load it (inference form) and write it, plus, with a projection, our trainable checkpoint
+//! `adapter_encoder.safetensors` (the encoder under PEFT's state-dict names).
 #![warn(missing_docs)]
+
+use std::path::Path;
+
+use burn::module::Param;
+use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::tanh;
+use peft_core::adapter_config::{PeftType, PromptLearningConfig, write_adapter_dir};
+use peft_core::adapter_file::{
+    ADAPTER_ENCODER, ADAPTER_WEIGHTS, PROMPT_EMBEDDINGS, TensorFile, linear_tensors, read_linear,
+};
+use peft_core::json_config::JsonConfig;
+use peft_core::{Adapter, Injection, LayerKv, ModelGeometry};
+
+pub use peft_core::adapter_config::AdapterError;
+
+/// Configuration of a prefix encoder.
+#[derive(Config, Debug)]
+pub struct PrefixTuningConfig {
+    /// Number of prefix positions per layer.
+    pub num_virtual_tokens: usize,
+    /// Decoder layers of the base model.
+    pub num_layers: usize,
+    /// Width of one layer's keys (or values) per position: `head_dim * num_key_value_heads`.
+    pub token_dim: usize,
+    /// Heads of the prefix: the base model's key/value heads.
+    pub num_attention_heads: usize,
+    /// Prefix Tuning's reparameterization (`true`) or P-Tuning v2's direct prefix (`false`).
+    #[config(default = false)]
+    pub prefix_projection: bool,
+    /// Hidden width of the projection; PEFT's default is `token_dim`.
+    pub encoder_hidden_size: Option<usize>,
+    /// Start at an all-zero prefix (PEFT's `init_weights: "zero"`): the projection's last Linear,
+    /// or the embedding without projection, is zeroed.
+    #[config(default = false)]
+    pub zero_init: bool,
+    /// Dropout on the prefix key/values while training (not in PEFT; 0 keeps PEFT's result).
+    #[config(default = 0.0)]
+    pub prefix_dropout: f64,
+}
+
+impl PrefixTuningConfig {
+    /// A config shaped for a base model of `geometry`, as PEFT shapes it: with grouped-query
+    /// attention, `token_dim = head_dim * num_key_value_heads` and the heads are the key/value heads.
+    pub fn for_model(num_virtual_tokens: usize, geometry: &ModelGeometry) -> Self {
+        Self::new(
+            num_virtual_tokens,
+            geometry.num_layers,
+            geometry.head_dim * geometry.num_key_value_heads,
+            geometry.num_key_value_heads,
+        )
+    }
+
+    /// The projection's hidden width.
+    pub fn hidden_size(&self) -> usize {
+        self.encoder_hidden_size.unwrap_or(self.token_dim)
+    }
+
+    /// Width of one row of `prompt_embeddings`: `num_layers * 2 * token_dim`.
+    pub fn prefix_width(&self) -> usize {
+        self.num_layers * 2 * self.token_dim
+    }
+
+    /// A trainable encoder with PyTorch's initialization (embedding N(0, 1), Linears uniform),
+    /// zeroed as [`PrefixTuningConfig::zero_init`] asks, on `device`.
+    pub fn init(&self, device: &Device) -> PrefixEncoder {
+        let n = self.num_virtual_tokens;
+        let (embedding, transform) = if self.prefix_projection {
+            let h = self.hidden_size();
+            let mut last = LinearConfig::new(h, self.prefix_width()).init(device);
+            if self.zero_init {
+                last.weight = Param::from_tensor(Tensor::zeros([h, self.prefix_width()], device));
+                last.bias = Some(Param::from_tensor(Tensor::zeros([self.prefix_width()], device)));
+            }
+            (
+                EmbeddingConfig::new(n, self.token_dim).init(device),
+                Some(vec![LinearConfig::new(self.token_dim, h).init(device), last]),
+            )
+        } else {
+            let mut embedding = EmbeddingConfig::new(n, self.prefix_width()).init(device);
+            if self.zero_init {
+                embedding.weight = Param::from_tensor(Tensor::zeros([n, self.prefix_width()], device));
+            }
+            (embedding, None)
+        };
+        PrefixEncoder {
+            embedding,
+            transform,
+            dropout: DropoutConfig::new(self.prefix_dropout).init(),
+            config: self.clone(),
+        }
+    }
+
+    /// Parameters of the trainable encoder, counted from the configuration alone.
+    pub fn num_params(&self) -> usize {
+        let n = self.num_virtual_tokens;
+        if self.prefix_projection {
+            let (d, h, w) = (self.token_dim, self.hidden_size(), self.prefix_width());
+            n * d + (d * h + h) + (h * w + w)
+        } else {
+            n * self.prefix_width()
+        }
+    }
+
+    fn check(&self, raw: &JsonConfig) -> Result<(), AdapterError> {
+        if self.num_attention_heads == 0 || !self.token_dim.is_multiple_of(self.num_attention_heads) {
+            return Err(raw
+                .unsupported(
+                    "num_attention_heads",
+                    format!("{} does not divide token_dim {}", self.num_attention_heads, self.token_dim),
+                )
+                .into());
+        }
+        Ok(())
+    }
+}
+
+/// The prefix encoder. Trainable form: PEFT's `embedding` and, with a projection, `transform`
+/// (`transform.0` and `transform.2` in PyTorch's names). Inference form (what PEFT's files hold):
+/// only `embedding`, of `[n, layers * 2 * token_dim]`, holding the output.
+#[derive(Module, Debug)]
+pub struct PrefixEncoder {
+    /// The prefix itself, or the projection's input.
+    pub embedding: Embedding,
+    /// The projection's two Linears (Tanh between); `None` without projection or in inference form.
+    pub transform: Option<Vec<Linear>>,
+    /// On the prefix key/values.
+    pub dropout: Dropout,
+    /// The configuration it was built from.
+    #[module(skip)]
+    pub config: PrefixTuningConfig,
+}
+
+impl PrefixEncoder {
+    /// An inference-form encoder whose output is `prompt_embeddings` `[n, layers * 2 * token_dim]`.
+    pub fn from_prompt_embeddings(prompt_embeddings: Tensor<2>, config: PrefixTuningConfig) -> Self {
+        let [n, w] = prompt_embeddings.dims();
+        let mut embedding = EmbeddingConfig::new(n, w).init(&prompt_embeddings.device());
+        embedding.weight = Param::from_tensor(prompt_embeddings);
+        Self {
+            embedding,
+            transform: None,
+            dropout: DropoutConfig::new(config.prefix_dropout).init(),
+            config,
+        }
+    }
+
+    /// The flat prefix `[n, layers * 2 * token_dim]`, computed once: what PEFT saves as
+    /// `prompt_embeddings`.
+    pub fn prompt_embeddings(&self) -> Tensor<2> {
+        let x = self.embedding.weight.val();
+        match &self.transform {
+            Some(transform) => transform[1].forward(tanh(transform[0].forward(x))),
+            None => x,
+        }
+    }
+
+    /// The inference form: the projection folded into its output (what PEFT's files hold).
+    pub fn into_inference(self) -> Self {
+        let output = self.prompt_embeddings().detach();
+        Self::from_prompt_embeddings(output, self.config)
+    }
+
+    /// The per-layer key/values of a batch of `batch` rows, `[batch, heads, n, head_dim]` each,
+    /// from the flat prefix viewed `[n, layers * 2, heads, head_dim]`: chunk `2l` holds the keys
+    /// of layer `l`, chunk `2l + 1` its values (PEFT's layout).
+    pub fn key_values(&self, batch: usize) -> Vec<LayerKv> {
+        let c = &self.config;
+        let (n, heads) = (c.num_virtual_tokens, c.num_attention_heads);
+        let head_dim = c.token_dim / heads;
+        let flat = self.dropout.forward(self.prompt_embeddings());
+        // [n, 2L, heads, hd] -> [2L, heads, n, hd]
+        let chunks = flat
+            .reshape([n, 2 * c.num_layers, heads, head_dim])
+            .permute([1, 2, 0, 3]);
+        let expand = |t: Tensor<4>| t.expand([batch, heads, n, head_dim]);
+        (0..c.num_layers)
+            .map(|l| LayerKv {
+                key: expand(chunks.clone().slice([2 * l..2 * l + 1])),
+                value: expand(chunks.clone().slice([2 * l + 1..2 * l + 2])),
+            })
+            .collect()
+    }
+
+    /// The trainable encoder's tensors under PEFT's `prompt_encoder` state-dict names; `None`
+    /// in inference form or without projection (the file then holds everything).
+    pub fn encoder_tensors(&self) -> Option<Vec<(String, TensorData)>> {
+        let transform = self.transform.as_ref()?;
+        let mut out = vec![("embedding.weight".to_string(), self.embedding.weight.val().into_data())];
+        out.extend(linear_tensors("transform.0", &transform[0]));
+        out.extend(linear_tensors("transform.2", &transform[1]));
+        Some(out)
+    }
+
+    /// Loads a prefix-tuning adapter directory for a base model of `geometry`: trainable form when
+    /// our `adapter_encoder.safetensors` is there (projection only), else from PEFT's
+    /// `adapter_model.safetensors` (trainable without projection, where the file is the prefix;
+    /// inference form with projection).
+    ///
+    /// # Errors
+    ///
+    /// A missing or malformed file, another method, an adapter made for another base model
+    /// (`token_dim`, `num_layers`, `num_attention_heads`: GQA-reduced as PEFT writes them), or a
+    /// tensor absent or of the wrong shape; each names the file and the key or tensor.
+    pub fn load(dir: &Path, geometry: &ModelGeometry, device: &Device) -> Result<Self, AdapterError> {
+        let (shared, raw) = PromptLearningConfig::read_method(dir, PeftType::PrefixTuning)?;
+        let expected = PrefixTuningConfig::for_model(shared.num_virtual_tokens, geometry);
+        shared.check_base(&raw, geometry, expected.token_dim, expected.num_attention_heads)?;
+        let config = expected
+            .with_prefix_projection(raw.bool_or("prefix_projection", false)?)
+            .with_encoder_hidden_size(raw.opt_usize(&["encoder_hidden_size"])?)
+            .with_prefix_dropout(raw.opt_f64(&["prefix_dropout"])?.unwrap_or(0.0));
+        config.check(&raw)?;
+        let encoder_path = dir.join(ADAPTER_ENCODER);
+        if config.prefix_projection && encoder_path.exists() {
+            let file = TensorFile::open(&encoder_path)?;
+            let (n, d, h, w) = (config.num_virtual_tokens, config.token_dim, config.hidden_size(), config.prefix_width());
+            let why = format!("projection, num_virtual_tokens {n}, token_dim {d}, encoder_hidden_size {h}, {} layers", config.num_layers);
+            let mut encoder = config.init(device);
+            encoder.embedding.weight = Param::from_tensor(file.tensor("embedding.weight", [n, d], &why, device)?);
+            encoder.transform = Some(vec![
+                read_linear(&file, "transform.0", [d, h], &why, device)?,
+                read_linear(&file, "transform.2", [h, w], &why, device)?,
+            ]);
+            return Ok(encoder);
+        }
+        let (n, w) = (config.num_virtual_tokens, config.prefix_width());
+        let why = format!(
+            "num_virtual_tokens {n} x num_layers {} x 2 x token_dim {}",
+            config.num_layers, config.token_dim
+        );
+        let prefix = TensorFile::open(&dir.join(ADAPTER_WEIGHTS))?.tensor(PROMPT_EMBEDDINGS, [n, w], &why, device)?;
+        Ok(Self::from_prompt_embeddings(prefix, config))
+    }
+
+    /// Saves into `dir`: `adapter_config.json` with PEFT's keys, `adapter_model.safetensors` with
+    /// `prompt_embeddings` (PEFT loads both), and with a trainable projection
+    /// `adapter_encoder.safetensors`. Each file is written atomically.
+    pub fn save(&self, dir: &Path, base_model_name_or_path: Option<&str>) -> Result<(), AdapterError> {
+        let config = &self.config;
+        let shared = PromptLearningConfig {
+            peft_type: PeftType::PrefixTuning,
+            num_virtual_tokens: config.num_virtual_tokens,
+            token_dim: config.token_dim,
+            num_attention_heads: config.num_attention_heads,
+            num_layers: config.num_layers,
+            base_model_name_or_path: base_model_name_or_path.map(str::to_string),
+        };
+        let mut json = shared.to_json();
+        json.insert("prefix_projection".into(), config.prefix_projection.into());
+        json.insert("encoder_hidden_size".into(), config.hidden_size().into());
+        json.insert(
+            "init_weights".into(),
+            if config.zero_init { "zero".into() } else { serde_json::Value::Null },
+        );
+        if config.prefix_dropout > 0.0 {
+            json.insert("prefix_dropout".into(), config.prefix_dropout.into());
+        }
+        write_adapter_dir(
+            dir,
+            &json,
+            vec![(PROMPT_EMBEDDINGS, self.prompt_embeddings().into_data())],
+            self.encoder_tensors(),
+        )?;
+        Ok(())
+    }
+}
+
+impl Adapter for PrefixEncoder {
+    fn num_virtual_tokens(&self) -> usize {
+        // Prefix positions are key/values, not input tokens.
+        0
+    }
+
+    fn inject(&self, batch: usize) -> Injection {
+        Injection {
+            virtual_embeds: None,
+            prefix: Some(self.key_values(batch)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geometry() -> ModelGeometry {
+        ModelGeometry {
+            num_layers: 3,
+            hidden_size: 32,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 8,
+            vocab_size: 10,
+            max_positions: None,
+        }
+    }
+
+    #[test]
+    fn gqa_shapes_and_counts() {
+        let device = Device::default();
+        for projection in [false, true] {
+            let config = PrefixTuningConfig::for_model(5, &geometry()).with_prefix_projection(projection);
+            assert_eq!((config.token_dim, config.num_attention_heads), (16, 2));
+            let encoder = config.init(&device);
+            assert_eq!(encoder.num_params(), config.num_params());
+            assert_eq!(encoder.prompt_embeddings().dims(), [5, 96]);
+            let kv = encoder.key_values(3);
+            assert_eq!(kv.len(), 3);
+            assert_eq!(kv[2].key.dims(), [3, 2, 5, 8]);
+        }
+    }
+
+    #[test]
+    fn layout_is_layers_times_two_then_heads() {
+        // One virtual token, 2 layers, 2 heads of 1: the row [k0h0 k0h1 v0h0 v0h1 k1h0 ...].
+        let device = Device::default();
+        let row = Tensor::<2>::from_data(TensorData::new((0..8).map(|v| v as f32).collect::<Vec<_>>(), [1, 8]), &device);
+        let encoder = PrefixEncoder::from_prompt_embeddings(row, PrefixTuningConfig::new(1, 2, 2, 2));
+        let kv = encoder.key_values(1);
+        let values = |t: Tensor<4>| t.into_data().try_into_vec_as::<f32>().unwrap();
+        assert_eq!(values(kv[0].key.clone()), [0.0, 1.0]);
+        assert_eq!(values(kv[0].value.clone()), [2.0, 3.0]);
+        assert_eq!(values(kv[1].key.clone()), [4.0, 5.0]);
+        assert_eq!(values(kv[1].value.clone()), [6.0, 7.0]);
+    }
+
+    #[test]
+    fn zero_init_gives_a_zero_prefix() {
+        let device = Device::default();
+        for projection in [false, true] {
+            let prefix = PrefixTuningConfig::for_model(2, &geometry())
+                .with_prefix_projection(projection)
+                .with_zero_init(true)
+                .init(&device)
+                .prompt_embeddings();
+            assert_eq!(prefix.abs().max().into_scalar::<f32>(), 0.0);
+        }
+    }
+}

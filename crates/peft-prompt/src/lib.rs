@@ -13,8 +13,8 @@ use std::path::Path;
 use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig};
 use burn::prelude::*;
-use peft_core::adapter_config::{PeftType, PromptLearningConfig, write_config};
-use peft_core::adapter_file::{ADAPTER_WEIGHTS, PROMPT_EMBEDDINGS, read_tensor, write_tensors};
+use peft_core::adapter_config::{PeftType, PromptLearningConfig, write_adapter_dir};
+use peft_core::adapter_file::{ADAPTER_WEIGHTS, PROMPT_EMBEDDINGS, read_tensor};
 use peft_core::{Adapter, Injection, ModelGeometry};
 
 pub use peft_core::adapter_config::AdapterError;
@@ -143,14 +143,7 @@ impl PromptEmbedding {
         geometry: &ModelGeometry,
         device: &Device,
     ) -> Result<Self, AdapterError> {
-        let (config, raw) = PromptLearningConfig::read(dir)?;
-        if config.peft_type != PeftType::PromptTuning {
-            return Err(AdapterError::WrongMethod {
-                path: raw.path().to_path_buf(),
-                found: config.peft_type.as_str().to_string(),
-                expected: PeftType::PromptTuning.as_str(),
-            });
-        }
+        let (config, raw) = PromptLearningConfig::read_method(dir, PeftType::PromptTuning)?;
         config.check_base(
             &raw,
             geometry,
@@ -182,12 +175,6 @@ impl PromptEmbedding {
         config: &PromptTuningConfig,
         base_model_name_or_path: Option<&str>,
     ) -> Result<(), AdapterError> {
-        std::fs::create_dir_all(dir).map_err(|source| {
-            peft_core::adapter_file::AdapterFileError::Io {
-                path: dir.to_path_buf(),
-                source,
-            }
-        })?;
         let shared = PromptLearningConfig {
             peft_type: PeftType::PromptTuning,
             num_virtual_tokens: self.num_virtual_tokens(),
@@ -210,11 +197,12 @@ impl PromptEmbedding {
             base_model_name_or_path.into(),
         );
         json.insert("tokenizer_kwargs".into(), serde_json::Value::Null);
-        write_tensors(
-            &dir.join(ADAPTER_WEIGHTS),
+        write_adapter_dir(
+            dir,
+            &json,
             vec![(PROMPT_EMBEDDINGS, self.prompt_embeddings().into_data())],
+            None,
         )?;
-        write_config(dir, &json)?;
         Ok(())
     }
 }

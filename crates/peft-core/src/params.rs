@@ -1,0 +1,331 @@
+//! Parameters by their Hugging Face names, and PEFT's trainable-parameter report.
+//!
+//! Models of this workspace name their fields as Hugging Face does, so a parameter's path in the
+//! module tree is its checkpoint name, with two burn-isms undone: enum variants add no path
+//! segment, and norm layers call their weight `gamma` and their bias `beta`.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use burn::module::{ModuleMapper, ModuleVisitor, Param};
+use burn::prelude::*;
+
+/// Tracks the Hugging Face name of the parameter being visited.
+#[derive(Default)]
+struct HfPath {
+    segments: Vec<Option<String>>,
+}
+
+impl HfPath {
+    fn enter(&mut self, name: &str, container_type: &str) {
+        let segment = if container_type.starts_with("Enum:") {
+            None
+        } else if container_type.ends_with("Norm") {
+            Some(match name {
+                "gamma" => "weight".to_string(),
+                "beta" => "bias".to_string(),
+                other => other.to_string(),
+            })
+        } else {
+            Some(name.to_string())
+        };
+        self.segments.push(segment);
+    }
+
+    fn exit(&mut self) {
+        self.segments.pop();
+    }
+
+    fn name(&self) -> String {
+        self.segments
+            .iter()
+            .flatten()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+}
+
+/// One float parameter of a module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamInfo {
+    /// Its Hugging Face name (e.g. `transformer.h.0.input_layernorm.bias`).
+    pub name: String,
+    /// Its shape as burn holds it (Linear weights are `[d_in, d_out]`).
+    pub shape: Vec<usize>,
+    /// Whether it receives gradients: true only for unfrozen parameters on an autodiff device.
+    pub trainable: bool,
+}
+
+/// Every float parameter of `module`, in visiting order (lazy parameters get initialized).
+pub fn param_infos<M: Module>(module: &M) -> Vec<ParamInfo> {
+    struct Infos {
+        path: HfPath,
+        out: Vec<ParamInfo>,
+    }
+    impl ModuleVisitor for Infos {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let trainable = param.val().is_require_grad();
+            self.out.push(ParamInfo {
+                name: self.path.name(),
+                shape: param.lazy_shape().to_vec(),
+                trainable,
+            });
+        }
+    }
+    let mut infos = Infos {
+        path: HfPath::default(),
+        out: Vec::new(),
+    };
+    module.visit(&mut infos);
+    infos.out
+}
+
+/// The values of the parameters whose Hugging Face name `select` accepts, by name.
+pub fn read_params<M: Module>(module: &M, select: impl Fn(&str) -> bool) -> Vec<(String, TensorData)> {
+    struct Reader<F> {
+        path: HfPath,
+        select: F,
+        out: Vec<(String, TensorData)>,
+    }
+    impl<F: Fn(&str) -> bool> ModuleVisitor for Reader<F> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let name = self.path.name();
+            if (self.select)(&name) {
+                self.out.push((name, param.val().into_data()));
+            }
+        }
+    }
+    let mut reader = Reader {
+        path: HfPath::default(),
+        select,
+        out: Vec::new(),
+    };
+    module.visit(&mut reader);
+    reader.out
+}
+
+/// Replaces the parameters named in `values` (Hugging Face names) by those values, keeping each
+/// parameter's id, dtype and gradient setting; the entries used are removed from `values`, so
+/// what is left had no parameter of that name. The caller checks shapes (see [`param_infos`]).
+pub fn write_params<M: Module>(module: M, values: &mut HashMap<String, TensorData>) -> M {
+    struct Writer<'a> {
+        path: HfPath,
+        values: &'a mut HashMap<String, TensorData>,
+    }
+    impl ModuleMapper for Writer<'_> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.exit();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let Some(data) = self.values.remove(&self.path.name()) else {
+                return param;
+            };
+            param.map(|old| {
+                let require_grad = old.is_require_grad();
+                let value = Tensor::<D>::from_data(
+                    data,
+                    burn::tensor::TensorCreationOptions::new(old.device()).with_dtype(old.dtype()),
+                );
+                if require_grad { value.require_grad() } else { value }
+            })
+        }
+    }
+    let mut writer = Writer {
+        path: HfPath::default(),
+        values,
+    };
+    module.map(&mut writer)
+}
+
+/// Makes the parameters whose Hugging Face name `select` accepts trainable (on an autodiff
+/// device), leaving the others as they are.
+pub fn unfreeze_params<M: Module>(module: M, select: impl Fn(&str) -> bool) -> M {
+    struct Unfreezer<F> {
+        path: HfPath,
+        select: F,
+    }
+    impl<F: Fn(&str) -> bool> ModuleMapper for Unfreezer<F> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.exit();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if (self.select)(&self.path.name()) {
+                param.set_require_grad(true)
+            } else {
+                param
+            }
+        }
+    }
+    module.map(&mut Unfreezer {
+        path: HfPath::default(),
+        select,
+    })
+}
+
+/// PEFT's `print_trainable_parameters` numbers: parameters that receive gradients, and all
+/// parameters (a tied weight counted once, the adapter's included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainableParameters {
+    /// Parameters that receive gradients.
+    pub trainable: usize,
+    /// All parameters.
+    pub all: usize,
+}
+
+impl TrainableParameters {
+    /// Counts the parameters of `module`. Trainable means "receives gradients", so count a model
+    /// built on an autodiff device (`device.autodiff()`); elsewhere nothing is trainable, as in
+    /// PEFT's inference mode.
+    pub fn of<M: Module>(module: &M) -> Self {
+        let infos = param_infos(module);
+        let count = |p: &ParamInfo| p.shape.iter().product::<usize>();
+        Self {
+            trainable: infos.iter().filter(|p| p.trainable).map(count).sum(),
+            all: infos.iter().map(count).sum(),
+        }
+    }
+
+    /// Trainable share in percent.
+    pub fn percent(&self) -> f64 {
+        if self.all == 0 {
+            0.0
+        } else {
+            100.0 * self.trainable as f64 / self.all as f64
+        }
+    }
+}
+
+/// `1234567` -> `"1,234,567"`, as Python's `{:,}`.
+pub fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl fmt::Display for TrainableParameters {
+    /// PEFT's line: `trainable params: 8,960 || all params: 494,041,728 || trainable%: 0.0018`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "trainable params: {} || all params: {} || trainable%: {:.4}",
+            thousands(self.trainable),
+            thousands(self.all),
+            self.percent()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+
+    #[derive(Module, Debug)]
+    struct Block {
+        dense: Linear,
+        ln: LayerNorm,
+    }
+
+    #[derive(Module, Debug)]
+    enum Wrapper {
+        Blocks(Vec<Block>),
+    }
+
+    fn wrapper(device: &Device) -> Wrapper {
+        Wrapper::Blocks(
+            (0..2)
+                .map(|_| Block {
+                    dense: LinearConfig::new(3, 2).init(device),
+                    ln: LayerNormConfig::new(2).init(device),
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn names_are_hugging_face_names() {
+        let names: Vec<String> = param_infos(&wrapper(&Device::default()))
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "0.dense.weight",
+                "0.dense.bias",
+                "0.ln.weight",
+                "0.ln.bias",
+                "1.dense.weight",
+                "1.dense.bias",
+                "1.ln.weight",
+                "1.ln.bias"
+            ]
+        );
+    }
+
+    #[test]
+    fn report_counts_what_gets_gradients_and_formats_as_peft() {
+        let device = Device::default().autodiff();
+        let model = wrapper(&device).freeze();
+        let none = TrainableParameters::of(&model);
+        assert_eq!(none, TrainableParameters { trainable: 0, all: 2 * (6 + 2 + 2 + 2) });
+        let model = unfreeze_params(model, |name| name.ends_with(".bias"));
+        let biases = TrainableParameters::of(&model);
+        assert_eq!(biases.trainable, 2 * (2 + 2));
+        assert_eq!(
+            biases.to_string(),
+            "trainable params: 8 || all params: 24 || trainable%: 33.3333"
+        );
+        let big = TrainableParameters { trainable: 15_360, all: 1_543_729_664 };
+        assert_eq!(
+            big.to_string(),
+            "trainable params: 15,360 || all params: 1,543,729,664 || trainable%: 0.0010"
+        );
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+    }
+
+    #[test]
+    fn params_are_read_and_written_by_name() {
+        let device = Device::default();
+        let model = wrapper(&device);
+        let biases = read_params(&model, |n| n.ends_with("ln.bias"));
+        assert_eq!(biases.len(), 2);
+        let mut values: HashMap<String, TensorData> = [
+            ("1.ln.bias".to_string(), TensorData::new(vec![5.0f32, 6.0], [2])),
+            ("nowhere.bias".to_string(), TensorData::new(vec![1.0f32], [1])),
+        ]
+        .into_iter()
+        .collect();
+        let model = write_params(model, &mut values);
+        assert_eq!(values.keys().collect::<Vec<_>>(), ["nowhere.bias"]);
+        let Wrapper::Blocks(blocks) = &model;
+        let b: Vec<f32> = blocks[1].ln.beta.as_ref().unwrap().val().into_data().try_into_vec_as().unwrap();
+        assert_eq!(b, [5.0, 6.0]);
+    }
+}
