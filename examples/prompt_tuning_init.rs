@@ -53,7 +53,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         AutoCausalLm::Bloom(m) => m.transformer.word_embeddings.weight.val(),
     };
     let prompt = config.init_from_embeddings(word_embeddings, &ids);
-    prompt.save(&args.output, &geometry, &config, args.model.to_str())?;
+    prompt.save(&args.output, &geometry, args.model.to_str())?;
     println!(
         "saved a {}-token prompt (from {} text tokens) to {}",
         args.num_virtual_tokens,

@@ -93,6 +93,17 @@ def llama():
     )
 
 
+def llama_biases():
+    # As llama() but with every projection biased (attention and MLP) and 2 kv heads, not sharded:
+    # the BitFit fixture for Llama.
+    return LlamaForCausalLM, LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5, initializer_range=0.2,
+        attention_bias=True, mlp_bias=True,
+    )
+
+
 def bloom():
     # 6 heads: not a power of two, so the extra ALiBi slopes are exercised.
     return BloomForCausalLM, BloomConfig(
@@ -117,6 +128,8 @@ FIXTURES = {
     "bloom-legacy-5-heads": (bloom_legacy, {"legacy": True}),
     "qwen2-bf16": (qwen2_gqa_tied, {"dtype": torch.bfloat16}),
     "llama-f16": (llama, {"dtype": torch.float16}),
+    # Appended last: each fixture's seed comes from its name, but keep the order of the others anyway.
+    "llama-biases": (llama_biases, {}),
 }
 
 PROMPTS = ["The small model reads", "Hello world!", "Prefix tuning gives every layer"]

@@ -4,63 +4,105 @@
 use std::path::Path;
 
 use burn::prelude::*;
+use peft_bitfit::BitFit;
 use peft_core::adapter_config::{ADAPTER_CONFIG, AdapterError, PeftType};
 use peft_core::json_config::JsonConfig;
-use peft_core::{Adapter, Injection, ModelGeometry};
+use peft_core::{Adapter, CausalLm, Injection};
+use peft_prefix::PrefixEncoder;
 use peft_prompt::PromptEmbedding;
+use peft_ptuning::PromptEncoder;
 
-/// An adapter loaded from a directory.
+/// An adapter of any method.
 #[derive(Module, Debug)]
 pub enum AutoAdapter {
     /// `PROMPT_TUNING`.
     PromptTuning(PromptEmbedding),
+    /// `P_TUNING`.
+    PTuning(PromptEncoder),
+    /// `PREFIX_TUNING` (with or without projection).
+    PrefixTuning(PrefixEncoder),
+    /// `BITFIT`.
+    BitFit(BitFit),
+}
+
+/// Calls `$body` with `$a` bound to the adapter inside any variant.
+macro_rules! each {
+    ($self:expr, $a:ident => $body:expr) => {
+        match $self {
+            AutoAdapter::PromptTuning($a) => $body,
+            AutoAdapter::PTuning($a) => $body,
+            AutoAdapter::PrefixTuning($a) => $body,
+            AutoAdapter::BitFit($a) => $body,
+        }
+    };
 }
 
 impl AutoAdapter {
-    /// Loads the adapter in `dir` for a base model of `geometry`.
-    ///
-    /// # Errors
-    ///
-    /// Those of each method's loader, and methods not implemented yet (named by `peft_type`).
-    pub fn load(
-        dir: &Path,
-        geometry: &ModelGeometry,
-        device: &Device,
-    ) -> Result<Self, AdapterError> {
-        let cfg = JsonConfig::from_file(
-            dir.join(ADAPTER_CONFIG),
-            "the adapter's adapter_config.json",
-        )?;
-        match PeftType::from_config(&cfg)? {
-            PeftType::PromptTuning => Ok(Self::PromptTuning(PromptEmbedding::load(
-                dir, geometry, device,
-            )?)),
-            other => Err(cfg
-                .unsupported(
-                    "peft_type",
-                    format!("{:?}: this method is not implemented yet", other.as_str()),
-                )
-                .into()),
+    /// The method's `peft_type`.
+    pub fn peft_type(&self) -> PeftType {
+        match self {
+            Self::PromptTuning(_) => PeftType::PromptTuning,
+            Self::PTuning(_) => PeftType::PTuning,
+            Self::PrefixTuning(_) => PeftType::PrefixTuning,
+            Self::BitFit(_) => PeftType::BitFit,
         }
     }
 }
 
 impl Adapter for AutoAdapter {
     fn num_virtual_tokens(&self) -> usize {
-        match self {
-            Self::PromptTuning(a) => a.num_virtual_tokens(),
-        }
+        each!(self, a => a.num_virtual_tokens())
     }
 
     fn inject(&self, batch: usize) -> Injection {
-        match self {
-            Self::PromptTuning(a) => a.inject(batch),
-        }
+        each!(self, a => a.inject(batch))
     }
 
     fn prepare_base<M: Module>(&self, base: M) -> M {
+        each!(self, a => a.prepare_base(base))
+    }
+
+    fn save<M: CausalLm>(
+        &self,
+        dir: &Path,
+        base: &M,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<(), AdapterError> {
+        each!(self, a => Adapter::save(a, dir, base, base_model_name_or_path))
+    }
+
+    /// Reads `peft_type` from `dir/adapter_config.json` and loads that method.
+    fn load<M: CausalLm>(dir: &Path, base: M) -> Result<(M, Self), AdapterError> {
+        let cfg = JsonConfig::from_file(
+            dir.join(ADAPTER_CONFIG),
+            "the adapter's adapter_config.json",
+        )?;
+        Ok(match PeftType::from_config(&cfg)? {
+            PeftType::PromptTuning => {
+                let (base, a) = <PromptEmbedding as Adapter>::load(dir, base)?;
+                (base, Self::PromptTuning(a))
+            }
+            PeftType::PTuning => {
+                let (base, a) = <PromptEncoder as Adapter>::load(dir, base)?;
+                (base, Self::PTuning(a))
+            }
+            PeftType::PrefixTuning => {
+                let (base, a) = <PrefixEncoder as Adapter>::load(dir, base)?;
+                (base, Self::PrefixTuning(a))
+            }
+            PeftType::BitFit => {
+                let (base, a) = <BitFit as Adapter>::load(dir, base)?;
+                (base, Self::BitFit(a))
+            }
+        })
+    }
+
+    fn into_inference(self) -> Self {
         match self {
-            Self::PromptTuning(a) => a.prepare_base(base),
+            Self::PromptTuning(a) => Self::PromptTuning(a),
+            Self::PTuning(a) => Self::PTuning(a.into_inference()),
+            Self::PrefixTuning(a) => Self::PrefixTuning(a.into_inference()),
+            Self::BitFit(a) => Self::BitFit(a),
         }
     }
 }

@@ -11,13 +11,20 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::DType;
 use clap::{Parser, Subcommand, ValueEnum};
-use peft_core::adapter_file::write_tensors;
+use peft_core::adapter_config::{ADAPTER_CONFIG, AdapterError, PeftType};
+use peft_core::adapter_file::{ADAPTER_WEIGHTS, write_atomic, write_tensors};
+use peft_core::json_config::JsonConfig;
 use peft_core::{
     Adapter, CausalLm, GenerationConfig, GenerationStep, Injection, PeftModel, generate,
 };
-use peft_models::{AutoCausalLm, ModelError, SpecialTokens, load_tokenizer};
+use peft_models::{AutoCausalLm, AutoConfig, ModelError, SpecialTokens, load_tokenizer};
+use peft_bitfit::BitFit;
+use peft_prefix::PrefixEncoder;
+use peft_prompt::PromptEmbedding;
+use peft_ptuning::{EncoderType, PromptEncoder};
 
 use crate::AutoAdapter;
+use crate::info::{MethodSpec, trainable_parameters};
 
 /// Errors of the command line, each naming the file (and field) at fault.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +104,74 @@ pub enum Command {
     Forward(ForwardArgs),
     /// Generate a continuation of a prompt, streamed to stdout.
     Generate(GenerateArgs),
+    /// Print PEFT's trainable-parameter line for a method on a model, from its config.json alone.
+    Info(InfoArgs),
+    /// Fold a trainable adapter (our encoder checkpoint) into PEFT's inference files.
+    Export(ExportArgs),
+}
+
+/// A method, as `peft info` and `peft train` name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Method {
+    /// Prompt Tuning (PEFT `PROMPT_TUNING`).
+    PromptTuning,
+    /// P-Tuning v1 (PEFT `P_TUNING`).
+    PTuning,
+    /// Prefix Tuning with projection (PEFT `PREFIX_TUNING`, `prefix_projection: true`).
+    PrefixTuning,
+    /// P-Tuning v2 (PEFT `PREFIX_TUNING`, `prefix_projection: false`).
+    PTuningV2,
+    /// BitFit (biases only).
+    Bitfit,
+}
+
+/// P-tuning's encoder, as PEFT's `encoder_reparameterization_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EncoderArg {
+    /// `MLP`.
+    Mlp,
+    /// `LSTM`.
+    Lstm,
+}
+
+/// Arguments of `peft info`.
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    /// Hugging Face model directory, or its config.json (weights are not read).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The method.
+    #[arg(long, value_enum)]
+    pub method: Method,
+    /// Virtual tokens (prompt methods) or prefix positions (prefix methods).
+    #[arg(long, default_value_t = 10)]
+    pub num_virtual_tokens: usize,
+    /// P-tuning's encoder.
+    #[arg(long, value_enum, default_value = "mlp")]
+    pub encoder_reparameterization_type: EncoderArg,
+    /// Encoder width (P-tuning: default hidden size; prefix tuning: default the key/value width).
+    #[arg(long)]
+    pub encoder_hidden_size: Option<usize>,
+    /// P-tuning LSTM layers.
+    #[arg(long, default_value_t = 2)]
+    pub encoder_num_layers: usize,
+    /// BitFit: a regular expression over Hugging Face names narrowing which biases train.
+    #[arg(long)]
+    pub bias_pattern: Option<String>,
+}
+
+/// Arguments of `peft export`.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// The base model's directory, or its config.json (weights are not read).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The adapter directory to export (trainable or already inference form).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Where PEFT's inference files go (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub output: PathBuf,
 }
 
 /// Arguments of `peft forward`.
@@ -158,18 +233,127 @@ pub fn run(cli: Cli, device: &Device, out: &mut dyn Write) -> Result<(), CliErro
     match cli.command {
         Command::Forward(args) => forward(&args, device),
         Command::Generate(args) => generate_text(&args, device, out),
+        Command::Info(args) => info(&args, out),
+        Command::Export(args) => export(&args, device),
     }
 }
 
-fn load_adapter(
-    dir: &Option<PathBuf>,
-    model: &AutoCausalLm,
+/// The model of `model_dir`, with the adapter of `adapter_dir` loaded onto it if given.
+fn load_model(
+    model_dir: &Path,
+    adapter_dir: Option<&Path>,
     device: &Device,
-) -> Result<Option<AutoAdapter>, CliError> {
-    dir.as_ref()
-        .map(|dir| AutoAdapter::load(dir, &model.geometry(), device))
-        .transpose()
-        .map_err(CliError::from)
+    dtype: DType,
+) -> Result<(AutoCausalLm, Option<AutoAdapter>), CliError> {
+    let model = AutoCausalLm::from_pretrained(model_dir, device, dtype)?;
+    match adapter_dir {
+        None => Ok((model, None)),
+        Some(dir) => {
+            let (model, adapter) = AutoAdapter::load(dir, model)?;
+            Ok((model, Some(adapter)))
+        }
+    }
+}
+
+/// The config of `path`: a model directory or a config.json.
+fn read_config(path: &Path) -> Result<AutoConfig, CliError> {
+    let file = if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.to_path_buf()
+    };
+    Ok(AutoConfig::from_file(file)?)
+}
+
+/// `peft info`: PEFT's `print_trainable_parameters` line, from the config alone.
+pub fn info(args: &InfoArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let config = read_config(&args.model)?;
+    let n = args.num_virtual_tokens;
+    let spec = match args.method {
+        Method::PromptTuning => MethodSpec::PromptTuning {
+            num_virtual_tokens: n,
+        },
+        Method::PTuning => MethodSpec::PTuning {
+            num_virtual_tokens: n,
+            encoder: match args.encoder_reparameterization_type {
+                EncoderArg::Mlp => EncoderType::Mlp,
+                EncoderArg::Lstm => EncoderType::Lstm,
+            },
+            encoder_hidden_size: args.encoder_hidden_size,
+            encoder_num_layers: args.encoder_num_layers,
+        },
+        Method::PrefixTuning | Method::PTuningV2 => MethodSpec::Prefix {
+            num_virtual_tokens: n,
+            projection: args.method == Method::PrefixTuning,
+            encoder_hidden_size: args.encoder_hidden_size,
+        },
+        Method::Bitfit => MethodSpec::BitFit {
+            bias_pattern: args.bias_pattern.clone(),
+        },
+    };
+    if n == 0 && !matches!(spec, MethodSpec::BitFit { .. }) {
+        return Err(CliError::Argument {
+            flag: "--num-virtual-tokens",
+            message: "must be at least 1".into(),
+        });
+    }
+    let counts = trainable_parameters(&config, &spec).map_err(|e| CliError::Argument {
+        flag: "--bias-pattern",
+        message: e.to_string(),
+    })?;
+    writeln!(out, "{counts}").map_err(|source| CliError::Io {
+        path: "<stdout>".into(),
+        source,
+    })
+}
+
+/// `peft export`: the adapter in `args.adapter` written to `args.output` in PEFT's inference form
+/// (encoders folded into `prompt_embeddings`; BitFit's file is already final).
+pub fn export(args: &ExportArgs, device: &Device) -> Result<(), CliError> {
+    let config = read_config(&args.model)?;
+    let geometry = config.geometry();
+    let cfg = JsonConfig::from_file(
+        args.adapter.join(ADAPTER_CONFIG),
+        "the adapter's adapter_config.json",
+    )
+    .map_err(AdapterError::from)?;
+    let base_name = cfg.opt_str("base_model_name_or_path").map_err(AdapterError::from)?;
+    let out = &args.output;
+    match PeftType::from_config(&cfg).map_err(AdapterError::from)? {
+        PeftType::PromptTuning => {
+            PromptEmbedding::load(&args.adapter, &geometry, device)?.save(out, &geometry, base_name)?
+        }
+        PeftType::PTuning => PromptEncoder::load(&args.adapter, &geometry, device)?
+            .into_inference()
+            .save(out, &geometry, base_name)?,
+        PeftType::PrefixTuning => PrefixEncoder::load(&args.adapter, &geometry, device)?
+            .into_inference()
+            .save(out, base_name)?,
+        PeftType::BitFit => {
+            // The biases are final already: check they fit a model of this config (every bias is
+            // 1-D, so its size is its shape), then copy.
+            let shapes = config
+                .parameter_sizes()
+                .into_iter()
+                .map(|(name, n)| (name, vec![n]))
+                .collect();
+            BitFit::read(&args.adapter, &shapes)?;
+            std::fs::create_dir_all(out).map_err(|source| CliError::Io {
+                path: out.clone(),
+                source,
+            })?;
+            for name in [ADAPTER_WEIGHTS, ADAPTER_CONFIG] {
+                let from = args.adapter.join(name);
+                let bytes = std::fs::read(&from).map_err(|source| CliError::Io {
+                    path: from.clone(),
+                    source,
+                })?;
+                let to = out.join(name);
+                write_atomic(&to, &bytes).map_err(|source| CliError::Io { path: to, source })?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The `{"input_ids", "attention_mask"}` input of `peft forward`.
@@ -241,8 +425,8 @@ fn int_tensor(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
 /// `peft forward`: logits of every input token, written atomically to `args.output`.
 pub fn forward(args: &ForwardArgs, device: &Device) -> Result<(), CliError> {
     let input = ForwardInput::from_file(&args.input)?;
-    let model = AutoCausalLm::from_pretrained(&args.model, device, args.dtype.into())?;
-    let adapter = load_adapter(&args.adapter, &model, device)?;
+    let (model, adapter) =
+        load_model(&args.model, args.adapter.as_deref(), device, args.dtype.into())?;
     let virtual_tokens = adapter.as_ref().map_or(0, Adapter::num_virtual_tokens);
     model
         .check_input(
@@ -300,8 +484,8 @@ pub fn generate_text(
         .with_eos_token_ids(special.eos_token_ids.clone())
         .with_pad_token_id(special.pad_token_id);
     config.validate().map_err(CliError::Generate)?;
-    let model = AutoCausalLm::from_pretrained(&args.model, device, args.dtype.into())?;
-    let adapter = load_adapter(&args.adapter, &model, device)?;
+    let (model, adapter) =
+        load_model(&args.model, args.adapter.as_deref(), device, args.dtype.into())?;
     let virtual_tokens = adapter.as_ref().map_or(0, Adapter::num_virtual_tokens);
     let encoding =
         tokenizer

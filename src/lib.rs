@@ -1,7 +1,7 @@
 //! peft-burn: parameter-efficient fine-tuning of causal language models on burn.
 //!
 //! This facade re-exports the workspace's crates under one name and holds the `peft` command line
-//! ([`cli`]). The backend is chosen at compile time by this crate's features: `flex` (CPU, the
+//! ([`cli`]) with its parameter counting ([`info`]). The backend is chosen at compile time by this crate's features: `flex` (CPU, the
 //! default), `cuda` or `wgpu`; [`default_device`] returns the device of the compiled backend.
 //!
 //! - [`core`]: the `CausalLm` / adapter contract, masks, generation.
@@ -11,6 +11,7 @@
 
 pub mod adapters;
 pub mod cli;
+pub mod info;
 
 pub use adapters::AutoAdapter;
 

@@ -19,7 +19,7 @@ use peft_core::adapter_config::{ADAPTER_CONFIG, AdapterError, PeftType, write_co
 use peft_core::adapter_file::{ADAPTER_WEIGHTS, AdapterFileError, TensorFile, write_tensors};
 use peft_core::json_config::JsonConfig;
 use peft_core::params::{param_infos, read_params, unfreeze_params, write_params};
-use peft_core::{Adapter, Injection};
+use peft_core::{Adapter, CausalLm, Injection};
 use regex::Regex;
 
 /// A `bias_pattern` that is not a valid regular expression.
@@ -133,6 +133,22 @@ impl BitFit {
     /// does not fit `base`: a tensor the model has no bias of that name for, one of the wrong shape,
     /// or a selected bias missing from the file; each names the file and the key or tensor.
     pub fn load<M: Module>(dir: &Path, base: M) -> Result<(Self, M), AdapterError> {
+        let shapes = param_infos(&base).into_iter().map(|p| (p.name, p.shape)).collect();
+        let (adapter, mut values) = Self::read(dir, &shapes)?;
+        let base = write_params(base, &mut values);
+        Ok((adapter, base))
+    }
+
+    /// Reads a BitFit adapter directory made for a model whose parameters have `shapes` (by
+    /// Hugging Face name), checking every tensor fits: the adapter and its biases by name.
+    ///
+    /// # Errors
+    ///
+    /// As [`BitFit::load`].
+    pub fn read(
+        dir: &Path,
+        shapes: &HashMap<String, Vec<usize>>,
+    ) -> Result<(Self, HashMap<String, TensorData>), AdapterError> {
         let cfg = JsonConfig::from_file(dir.join(ADAPTER_CONFIG), "the adapter's adapter_config.json")?;
         let found = PeftType::from_config(&cfg)?;
         if found != PeftType::BitFit {
@@ -156,10 +172,6 @@ impl BitFit {
 
         let path = dir.join(ADAPTER_WEIGHTS);
         let file = TensorFile::open(&path)?;
-        let shapes: HashMap<String, Vec<usize>> = param_infos(&base)
-            .into_iter()
-            .map(|p| (p.name, p.shape))
-            .collect();
         let mut values = HashMap::new();
         for name in file.names() {
             let shape = shapes
@@ -184,8 +196,7 @@ impl BitFit {
             }
             .into());
         }
-        let base = write_params(base, &mut values);
-        Ok((adapter, base))
+        Ok((adapter, values))
     }
 }
 
@@ -196,6 +207,20 @@ impl Adapter for BitFit {
 
     fn inject(&self, _batch: usize) -> Injection {
         Injection::default()
+    }
+
+    fn save<M: CausalLm>(
+        &self,
+        dir: &Path,
+        base: &M,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<(), AdapterError> {
+        BitFit::save(self, dir, base, base_model_name_or_path)
+    }
+
+    fn load<M: CausalLm>(dir: &Path, base: M) -> Result<(M, Self), AdapterError> {
+        let (adapter, base) = BitFit::load(dir, base)?;
+        Ok((base, adapter))
     }
 
     /// Freezes the base, then unfreezes the selected biases.

@@ -1,12 +1,15 @@
 //! The adapter side of the contract.
 
+use std::path::Path;
+
 use burn::prelude::*;
 
-use crate::model::Injection;
+use crate::adapter_config::AdapterError;
+use crate::model::{CausalLm, Injection};
 
 /// A parameter-efficient fine-tuning method: a burn [`Module`] holding the trainable parameters
-/// that, for a batch, yields the [`Injection`] the base model receives, and says how the base is
-/// made trainable.
+/// that, for a batch, yields the [`Injection`] the base model receives, says how the base is made
+/// trainable, and reads and writes its adapter directory.
 ///
 /// Methods that inject nothing (BitFit) return `Injection::default()` and unfreeze part of the
 /// base in [`Adapter::prepare_base`] instead.
@@ -21,5 +24,34 @@ pub trait Adapter: Module {
     /// Makes the base model trainable the way the method needs: by default fully frozen.
     fn prepare_base<M: Module>(&self, base: M) -> M {
         base.freeze()
+    }
+
+    /// Writes the adapter directory for `base` (PEFT's files where PEFT has the method, plus our
+    /// trainable checkpoint where the method has an encoder), each file atomically.
+    fn save<M: CausalLm>(
+        &self,
+        dir: &Path,
+        base: &M,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<(), AdapterError>;
+
+    /// Reads the adapter directory `dir` made for `base`, returning the base (BitFit replaces its
+    /// biases) and the adapter.
+    ///
+    /// # Errors
+    ///
+    /// A missing or malformed file, another method, or an adapter that does not fit `base`; each
+    /// names the file and the key or tensor.
+    fn load<M: CausalLm>(dir: &Path, base: M) -> Result<(M, Self), AdapterError>
+    where
+        Self: Sized;
+
+    /// The inference form: an encoder folded into its output, as PEFT's files hold it (the
+    /// identity for methods without an encoder).
+    fn into_inference(self) -> Self
+    where
+        Self: Sized,
+    {
+        self
     }
 }

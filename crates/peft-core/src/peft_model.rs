@@ -1,11 +1,14 @@
 //! A base model joined with an adapter: forward, loss and generation as PEFT computes them.
 
 use std::ops::ControlFlow;
+use std::path::Path;
 
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 
 use crate::adapter::Adapter;
+use crate::adapter_config::AdapterError;
+use crate::params::TrainableParameters;
 use crate::error::CoreError;
 use crate::generation::{GenerationConfig, GenerationOutput, GenerationStep, generate};
 use crate::model::CausalLm;
@@ -28,6 +31,38 @@ impl<M: CausalLm, A: Adapter> PeftModel<M, A> {
         Self {
             base: adapter.prepare_base(base),
             adapter,
+        }
+    }
+
+    /// Loads the adapter directory `dir` onto `base` (as PEFT's `PeftModel.from_pretrained`).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Adapter::load`].
+    pub fn from_pretrained(base: M, dir: &Path) -> Result<Self, AdapterError> {
+        let (base, adapter) = A::load(dir, base)?;
+        Ok(Self::new(base, adapter))
+    }
+
+    /// Writes the adapter directory (see [`Adapter::save`]).
+    pub fn save_pretrained(
+        &self,
+        dir: &Path,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<(), AdapterError> {
+        self.adapter.save(dir, &self.base, base_model_name_or_path)
+    }
+
+    /// PEFT's `print_trainable_parameters` numbers (print them with `{}`). Trainable means
+    /// "receives gradients": build on `device.autodiff()` to count what training would update.
+    pub fn trainable_parameters(&self) -> TrainableParameters {
+        let (base, adapter) = (
+            TrainableParameters::of(&self.base),
+            TrainableParameters::of(&self.adapter),
+        );
+        TrainableParameters {
+            trainable: base.trainable + adapter.trainable,
+            all: base.all + adapter.all,
         }
     }
 

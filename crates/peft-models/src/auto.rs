@@ -61,6 +61,15 @@ impl AutoConfig {
         }
     }
 
+    /// Every parameter as (Hugging Face name, element count), from the config alone; their sum is
+    /// the model's size with a tied `lm_head` counted once, as PEFT counts it.
+    pub fn parameter_sizes(&self) -> Vec<(String, usize)> {
+        match self {
+            Self::Qwen2(c) => c.parameter_sizes(),
+            Self::Bloom(c) => c.parameter_sizes(),
+        }
+    }
+
     /// A model of this shape with random weights.
     pub fn init(&self, device: &Device) -> AutoCausalLm {
         match self {

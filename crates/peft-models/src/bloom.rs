@@ -74,6 +74,36 @@ impl BloomConfig {
         self.hidden_size / self.n_head
     }
 
+    /// Every parameter of the model as (Hugging Face name, element count), from the config alone
+    /// (the `lm_head` is tied to the embedding, listed once).
+    pub fn parameter_sizes(&self) -> Vec<(String, usize)> {
+        let h = self.hidden_size;
+        let mut out = vec![("transformer.word_embeddings.weight".to_string(), self.vocab_size * h)];
+        let norm = |out: &mut Vec<(String, usize)>, name: String| {
+            out.push((format!("{name}.weight"), h));
+            out.push((format!("{name}.bias"), h));
+        };
+        norm(&mut out, "transformer.word_embeddings_layernorm".into());
+        for l in 0..self.n_layer {
+            let p = format!("transformer.h.{l}");
+            norm(&mut out, format!("{p}.input_layernorm"));
+            for (linear, d_in, d_out) in [
+                ("self_attention.query_key_value", h, 3 * h),
+                ("self_attention.dense", h, h),
+            ] {
+                out.push((format!("{p}.{linear}.weight"), d_in * d_out));
+                out.push((format!("{p}.{linear}.bias"), d_out));
+            }
+            norm(&mut out, format!("{p}.post_attention_layernorm"));
+            for (linear, d_in, d_out) in [("mlp.dense_h_to_4h", h, 4 * h), ("mlp.dense_4h_to_h", 4 * h, h)] {
+                out.push((format!("{p}.{linear}.weight"), d_in * d_out));
+                out.push((format!("{p}.{linear}.bias"), d_out));
+            }
+        }
+        norm(&mut out, "transformer.ln_f".into());
+        out
+    }
+
     /// Geometry adapters see (no GQA: key/value heads = heads; ALiBi has no length limit).
     pub fn geometry(&self) -> ModelGeometry {
         ModelGeometry {

@@ -10,7 +10,7 @@ use peft_core::{CausalLm, GenerationConfig, Injection, KvCache, LayerKv, ModelIn
 use peft_models::{AutoCausalLm, SpecialTokens};
 use serde_json::Value;
 
-const FIXTURES: [&str; 7] = [
+const FIXTURES: [&str; 8] = [
     "qwen2-gqa-tied",
     "qwen2-gqa-untied",
     "llama-mqa-sharded",
@@ -18,6 +18,7 @@ const FIXTURES: [&str; 7] = [
     "bloom-legacy-5-heads",
     "qwen2-bf16",
     "llama-f16",
+    "llama-biases",
 ];
 
 fn fixtures() -> PathBuf {
@@ -556,4 +557,20 @@ fn generate_rejects_inputs_that_do_not_fit() {
     assert!(
         run(&[vec![1]], wrong_width).contains("virtual_embeds: is [1, _, 7], expected [1, _, 64]")
     );
+}
+
+#[test]
+fn parameter_sizes_from_the_config_name_every_parameter_of_the_model() {
+    use std::collections::BTreeMap;
+    for name in FIXTURES {
+        let config = peft_models::AutoConfig::from_file(model_dir(name).join("config.json")).unwrap();
+        let from_config: BTreeMap<String, usize> = config.parameter_sizes().into_iter().collect();
+        let model = load(name, DType::F32);
+        let built: BTreeMap<String, usize> = peft_core::params::param_infos(&model)
+            .into_iter()
+            .map(|p| (p.name, p.shape.iter().product()))
+            .collect();
+        assert_eq!(from_config, built, "{name}: config-derived sizes vs the built model's HF names");
+        assert_eq!(from_config.values().sum::<usize>(), model.num_params(), "{name}");
+    }
 }

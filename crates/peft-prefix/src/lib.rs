@@ -24,7 +24,7 @@ use peft_core::adapter_file::{
     ADAPTER_ENCODER, ADAPTER_WEIGHTS, PROMPT_EMBEDDINGS, TensorFile, linear_tensors, read_linear,
 };
 use peft_core::json_config::JsonConfig;
-use peft_core::{Adapter, Injection, LayerKv, ModelGeometry};
+use peft_core::{Adapter, CausalLm, Injection, LayerKv, ModelGeometry};
 
 pub use peft_core::adapter_config::AdapterError;
 
@@ -284,6 +284,24 @@ impl Adapter for PrefixEncoder {
     fn num_virtual_tokens(&self) -> usize {
         // Prefix positions are key/values, not input tokens.
         0
+    }
+
+    fn save<M: CausalLm>(
+        &self,
+        dir: &Path,
+        _base: &M,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<(), AdapterError> {
+        PrefixEncoder::save(self, dir, base_model_name_or_path)
+    }
+
+    fn load<M: CausalLm>(dir: &Path, base: M) -> Result<(M, Self), AdapterError> {
+        let adapter = PrefixEncoder::load(dir, &base.geometry(), &base.device())?;
+        Ok((base, adapter))
+    }
+
+    fn into_inference(self) -> Self {
+        PrefixEncoder::into_inference(self)
     }
 
     fn inject(&self, batch: usize) -> Injection {

@@ -15,7 +15,7 @@ use burn::nn::{Embedding, EmbeddingConfig};
 use burn::prelude::*;
 use peft_core::adapter_config::{PeftType, PromptLearningConfig, write_adapter_dir};
 use peft_core::adapter_file::{ADAPTER_WEIGHTS, PROMPT_EMBEDDINGS, read_tensor};
-use peft_core::{Adapter, Injection, ModelGeometry};
+use peft_core::{Adapter, CausalLm, Injection, ModelGeometry};
 
 pub use peft_core::adapter_config::AdapterError;
 use rand::{RngExt, SeedableRng, rngs::StdRng};
@@ -66,6 +66,9 @@ impl PromptTuningInit {
 pub struct PromptEmbedding {
     /// `[num_virtual_tokens, token_dim]`; its weight is PEFT's `prompt_embeddings` tensor.
     pub embedding: Embedding,
+    /// How it was made (recorded in the saved `adapter_config.json`).
+    #[module(skip)]
+    pub config: PromptTuningConfig,
 }
 
 impl PromptTuningConfig {
@@ -73,7 +76,13 @@ impl PromptTuningConfig {
     pub fn init(&self, device: &Device) -> PromptEmbedding {
         PromptEmbedding {
             embedding: EmbeddingConfig::new(self.num_virtual_tokens, self.token_dim).init(device),
+            config: self.clone(),
         }
+    }
+
+    /// Parameters of the prompt: `num_virtual_tokens * token_dim`.
+    pub fn num_params(&self) -> usize {
+        self.num_virtual_tokens * self.token_dim
     }
 
     /// A prompt initialized from the base model's word embeddings `[vocab, token_dim]`:
@@ -112,17 +121,24 @@ impl PromptTuningConfig {
             }
         };
         let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), &device);
-        PromptEmbedding::from_prompt_embeddings(word_embeddings.select(0, ids).detach())
+        let mut prompt =
+            PromptEmbedding::from_prompt_embeddings(word_embeddings.select(0, ids).detach());
+        prompt.config = self.clone();
+        prompt
     }
 }
 
 impl PromptEmbedding {
-    /// A prompt holding `prompt_embeddings` `[num_virtual_tokens, token_dim]` (PEFT's saved tensor).
+    /// A prompt holding `prompt_embeddings` `[num_virtual_tokens, token_dim]` (PEFT's saved tensor),
+    /// recorded as `Random` init.
     pub fn from_prompt_embeddings(prompt_embeddings: Tensor<2>) -> Self {
         let [n, d] = prompt_embeddings.dims();
         let mut embedding = EmbeddingConfig::new(n, d).init(&prompt_embeddings.device());
         embedding.weight = Param::from_tensor(prompt_embeddings);
-        Self { embedding }
+        Self {
+            embedding,
+            config: PromptTuningConfig::new(n, d),
+        }
     }
 
     /// The inference form PEFT saves as `prompt_embeddings`: `[num_virtual_tokens, token_dim]`.
@@ -162,7 +178,15 @@ impl PromptEmbedding {
             &why,
             device,
         )?;
-        Ok(Self::from_prompt_embeddings(weights))
+        let mut prompt = Self::from_prompt_embeddings(weights);
+        prompt.config.prompt_tuning_init = match raw.opt_str("prompt_tuning_init")? {
+            Some("TEXT") => PromptTuningInit::Text,
+            Some("SAMPLE_VOCAB") => PromptTuningInit::SampleVocab,
+            _ => PromptTuningInit::Random,
+        };
+        prompt.config.prompt_tuning_init_text =
+            raw.opt_str("prompt_tuning_init_text")?.map(str::to_string);
+        Ok(prompt)
     }
 
     /// Saves in PEFT's format into `dir` (created if needed): `adapter_config.json` with PEFT's
@@ -172,9 +196,9 @@ impl PromptEmbedding {
         &self,
         dir: &Path,
         geometry: &ModelGeometry,
-        config: &PromptTuningConfig,
         base_model_name_or_path: Option<&str>,
     ) -> Result<(), AdapterError> {
+        let config = &self.config;
         let shared = PromptLearningConfig {
             peft_type: PeftType::PromptTuning,
             num_virtual_tokens: self.num_virtual_tokens(),
@@ -210,6 +234,20 @@ impl PromptEmbedding {
 impl Adapter for PromptEmbedding {
     fn num_virtual_tokens(&self) -> usize {
         self.embedding.weight.dims()[0]
+    }
+
+    fn save<M: CausalLm>(
+        &self,
+        dir: &Path,
+        base: &M,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<(), AdapterError> {
+        PromptEmbedding::save(self, dir, &base.geometry(), base_model_name_or_path)
+    }
+
+    fn load<M: CausalLm>(dir: &Path, base: M) -> Result<(M, Self), AdapterError> {
+        let adapter = PromptEmbedding::load(dir, &base.geometry(), &base.device())?;
+        Ok((base, adapter))
     }
 
     fn inject(&self, batch: usize) -> Injection {

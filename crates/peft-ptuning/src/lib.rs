@@ -26,7 +26,7 @@ use peft_core::adapter_file::{
     ADAPTER_ENCODER, ADAPTER_WEIGHTS, PROMPT_EMBEDDINGS, TensorFile, linear_tensors, read_linear,
 };
 use peft_core::json_config::JsonConfig;
-use peft_core::{Adapter, Injection, ModelGeometry};
+use peft_core::{Adapter, CausalLm, Injection, ModelGeometry};
 
 pub use lstm::{BiLstm, BiLstmConfig};
 pub use peft_core::adapter_config::AdapterError;
@@ -337,6 +337,24 @@ impl PromptEncoder {
 impl Adapter for PromptEncoder {
     fn num_virtual_tokens(&self) -> usize {
         self.embedding.weight.dims()[0]
+    }
+
+    fn save<M: CausalLm>(
+        &self,
+        dir: &Path,
+        base: &M,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<(), AdapterError> {
+        PromptEncoder::save(self, dir, &base.geometry(), base_model_name_or_path)
+    }
+
+    fn load<M: CausalLm>(dir: &Path, base: M) -> Result<(M, Self), AdapterError> {
+        let adapter = PromptEncoder::load(dir, &base.geometry(), &base.device())?;
+        Ok((base, adapter))
+    }
+
+    fn into_inference(self) -> Self {
+        PromptEncoder::into_inference(self)
     }
 
     fn inject(&self, batch: usize) -> Injection {
