@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::DType;
 use clap::{Parser, Subcommand, ValueEnum};
+use peft_bitfit::BitFit;
 use peft_core::adapter_config::{ADAPTER_CONFIG, AdapterError, PeftType};
 use peft_core::adapter_file::{ADAPTER_WEIGHTS, write_atomic, write_tensors};
 use peft_core::json_config::JsonConfig;
@@ -18,7 +19,6 @@ use peft_core::{
     Adapter, CausalLm, GenerationConfig, GenerationStep, Injection, PeftModel, generate,
 };
 use peft_models::{AutoCausalLm, AutoConfig, ModelError, SpecialTokens, load_tokenizer};
-use peft_bitfit::BitFit;
 use peft_prefix::PrefixEncoder;
 use peft_prompt::PromptEmbedding;
 use peft_ptuning::{EncoderType, PromptEncoder};
@@ -317,12 +317,13 @@ pub fn export(args: &ExportArgs, device: &Device) -> Result<(), CliError> {
         "the adapter's adapter_config.json",
     )
     .map_err(AdapterError::from)?;
-    let base_name = cfg.opt_str("base_model_name_or_path").map_err(AdapterError::from)?;
+    let base_name = cfg
+        .opt_str("base_model_name_or_path")
+        .map_err(AdapterError::from)?;
     let out = &args.output;
     match PeftType::from_config(&cfg).map_err(AdapterError::from)? {
-        PeftType::PromptTuning => {
-            PromptEmbedding::load(&args.adapter, &geometry, device)?.save(out, &geometry, base_name)?
-        }
+        PeftType::PromptTuning => PromptEmbedding::load(&args.adapter, &geometry, device)?
+            .save(out, &geometry, base_name)?,
         PeftType::PTuning => PromptEncoder::load(&args.adapter, &geometry, device)?
             .into_inference()
             .save(out, &geometry, base_name)?,
@@ -425,8 +426,12 @@ fn int_tensor(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
 /// `peft forward`: logits of every input token, written atomically to `args.output`.
 pub fn forward(args: &ForwardArgs, device: &Device) -> Result<(), CliError> {
     let input = ForwardInput::from_file(&args.input)?;
-    let (model, adapter) =
-        load_model(&args.model, args.adapter.as_deref(), device, args.dtype.into())?;
+    let (model, adapter) = load_model(
+        &args.model,
+        args.adapter.as_deref(),
+        device,
+        args.dtype.into(),
+    )?;
     let virtual_tokens = adapter.as_ref().map_or(0, Adapter::num_virtual_tokens);
     model
         .check_input(
@@ -484,8 +489,12 @@ pub fn generate_text(
         .with_eos_token_ids(special.eos_token_ids.clone())
         .with_pad_token_id(special.pad_token_id);
     config.validate().map_err(CliError::Generate)?;
-    let (model, adapter) =
-        load_model(&args.model, args.adapter.as_deref(), device, args.dtype.into())?;
+    let (model, adapter) = load_model(
+        &args.model,
+        args.adapter.as_deref(),
+        device,
+        args.dtype.into(),
+    )?;
     let virtual_tokens = adapter.as_ref().map_or(0, Adapter::num_virtual_tokens);
     let encoding =
         tokenizer

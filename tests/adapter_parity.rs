@@ -16,7 +16,12 @@ use peft::core::adapter_file::{ADAPTER_ENCODER, ADAPTER_WEIGHTS};
 use peft::core::{Adapter, GenerationConfig, PeftModel};
 use peft::models::AutoCausalLm;
 
-const PROMPT_METHODS: [&str; 4] = ["p-tuning-mlp", "p-tuning-lstm", "prefix-tuning", "p-tuning-v2"];
+const PROMPT_METHODS: [&str; 4] = [
+    "p-tuning-mlp",
+    "p-tuning-lstm",
+    "prefix-tuning",
+    "p-tuning-v2",
+];
 const PROMPT_MODELS: [&str; 3] = ["qwen2-gqa-tied", "llama-mqa-sharded", "bloom-6-heads"];
 const BITFIT_MODELS: [&str; 3] = ["qwen2-gqa-tied", "llama-biases", "bloom-6-heads"];
 
@@ -50,7 +55,8 @@ impl Expected {
                         other => panic!("{name}: {other:?}"),
                     };
                     let shape = view.shape().to_vec();
-                    let data = TensorData::from_bytes_vec(view.data().to_vec(), shape.clone(), dtype);
+                    let data =
+                        TensorData::from_bytes_vec(view.data().to_vec(), shape.clone(), dtype);
                     (name, (shape, data))
                 })
                 .collect(),
@@ -78,16 +84,25 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn load(model: &str, adapter_dir: &Path, device: &Device) -> PeftModel<AutoCausalLm, AutoAdapter> {
-    let base = AutoCausalLm::from_pretrained(fixtures().join("models").join(model), device, DType::F32).unwrap();
+    let base =
+        AutoCausalLm::from_pretrained(fixtures().join("models").join(model), device, DType::F32)
+            .unwrap();
     PeftModel::from_pretrained(base, adapter_dir).unwrap()
 }
 
 /// Max |diff| between our logits and PEFT's over the real (mask 1) positions.
-fn logits_diff(peft: &PeftModel<AutoCausalLm, AutoAdapter>, expected: &Expected, device: &Device) -> f32 {
+fn logits_diff(
+    peft: &PeftModel<AutoCausalLm, AutoAdapter>,
+    expected: &Expected,
+    device: &Device,
+) -> f32 {
     let mask = expected.ints("attention_mask", device);
     let ours = values(peft.forward(expected.ints("input_ids", device), Some(mask.clone())));
     let theirs = expected.floats("logits");
@@ -96,7 +111,12 @@ fn logits_diff(peft: &PeftModel<AutoCausalLm, AutoAdapter>, expected: &Expected,
     real.iter()
         .enumerate()
         .filter(|(_, m)| **m == 1)
-        .map(|(i, _)| max_diff(&ours[i * vocab..(i + 1) * vocab], &theirs[i * vocab..(i + 1) * vocab]))
+        .map(|(i, _)| {
+            max_diff(
+                &ours[i * vocab..(i + 1) * vocab],
+                &theirs[i * vocab..(i + 1) * vocab],
+            )
+        })
         .fold(0.0, f32::max)
 }
 
@@ -105,9 +125,12 @@ fn logits_diff(peft: &PeftModel<AutoCausalLm, AutoAdapter>, expected: &Expected,
 fn trainable_tensors(peft: &PeftModel<AutoCausalLm, AutoAdapter>) -> Vec<(String, TensorData)> {
     match &peft.adapter {
         AutoAdapter::PTuning(a) => a.encoder_tensors().unwrap(),
-        AutoAdapter::PrefixTuning(a) => a
-            .encoder_tensors()
-            .unwrap_or_else(|| vec![("embedding.weight".into(), a.embedding.weight.val().into_data())]),
+        AutoAdapter::PrefixTuning(a) => a.encoder_tensors().unwrap_or_else(|| {
+            vec![(
+                "embedding.weight".into(),
+                a.embedding.weight.val().into_data(),
+            )]
+        }),
         AutoAdapter::BitFit(a) => a.biases(&peft.base),
         AutoAdapter::PromptTuning(_) => unreachable!("covered by peft-prompt's tests"),
     }
@@ -126,8 +149,14 @@ fn every_method_matches_peft_forward_loss_and_sgd_step() {
     for (model, method) in cases() {
         let device = Device::default().autodiff();
         let case = format!("{model}/{method}");
-        let expected = Expected::read(&fixtures().join(format!("expected/adapters/{model}-{method}.safetensors")));
-        let peft = load(model, &fixtures().join(format!("adapters/{model}/{method}")), &device);
+        let expected = Expected::read(
+            &fixtures().join(format!("expected/adapters/{model}-{method}.safetensors")),
+        );
+        let peft = load(
+            model,
+            &fixtures().join(format!("adapters/{model}/{method}")),
+            &device,
+        );
 
         let diff = logits_diff(&peft, &expected, &device);
         eprintln!("{case}: logits max diff {diff:e}");
@@ -139,12 +168,19 @@ fn every_method_matches_peft_forward_loss_and_sgd_step() {
             expected.ints("labels", &device),
         );
         let (ours, theirs) = (values(loss.clone())[0], expected.floats("loss")[0]);
-        assert!((ours - theirs).abs() <= 1e-5, "{case}: loss {ours} vs PEFT {theirs}");
+        assert!(
+            (ours - theirs).abs() <= 1e-5,
+            "{case}: loss {ours} vs PEFT {theirs}"
+        );
 
         // One plain SGD step (lr 0.1) on what trains; nothing else gets a gradient.
         let grads = GradientsParams::from_grads(loss.backward(), &peft);
         let trainable = trainable_tensors(&peft);
-        assert_eq!(grads.len(), trainable.len(), "{case}: exactly the adapter's tensors train");
+        assert_eq!(
+            grads.len(),
+            trainable.len(),
+            "{case}: exactly the adapter's tensors train"
+        );
         let stepped = SgdConfig::new().init().step(0.1, peft, grads);
         let mut worst = 0.0f32;
         for (name, data) in trainable_tensors(&stepped) {
@@ -153,10 +189,16 @@ fn every_method_matches_peft_forward_loss_and_sgd_step() {
             worst = worst.max(max_diff(&ours, &theirs));
         }
         if let Some(ours) = prompt_embeddings(&stepped.adapter) {
-            worst = worst.max(max_diff(&ours, &expected.floats("prompt_embeddings_after_sgd")));
+            worst = worst.max(max_diff(
+                &ours,
+                &expected.floats("prompt_embeddings_after_sgd"),
+            ));
         }
         eprintln!("{case}: after one SGD step max diff {worst:e}");
-        assert!(worst <= 1e-5, "{case}: updated weights differ from PEFT by {worst}");
+        assert!(
+            worst <= 1e-5,
+            "{case}: updated weights differ from PEFT by {worst}"
+        );
         // The step was not vacuous.
         let moved = trainable
             .iter()
@@ -165,7 +207,10 @@ fn every_method_matches_peft_forward_loss_and_sgd_step() {
                 max_diff(&before, &expected.floats(&format!("after_sgd.{name}")))
             })
             .fold(0.0f32, f32::max);
-        assert!(moved > 1e-4, "{case}: the step barely moved anything ({moved})");
+        assert!(
+            moved > 1e-4,
+            "{case}: the step barely moved anything ({moved})"
+        );
     }
 }
 
@@ -181,7 +226,9 @@ fn peft_inference_files_alone_give_peft_logits() {
             std::fs::copy(source.join(name), dir.path().join(name)).unwrap();
         }
         let peft = load(model, dir.path(), &device);
-        let expected = Expected::read(&fixtures().join(format!("expected/adapters/{model}-{method}.safetensors")));
+        let expected = Expected::read(
+            &fixtures().join(format!("expected/adapters/{model}-{method}.safetensors")),
+        );
         let diff = logits_diff(&peft, &expected, &device);
         eprintln!("{case}: inference form, logits max diff {diff:e}");
         assert!(diff <= 1e-4, "{case}: {diff}");
@@ -195,7 +242,11 @@ fn greedy_generation_is_token_identical_to_peft() {
     for (model, method) in all {
         let device = Device::default();
         let case = format!("{model}/{method}");
-        let peft = load(model, &fixtures().join(format!("adapters/{model}/{method}")), &device);
+        let peft = load(
+            model,
+            &fixtures().join(format!("adapters/{model}/{method}")),
+            &device,
+        );
         let file = if method == "prompt-tuning" {
             format!("expected/adapters/{model}-prompt-tuning-greedy.safetensors")
         } else {
@@ -207,7 +258,9 @@ fn greedy_generation_is_token_identical_to_peft() {
         for (prompt, theirs) in expected.rows("greedy_prompts").iter().zip(&theirs) {
             let prompt: Vec<u32> = prompt.iter().map(|&t| t as u32).collect();
             let out = peft
-                .generate(std::slice::from_ref(&prompt), &config, |_| ControlFlow::Continue(()))
+                .generate(std::slice::from_ref(&prompt), &config, |_| {
+                    ControlFlow::Continue(())
+                })
                 .unwrap();
             let ours: Vec<i64> = out.new_tokens[0].iter().map(|&t| i64::from(t)).collect();
             assert_eq!(&ours, theirs, "{case}: greedy continuation of {prompt:?}");
@@ -220,8 +273,14 @@ fn padded_rows_equal_the_same_rows_unpadded() {
     for (model, method) in cases() {
         let device = Device::default();
         let case = format!("{model}/{method}");
-        let peft = load(model, &fixtures().join(format!("adapters/{model}/{method}")), &device);
-        let expected = Expected::read(&fixtures().join(format!("expected/adapters/{model}-{method}.safetensors")));
+        let peft = load(
+            model,
+            &fixtures().join(format!("adapters/{model}/{method}")),
+            &device,
+        );
+        let expected = Expected::read(
+            &fixtures().join(format!("expected/adapters/{model}-{method}.safetensors")),
+        );
         let row = expected.rows("input_ids")[0][..6].to_vec();
         let ids = |rows: Vec<Vec<i64>>| {
             let shape = [rows.len(), rows[0].len()];
@@ -232,14 +291,20 @@ fn padded_rows_equal_the_same_rows_unpadded() {
         // Left-padded by 3 and right-padded by 3, in one batch.
         let left = [vec![0; 3], row.clone()].concat();
         let right = [row.clone(), vec![0; 3]].concat();
-        let mask = [vec![vec![0i64; 3], vec![1; 6]].concat(), [vec![1i64; 6], vec![0; 3]].concat()];
+        let mask = [
+            vec![vec![0i64; 3], vec![1; 6]].concat(),
+            [vec![1i64; 6], vec![0; 3]].concat(),
+        ];
         let both = values(peft.forward(ids(vec![left, right]), Some(ids(mask.to_vec()))));
         let seq = 9;
         let left_real = &both[3 * vocab..seq * vocab];
         let right_real = &both[seq * vocab..(seq + 6) * vocab];
         let diff = max_diff(left_real, &alone).max(max_diff(right_real, &alone));
         eprintln!("{case}: padded vs alone {diff:e}");
-        assert!(diff <= 1e-5, "{case}: padding changed a row's logits by {diff}");
+        assert!(
+            diff <= 1e-5,
+            "{case}: padding changed a row's logits by {diff}"
+        );
     }
 }
 
@@ -248,7 +313,11 @@ fn trainable_checkpoint_round_trips_bit_identical_and_exports_to_peft_form() {
     for (model, method) in cases() {
         let device = Device::default();
         let case = format!("{model}/{method}");
-        let peft = load(model, &fixtures().join(format!("adapters/{model}/{method}")), &device);
+        let peft = load(
+            model,
+            &fixtures().join(format!("adapters/{model}/{method}")),
+            &device,
+        );
         let dir = tempfile::tempdir().unwrap();
         peft.save_pretrained(dir.path(), Some(model)).unwrap();
         let again = load(model, dir.path(), &device);
@@ -256,17 +325,29 @@ fn trainable_checkpoint_round_trips_bit_identical_and_exports_to_peft_form() {
         assert_eq!(a.len(), b.len(), "{case}");
         for ((na, da), (nb, db)) in a.into_iter().zip(b) {
             assert_eq!(na, nb, "{case}");
-            assert_eq!(da.as_bytes(), db.as_bytes(), "{case}: {na} not bit-identical after save/load");
+            assert_eq!(
+                da.as_bytes(),
+                db.as_bytes(),
+                "{case}: {na} not bit-identical after save/load"
+            );
         }
         // Folded to PEFT's inference form: no encoder file, same output.
         let exported = tempfile::tempdir().unwrap();
-        peft.adapter.clone().into_inference().save(exported.path(), &peft.base, Some(model)).unwrap();
+        peft.adapter
+            .clone()
+            .into_inference()
+            .save(exported.path(), &peft.base, Some(model))
+            .unwrap();
         assert!(!exported.path().join(ADAPTER_ENCODER).exists(), "{case}");
         let folded = load(model, exported.path(), &device);
-        if let (Some(x), Some(y)) = (prompt_embeddings(&peft.adapter), prompt_embeddings(&folded.adapter)) {
+        if let (Some(x), Some(y)) = (
+            prompt_embeddings(&peft.adapter),
+            prompt_embeddings(&folded.adapter),
+        ) {
             assert_eq!(x, y, "{case}: export changed the prompt");
         }
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 5, 9, 2], [1, 4]), &device);
+        let ids =
+            Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 5, 9, 2], [1, 4]), &device);
         assert_eq!(
             values(peft.forward(ids.clone(), None)),
             values(folded.forward(ids, None)),
@@ -280,9 +361,16 @@ fn trainable_parameter_report_counts_what_trains() {
     // The built model's report (autodiff device) equals `peft info`'s count from config.json alone.
     for (model, method) in cases() {
         let device = Device::default().autodiff();
-        let peft = load(model, &fixtures().join(format!("adapters/{model}/{method}")), &device);
+        let peft = load(
+            model,
+            &fixtures().join(format!("adapters/{model}/{method}")),
+            &device,
+        );
         let report = peft.trainable_parameters();
-        let trainable: usize = trainable_tensors(&peft).iter().map(|(_, d)| d.num_elements()).sum();
+        let trainable: usize = trainable_tensors(&peft)
+            .iter()
+            .map(|(_, d)| d.num_elements())
+            .sum();
         assert_eq!(report.trainable, trainable, "{model}/{method}");
         let base = peft.base.num_params();
         let adapter = if method == "bitfit" { 0 } else { trainable };

@@ -213,78 +213,261 @@ fn forward_reports_a_broken_model_and_the_adapter_flag() {
 }
 
 #[test]
-fn forward_and_generate_with_a_peft_prompt_tuning_adapter() {
+fn forward_and_generate_with_adapters_of_every_method() {
     let tmp = tempfile::tempdir().unwrap();
-    let name = "llama-mqa-sharded";
-    let adapter = root()
-        .join("fixtures/adapters")
-        .join(name)
-        .join("prompt-tuning");
-    let peft_expected = expected(&format!("adapters/{name}-prompt-tuning"), "safetensors");
-    // PEFT's batch: row 1 right-padded.
-    let ids = read_i64_rows(&peft_expected, "input_ids");
-    let mask = read_i64_rows(&peft_expected, "attention_mask");
     let input = tmp.path().join("in.json");
     let output = tmp.path().join("out.safetensors");
+    for (name, method) in [
+        ("llama-mqa-sharded", "prompt-tuning"),
+        ("qwen2-gqa-tied", "p-tuning-lstm"),
+        ("bloom-6-heads", "prefix-tuning"),
+        ("llama-mqa-sharded", "p-tuning-v2"),
+        ("llama-biases", "bitfit"),
+    ] {
+        let adapter = root().join("fixtures/adapters").join(name).join(method);
+        let peft_expected = expected(&format!("adapters/{name}-{method}"), "safetensors");
+        // PEFT's batch: row 1 right-padded.
+        let ids = read_i64_rows(&peft_expected, "input_ids");
+        let mask = read_i64_rows(&peft_expected, "attention_mask");
+        std::fs::write(
+            &input,
+            serde_json::json!({"input_ids": ids, "attention_mask": mask}).to_string(),
+        )
+        .unwrap();
+        let out = forward(
+            &model(name),
+            &input,
+            &output,
+            &["--adapter", adapter.to_str().unwrap()],
+        );
+        assert!(out.status.success(), "{name}/{method}: {}", stderr(&out));
+        let (shape, ours) = read_f32(&output, "logits");
+        let (want_shape, want) = read_f32(&peft_expected, "logits");
+        assert_eq!(shape, want_shape, "logits of the real tokens only");
+        let vocab = shape[2];
+        let real: Vec<i64> = mask.concat();
+        let real_positions = (0..real.len())
+            .filter(|&i| real[i] == 1)
+            .flat_map(|i| i * vocab..(i + 1) * vocab);
+        let diff = max_abs_diff(real_positions.map(|j| (&ours[j], &want[j])));
+        assert!(
+            diff <= 1e-4,
+            "{name}/{method}: logits differ from PEFT's by {diff}"
+        );
+
+        let out = peft(&[
+            "generate",
+            "--model",
+            model(name).to_str().unwrap(),
+            "--prompt",
+            "Hello",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--max-new-tokens",
+            "4",
+        ]);
+        assert!(out.status.success(), "{name}/{method}: {}", stderr(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("Hello"));
+    }
+
+    // A method this workspace does not have is named.
+    let other = tmp.path().join("lora");
+    std::fs::create_dir(&other).unwrap();
     std::fs::write(
-        &input,
-        serde_json::json!({"input_ids": ids, "attention_mask": mask}).to_string(),
+        other.join("adapter_config.json"),
+        r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM"}"#,
     )
     .unwrap();
     let out = forward(
-        &model(name),
-        &input,
-        &output,
-        &["--adapter", adapter.to_str().unwrap()],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let (shape, ours) = read_f32(&output, "logits");
-    let (want_shape, want) = read_f32(&peft_expected, "logits");
-    assert_eq!(shape, want_shape, "logits of the real tokens only");
-    let vocab = shape[2];
-    let real: Vec<i64> = mask.concat();
-    let real_positions = (0..real.len())
-        .filter(|&i| real[i] == 1)
-        .flat_map(|i| i * vocab..(i + 1) * vocab);
-    let diff = max_abs_diff(real_positions.map(|j| (&ours[j], &want[j])));
-    assert!(
-        diff <= 1e-4,
-        "logits with PEFT's adapter differ from PEFT by {diff}"
-    );
-
-    let out = peft(&[
-        "generate",
-        "--model",
-        model(name).to_str().unwrap(),
-        "--prompt",
-        "Hello",
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--max-new-tokens",
-        "4",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Hello"));
-
-    // A method not implemented yet is named.
-    let other = tmp.path().join("p-tuning");
-    std::fs::create_dir(&other).unwrap();
-    let cfg = std::fs::read_to_string(adapter.join("adapter_config.json"))
-        .unwrap()
-        .replace("PROMPT_TUNING", "P_TUNING");
-    std::fs::write(other.join("adapter_config.json"), cfg).unwrap();
-    let out = forward(
-        &model(name),
+        &model("qwen2-gqa-tied"),
         &input,
         &output,
         &["--adapter", other.to_str().unwrap()],
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("key `peft_type` \"P_TUNING\": this method is not implemented yet"),
+        stderr(&out).contains("key `peft_type` \"LORA\" is not supported"),
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn info_prints_peft_lines_for_the_four_real_configs() {
+    // fixtures/configs/oracle.json: what PEFT's print_trainable_parameters printed for these
+    // configs (scripts/check_info_oracle.py); 10 virtual tokens, P-tuning encoder width 1024.
+    let oracle: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("fixtures/configs/oracle.json")).unwrap(),
+    )
+    .unwrap();
+    let cases: [(&str, &[&str]); 6] = [
+        ("prompt-tuning", &["--method", "prompt-tuning"]),
+        (
+            "p-tuning-mlp",
+            &["--method", "p-tuning", "--encoder-hidden-size", "1024"],
+        ),
+        (
+            "p-tuning-lstm",
+            &[
+                "--method",
+                "p-tuning",
+                "--encoder-reparameterization-type",
+                "lstm",
+                "--encoder-hidden-size",
+                "1024",
+            ],
+        ),
+        ("prefix-tuning", &["--method", "prefix-tuning"]),
+        ("p-tuning-v2", &["--method", "p-tuning-v2"]),
+        ("bitfit", &["--method", "bitfit"]),
+    ];
+    let mut checked = 0;
+    for config in [
+        "qwen2.5-0.5b",
+        "qwen2.5-1.5b",
+        "bloomz-560m",
+        "bloom-1b4-zh",
+    ] {
+        // A directory and a config.json path both work.
+        let path = root().join("fixtures/configs").join(config);
+        let path = if checked % 2 == 0 {
+            path
+        } else {
+            path.join("config.json")
+        };
+        for (method, flags) in cases {
+            let mut args = vec![
+                "info",
+                "--model",
+                path.to_str().unwrap(),
+                "--num-virtual-tokens",
+                "10",
+            ];
+            args.extend_from_slice(flags);
+            let out = peft(&args);
+            assert!(out.status.success(), "{config}/{method}: {}", stderr(&out));
+            let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            assert_eq!(line, oracle[config]["lines"][method], "{config}/{method}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 24);
+    // A bias subset, and bad flags.
+    let out = peft(&[
+        "info",
+        "--model",
+        root()
+            .join("fixtures/configs/bloomz-560m")
+            .to_str()
+            .unwrap(),
+        "--method",
+        "bitfit",
+        "--bias-pattern",
+        "query_key_value",
+    ]);
+    // 24 layers x 3 x 1024 query/key/value biases.
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with("trainable params: 73,728 || all params: 559,214,592"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = peft(&[
+        "info",
+        "--model",
+        root()
+            .join("fixtures/configs/bloomz-560m")
+            .to_str()
+            .unwrap(),
+        "--method",
+        "bitfit",
+        "--bias-pattern",
+        "(",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out)
+            .contains("--bias-pattern: bias_pattern \"(\" is not a valid regular expression"),
+        "{}",
+        stderr(&out)
+    );
+    let out = peft(&["info", "--model", "no/such/dir", "--method", "bitfit"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no/such/dir"), "{}", stderr(&out));
+}
+
+#[test]
+fn export_folds_the_encoder_into_peft_inference_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, method) in [
+        ("qwen2-gqa-tied", "p-tuning-mlp"),
+        ("bloom-6-heads", "prefix-tuning"),
+        ("llama-biases", "bitfit"),
+    ] {
+        let adapter = root().join("fixtures/adapters").join(name).join(method);
+        let exported = tmp.path().join(format!("{name}-{method}"));
+        let out = peft(&[
+            "export",
+            "--model",
+            model(name).to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--output",
+            exported.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{name}/{method}: {}", stderr(&out));
+        let mut files: Vec<String> = std::fs::read_dir(&exported)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(
+            files,
+            ["adapter_config.json", "adapter_model.safetensors"],
+            "{name}/{method}"
+        );
+        // The exported file gives PEFT's logits through `forward`.
+        let peft_expected = expected(&format!("adapters/{name}-{method}"), "safetensors");
+        let ids = read_i64_rows(&peft_expected, "input_ids");
+        let input = tmp.path().join("in.json");
+        let output = tmp.path().join("out.safetensors");
+        std::fs::write(
+            &input,
+            serde_json::json!({"input_ids": [ids[0].clone()]}).to_string(),
+        )
+        .unwrap();
+        let out = forward(
+            &model(name),
+            &input,
+            &output,
+            &["--adapter", exported.to_str().unwrap()],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let (_, ours) = read_f32(&output, "logits");
+        let (_, want) = read_f32(&peft_expected, "logits");
+        let diff = max_abs_diff(ours.iter().zip(&want[..ours.len()]));
+        assert!(
+            diff <= 1e-4,
+            "{name}/{method}: exported adapter differs from PEFT by {diff}"
+        );
+    }
+    // An adapter for another model is refused, naming the key, and nothing is written.
+    let target = tmp.path().join("refused");
+    let out = peft(&[
+        "export",
+        "--model",
+        model("bloom-6-heads").to_str().unwrap(),
+        "--adapter",
+        root()
+            .join("fixtures/adapters/qwen2-gqa-tied/p-tuning-mlp")
+            .to_str()
+            .unwrap(),
+        "--output",
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("key `token_dim`"), "{}", stderr(&out));
+    assert!(!target.exists());
 }
 
 #[test]

@@ -109,7 +109,10 @@ impl BitFit {
         let biases = self.biases(base);
         write_tensors(
             &dir.join(ADAPTER_WEIGHTS),
-            biases.iter().map(|(n, d)| (n.as_str(), d.clone())).collect(),
+            biases
+                .iter()
+                .map(|(n, d)| (n.as_str(), d.clone()))
+                .collect(),
         )?;
         let json = serde_json::json!({
             "peft_type": PeftType::BitFit.as_str(),
@@ -133,7 +136,10 @@ impl BitFit {
     /// does not fit `base`: a tensor the model has no bias of that name for, one of the wrong shape,
     /// or a selected bias missing from the file; each names the file and the key or tensor.
     pub fn load<M: Module>(dir: &Path, base: M) -> Result<(Self, M), AdapterError> {
-        let shapes = param_infos(&base).into_iter().map(|p| (p.name, p.shape)).collect();
+        let shapes = param_infos(&base)
+            .into_iter()
+            .map(|p| (p.name, p.shape))
+            .collect();
         let (adapter, mut values) = Self::read(dir, &shapes)?;
         let base = write_params(base, &mut values);
         Ok((adapter, base))
@@ -149,7 +155,10 @@ impl BitFit {
         dir: &Path,
         shapes: &HashMap<String, Vec<usize>>,
     ) -> Result<(Self, HashMap<String, TensorData>), AdapterError> {
-        let cfg = JsonConfig::from_file(dir.join(ADAPTER_CONFIG), "the adapter's adapter_config.json")?;
+        let cfg = JsonConfig::from_file(
+            dir.join(ADAPTER_CONFIG),
+            "the adapter's adapter_config.json",
+        )?;
         let found = PeftType::from_config(&cfg)?;
         if found != PeftType::BitFit {
             return Err(AdapterError::WrongMethod {
@@ -162,7 +171,10 @@ impl BitFit {
             && task != "CAUSAL_LM"
         {
             return Err(cfg
-                .unsupported("task_type", format!("must be \"CAUSAL_LM\", found {task:?}"))
+                .unsupported(
+                    "task_type",
+                    format!("must be \"CAUSAL_LM\", found {task:?}"),
+                )
                 .into());
         }
         let adapter = BitFitConfig::new()
@@ -246,10 +258,21 @@ mod tests {
         assert!(some.selects("transformer.h.3.self_attention.query_key_value.bias"));
         assert!(!some.selects("transformer.h.3.self_attention.dense.bias"));
         assert_eq!(
-            some.count([("a.query_key_value.bias", 3), ("a.dense.bias", 5), ("a.dense_h_to_4h.bias", 7)]),
+            some.count([
+                ("a.query_key_value.bias", 3),
+                ("a.dense.bias", 5),
+                ("a.dense_h_to_4h.bias", 7)
+            ]),
             10
         );
-        let err = BitFitConfig::new().with_bias_pattern(Some("(".into())).init().unwrap_err();
-        assert!(err.to_string().starts_with("bias_pattern \"(\" is not a valid regular expression"), "{err}");
+        let err = BitFitConfig::new()
+            .with_bias_pattern(Some("(".into()))
+            .init()
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("bias_pattern \"(\" is not a valid regular expression"),
+            "{err}"
+        );
     }
 }

@@ -235,7 +235,10 @@ pub fn write_adapter_dir(
     match encoder {
         Some(tensors) => write_tensors(
             &encoder_path,
-            tensors.iter().map(|(n, d)| (n.as_str(), d.clone())).collect(),
+            tensors
+                .iter()
+                .map(|(n, d)| (n.as_str(), d.clone()))
+                .collect(),
         )?,
         None if encoder_path.exists() => {
             std::fs::remove_file(&encoder_path).map_err(io(&encoder_path))?

@@ -166,7 +166,10 @@ impl TensorFile {
                 why: why.to_string(),
             });
         }
-        Ok(TensorData::from_bytes_vec(view.data().to_vec(), expected.to_vec(), dtype).convert::<f32>())
+        Ok(
+            TensorData::from_bytes_vec(view.data().to_vec(), expected.to_vec(), dtype)
+                .convert::<f32>(),
+        )
     }
 
     /// The tensor `name` on `device` as F32, checking its shape is `expected` (see

@@ -88,7 +88,10 @@ pub fn param_infos<M: Module>(module: &M) -> Vec<ParamInfo> {
 }
 
 /// The values of the parameters whose Hugging Face name `select` accepts, by name.
-pub fn read_params<M: Module>(module: &M, select: impl Fn(&str) -> bool) -> Vec<(String, TensorData)> {
+pub fn read_params<M: Module>(
+    module: &M,
+    select: impl Fn(&str) -> bool,
+) -> Vec<(String, TensorData)> {
     struct Reader<F> {
         path: HfPath,
         select: F,
@@ -142,7 +145,11 @@ pub fn write_params<M: Module>(module: M, values: &mut HashMap<String, TensorDat
                     data,
                     burn::tensor::TensorCreationOptions::new(old.device()).with_dtype(old.dtype()),
                 );
-                if require_grad { value.require_grad() } else { value }
+                if require_grad {
+                    value.require_grad()
+                } else {
+                    value
+                }
             })
         }
     }
@@ -293,7 +300,13 @@ mod tests {
         let device = Device::default().autodiff();
         let model = wrapper(&device).freeze();
         let none = TrainableParameters::of(&model);
-        assert_eq!(none, TrainableParameters { trainable: 0, all: 2 * (6 + 2 + 2 + 2) });
+        assert_eq!(
+            none,
+            TrainableParameters {
+                trainable: 0,
+                all: 2 * (6 + 2 + 2 + 2)
+            }
+        );
         let model = unfreeze_params(model, |name| name.ends_with(".bias"));
         let biases = TrainableParameters::of(&model);
         assert_eq!(biases.trainable, 2 * (2 + 2));
@@ -301,7 +314,10 @@ mod tests {
             biases.to_string(),
             "trainable params: 8 || all params: 24 || trainable%: 33.3333"
         );
-        let big = TrainableParameters { trainable: 15_360, all: 1_543_729_664 };
+        let big = TrainableParameters {
+            trainable: 15_360,
+            all: 1_543_729_664,
+        };
         assert_eq!(
             big.to_string(),
             "trainable params: 15,360 || all params: 1,543,729,664 || trainable%: 0.0010"
@@ -317,15 +333,29 @@ mod tests {
         let biases = read_params(&model, |n| n.ends_with("ln.bias"));
         assert_eq!(biases.len(), 2);
         let mut values: HashMap<String, TensorData> = [
-            ("1.ln.bias".to_string(), TensorData::new(vec![5.0f32, 6.0], [2])),
-            ("nowhere.bias".to_string(), TensorData::new(vec![1.0f32], [1])),
+            (
+                "1.ln.bias".to_string(),
+                TensorData::new(vec![5.0f32, 6.0], [2]),
+            ),
+            (
+                "nowhere.bias".to_string(),
+                TensorData::new(vec![1.0f32], [1]),
+            ),
         ]
         .into_iter()
         .collect();
         let model = write_params(model, &mut values);
         assert_eq!(values.keys().collect::<Vec<_>>(), ["nowhere.bias"]);
         let Wrapper::Blocks(blocks) = &model;
-        let b: Vec<f32> = blocks[1].ln.beta.as_ref().unwrap().val().into_data().try_into_vec_as().unwrap();
+        let b: Vec<f32> = blocks[1]
+            .ln
+            .beta
+            .as_ref()
+            .unwrap()
+            .val()
+            .into_data()
+            .try_into_vec_as()
+            .unwrap();
         assert_eq!(b, [5.0, 6.0]);
     }
 }

@@ -8,10 +8,10 @@ use burn::tensor::activation::log_softmax;
 
 use crate::adapter::Adapter;
 use crate::adapter_config::AdapterError;
-use crate::params::TrainableParameters;
 use crate::error::CoreError;
 use crate::generation::{GenerationConfig, GenerationOutput, GenerationStep, generate};
 use crate::model::CausalLm;
+use crate::params::TrainableParameters;
 
 /// Label value that contributes nothing to the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;

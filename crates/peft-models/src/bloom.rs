@@ -78,7 +78,10 @@ impl BloomConfig {
     /// (the `lm_head` is tied to the embedding, listed once).
     pub fn parameter_sizes(&self) -> Vec<(String, usize)> {
         let h = self.hidden_size;
-        let mut out = vec![("transformer.word_embeddings.weight".to_string(), self.vocab_size * h)];
+        let mut out = vec![(
+            "transformer.word_embeddings.weight".to_string(),
+            self.vocab_size * h,
+        )];
         let norm = |out: &mut Vec<(String, usize)>, name: String| {
             out.push((format!("{name}.weight"), h));
             out.push((format!("{name}.bias"), h));
@@ -95,7 +98,10 @@ impl BloomConfig {
                 out.push((format!("{p}.{linear}.bias"), d_out));
             }
             norm(&mut out, format!("{p}.post_attention_layernorm"));
-            for (linear, d_in, d_out) in [("mlp.dense_h_to_4h", h, 4 * h), ("mlp.dense_4h_to_h", 4 * h, h)] {
+            for (linear, d_in, d_out) in [
+                ("mlp.dense_h_to_4h", h, 4 * h),
+                ("mlp.dense_4h_to_h", 4 * h, h),
+            ] {
                 out.push((format!("{p}.{linear}.weight"), d_in * d_out));
                 out.push((format!("{p}.{linear}.bias"), d_out));
             }

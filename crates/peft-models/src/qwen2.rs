@@ -163,7 +163,10 @@ impl Qwen2Config {
     /// (a tied `lm_head` is the embedding, listed once).
     pub fn parameter_sizes(&self) -> Vec<(String, usize)> {
         let (h, i) = (self.hidden_size, self.intermediate_size);
-        let (q, kv) = (self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim);
+        let (q, kv) = (
+            self.num_attention_heads * self.head_dim,
+            self.num_key_value_heads * self.head_dim,
+        );
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.vocab_size * h)];
         for l in 0..self.num_hidden_layers {
             let p = format!("model.layers.{l}");

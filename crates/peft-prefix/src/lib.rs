@@ -84,16 +84,23 @@ impl PrefixTuningConfig {
             let mut last = LinearConfig::new(h, self.prefix_width()).init(device);
             if self.zero_init {
                 last.weight = Param::from_tensor(Tensor::zeros([h, self.prefix_width()], device));
-                last.bias = Some(Param::from_tensor(Tensor::zeros([self.prefix_width()], device)));
+                last.bias = Some(Param::from_tensor(Tensor::zeros(
+                    [self.prefix_width()],
+                    device,
+                )));
             }
             (
                 EmbeddingConfig::new(n, self.token_dim).init(device),
-                Some(vec![LinearConfig::new(self.token_dim, h).init(device), last]),
+                Some(vec![
+                    LinearConfig::new(self.token_dim, h).init(device),
+                    last,
+                ]),
             )
         } else {
             let mut embedding = EmbeddingConfig::new(n, self.prefix_width()).init(device);
             if self.zero_init {
-                embedding.weight = Param::from_tensor(Tensor::zeros([n, self.prefix_width()], device));
+                embedding.weight =
+                    Param::from_tensor(Tensor::zeros([n, self.prefix_width()], device));
             }
             (embedding, None)
         };
@@ -117,11 +124,15 @@ impl PrefixTuningConfig {
     }
 
     fn check(&self, raw: &JsonConfig) -> Result<(), AdapterError> {
-        if self.num_attention_heads == 0 || !self.token_dim.is_multiple_of(self.num_attention_heads) {
+        if self.num_attention_heads == 0 || !self.token_dim.is_multiple_of(self.num_attention_heads)
+        {
             return Err(raw
                 .unsupported(
                     "num_attention_heads",
-                    format!("{} does not divide token_dim {}", self.num_attention_heads, self.token_dim),
+                    format!(
+                        "{} does not divide token_dim {}",
+                        self.num_attention_heads, self.token_dim
+                    ),
                 )
                 .into());
         }
@@ -147,7 +158,10 @@ pub struct PrefixEncoder {
 
 impl PrefixEncoder {
     /// An inference-form encoder whose output is `prompt_embeddings` `[n, layers * 2 * token_dim]`.
-    pub fn from_prompt_embeddings(prompt_embeddings: Tensor<2>, config: PrefixTuningConfig) -> Self {
+    pub fn from_prompt_embeddings(
+        prompt_embeddings: Tensor<2>,
+        config: PrefixTuningConfig,
+    ) -> Self {
         let [n, w] = prompt_embeddings.dims();
         let mut embedding = EmbeddingConfig::new(n, w).init(&prompt_embeddings.device());
         embedding.weight = Param::from_tensor(prompt_embeddings);
@@ -200,7 +214,10 @@ impl PrefixEncoder {
     /// in inference form or without projection (the file then holds everything).
     pub fn encoder_tensors(&self) -> Option<Vec<(String, TensorData)>> {
         let transform = self.transform.as_ref()?;
-        let mut out = vec![("embedding.weight".to_string(), self.embedding.weight.val().into_data())];
+        let mut out = vec![(
+            "embedding.weight".to_string(),
+            self.embedding.weight.val().into_data(),
+        )];
         out.extend(linear_tensors("transform.0", &transform[0]));
         out.extend(linear_tensors("transform.2", &transform[1]));
         Some(out)
@@ -216,10 +233,19 @@ impl PrefixEncoder {
     /// A missing or malformed file, another method, an adapter made for another base model
     /// (`token_dim`, `num_layers`, `num_attention_heads`: GQA-reduced as PEFT writes them), or a
     /// tensor absent or of the wrong shape; each names the file and the key or tensor.
-    pub fn load(dir: &Path, geometry: &ModelGeometry, device: &Device) -> Result<Self, AdapterError> {
+    pub fn load(
+        dir: &Path,
+        geometry: &ModelGeometry,
+        device: &Device,
+    ) -> Result<Self, AdapterError> {
         let (shared, raw) = PromptLearningConfig::read_method(dir, PeftType::PrefixTuning)?;
         let expected = PrefixTuningConfig::for_model(shared.num_virtual_tokens, geometry);
-        shared.check_base(&raw, geometry, expected.token_dim, expected.num_attention_heads)?;
+        shared.check_base(
+            &raw,
+            geometry,
+            expected.token_dim,
+            expected.num_attention_heads,
+        )?;
         let config = expected
             .with_prefix_projection(raw.bool_or("prefix_projection", false)?)
             .with_encoder_hidden_size(raw.opt_usize(&["encoder_hidden_size"])?)
@@ -228,10 +254,19 @@ impl PrefixEncoder {
         let encoder_path = dir.join(ADAPTER_ENCODER);
         if config.prefix_projection && encoder_path.exists() {
             let file = TensorFile::open(&encoder_path)?;
-            let (n, d, h, w) = (config.num_virtual_tokens, config.token_dim, config.hidden_size(), config.prefix_width());
-            let why = format!("projection, num_virtual_tokens {n}, token_dim {d}, encoder_hidden_size {h}, {} layers", config.num_layers);
+            let (n, d, h, w) = (
+                config.num_virtual_tokens,
+                config.token_dim,
+                config.hidden_size(),
+                config.prefix_width(),
+            );
+            let why = format!(
+                "projection, num_virtual_tokens {n}, token_dim {d}, encoder_hidden_size {h}, {} layers",
+                config.num_layers
+            );
             let mut encoder = config.init(device);
-            encoder.embedding.weight = Param::from_tensor(file.tensor("embedding.weight", [n, d], &why, device)?);
+            encoder.embedding.weight =
+                Param::from_tensor(file.tensor("embedding.weight", [n, d], &why, device)?);
             encoder.transform = Some(vec![
                 read_linear(&file, "transform.0", [d, h], &why, device)?,
                 read_linear(&file, "transform.2", [h, w], &why, device)?,
@@ -243,14 +278,23 @@ impl PrefixEncoder {
             "num_virtual_tokens {n} x num_layers {} x 2 x token_dim {}",
             config.num_layers, config.token_dim
         );
-        let prefix = TensorFile::open(&dir.join(ADAPTER_WEIGHTS))?.tensor(PROMPT_EMBEDDINGS, [n, w], &why, device)?;
+        let prefix = TensorFile::open(&dir.join(ADAPTER_WEIGHTS))?.tensor(
+            PROMPT_EMBEDDINGS,
+            [n, w],
+            &why,
+            device,
+        )?;
         Ok(Self::from_prompt_embeddings(prefix, config))
     }
 
     /// Saves into `dir`: `adapter_config.json` with PEFT's keys, `adapter_model.safetensors` with
     /// `prompt_embeddings` (PEFT loads both), and with a trainable projection
     /// `adapter_encoder.safetensors`. Each file is written atomically.
-    pub fn save(&self, dir: &Path, base_model_name_or_path: Option<&str>) -> Result<(), AdapterError> {
+    pub fn save(
+        &self,
+        dir: &Path,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<(), AdapterError> {
         let config = &self.config;
         let shared = PromptLearningConfig {
             peft_type: PeftType::PrefixTuning,
@@ -265,7 +309,11 @@ impl PrefixEncoder {
         json.insert("encoder_hidden_size".into(), config.hidden_size().into());
         json.insert(
             "init_weights".into(),
-            if config.zero_init { "zero".into() } else { serde_json::Value::Null },
+            if config.zero_init {
+                "zero".into()
+            } else {
+                serde_json::Value::Null
+            },
         );
         if config.prefix_dropout > 0.0 {
             json.insert("prefix_dropout".into(), config.prefix_dropout.into());
@@ -332,7 +380,8 @@ mod tests {
     fn gqa_shapes_and_counts() {
         let device = Device::default();
         for projection in [false, true] {
-            let config = PrefixTuningConfig::for_model(5, &geometry()).with_prefix_projection(projection);
+            let config =
+                PrefixTuningConfig::for_model(5, &geometry()).with_prefix_projection(projection);
             assert_eq!((config.token_dim, config.num_attention_heads), (16, 2));
             let encoder = config.init(&device);
             assert_eq!(encoder.num_params(), config.num_params());
@@ -347,8 +396,12 @@ mod tests {
     fn layout_is_layers_times_two_then_heads() {
         // One virtual token, 2 layers, 2 heads of 1: the row [k0h0 k0h1 v0h0 v0h1 k1h0 ...].
         let device = Device::default();
-        let row = Tensor::<2>::from_data(TensorData::new((0..8).map(|v| v as f32).collect::<Vec<_>>(), [1, 8]), &device);
-        let encoder = PrefixEncoder::from_prompt_embeddings(row, PrefixTuningConfig::new(1, 2, 2, 2));
+        let row = Tensor::<2>::from_data(
+            TensorData::new((0..8).map(|v| v as f32).collect::<Vec<_>>(), [1, 8]),
+            &device,
+        );
+        let encoder =
+            PrefixEncoder::from_prompt_embeddings(row, PrefixTuningConfig::new(1, 2, 2, 2));
         let kv = encoder.key_values(1);
         let values = |t: Tensor<4>| t.into_data().try_into_vec_as::<f32>().unwrap();
         assert_eq!(values(kv[0].key.clone()), [0.0, 1.0]);

@@ -125,7 +125,10 @@ impl PTuningConfig {
     }
 
     /// Reads the P-tuning keys of an `adapter_config.json` (PEFT's defaults where absent).
-    fn from_adapter_config(shared: &PromptLearningConfig, raw: &JsonConfig) -> Result<Self, AdapterError> {
+    fn from_adapter_config(
+        shared: &PromptLearningConfig,
+        raw: &JsonConfig,
+    ) -> Result<Self, AdapterError> {
         let encoder_type = match raw.opt_str("encoder_reparameterization_type")? {
             None | Some("MLP") => EncoderType::Mlp,
             Some("LSTM") => EncoderType::Lstm,
@@ -141,7 +144,10 @@ impl PTuningConfig {
         let dropout = raw.opt_f64(&["encoder_dropout"])?.unwrap_or(0.0);
         if !(0.0..1.0).contains(&dropout) {
             return Err(raw
-                .unsupported("encoder_dropout", format!("must be in [0, 1), found {dropout}"))
+                .unsupported(
+                    "encoder_dropout",
+                    format!("must be in [0, 1), found {dropout}"),
+                )
                 .into());
         }
         Ok(Self::new(shared.num_virtual_tokens, shared.token_dim)
@@ -218,7 +224,10 @@ impl PromptEncoder {
     /// `None` in inference form.
     pub fn encoder_tensors(&self) -> Option<Vec<(String, TensorData)>> {
         let mlp = self.mlp_head.as_ref()?;
-        let mut out = vec![("embedding.weight".to_string(), self.embedding.weight.val().into_data())];
+        let mut out = vec![(
+            "embedding.weight".to_string(),
+            self.embedding.weight.val().into_data(),
+        )];
         if let Some(lstm) = &self.lstm_head {
             for (k, layer) in lstm.layers.iter().enumerate() {
                 for (direction, suffix) in [(&layer.forward, ""), (&layer.reverse, "_reverse")] {
@@ -248,9 +257,18 @@ impl PromptEncoder {
     /// A missing or malformed file, another method, an adapter made for another base model
     /// (`token_dim`, `num_layers`, `num_attention_heads`), a wrong encoder key, or a tensor absent
     /// or of the wrong shape; each names the file and the key or tensor.
-    pub fn load(dir: &Path, geometry: &ModelGeometry, device: &Device) -> Result<Self, AdapterError> {
+    pub fn load(
+        dir: &Path,
+        geometry: &ModelGeometry,
+        device: &Device,
+    ) -> Result<Self, AdapterError> {
         let (shared, raw) = PromptLearningConfig::read_method(dir, PeftType::PTuning)?;
-        shared.check_base(&raw, geometry, geometry.hidden_size, geometry.num_attention_heads)?;
+        shared.check_base(
+            &raw,
+            geometry,
+            geometry.hidden_size,
+            geometry.num_attention_heads,
+        )?;
         let config = PTuningConfig::from_adapter_config(&shared, &raw)?;
         let encoder_path = dir.join(ADAPTER_ENCODER);
         if encoder_path.exists() {
@@ -267,23 +285,46 @@ impl PromptEncoder {
         Ok(Self::from_prompt_embeddings(weights, config))
     }
 
-    fn load_encoder(file: &TensorFile, config: PTuningConfig, device: &Device) -> Result<Self, AdapterError> {
-        let (n, d, h) = (config.num_virtual_tokens, config.token_dim, config.hidden_size());
+    fn load_encoder(
+        file: &TensorFile,
+        config: PTuningConfig,
+        device: &Device,
+    ) -> Result<Self, AdapterError> {
+        let (n, d, h) = (
+            config.num_virtual_tokens,
+            config.token_dim,
+            config.hidden_size(),
+        );
         let why = format!(
             "{} encoder, num_virtual_tokens {n}, token_dim {d}, encoder_hidden_size {h}",
             config.encoder_reparameterization_type.as_str()
         );
         let mut encoder = config.init(device);
-        encoder.embedding.weight = Param::from_tensor(file.tensor("embedding.weight", [n, d], &why, device)?);
+        encoder.embedding.weight =
+            Param::from_tensor(file.tensor("embedding.weight", [n, d], &why, device)?);
         if let Some(lstm) = encoder.lstm_head.as_mut() {
             for (k, layer) in lstm.layers.iter_mut().enumerate() {
                 let input = if k == 0 { d } else { 2 * h };
-                for (direction, suffix) in [(&mut layer.forward, ""), (&mut layer.reverse, "_reverse")] {
+                for (direction, suffix) in
+                    [(&mut layer.forward, ""), (&mut layer.reverse, "_reverse")]
+                {
                     let name = |what: &str| format!("lstm_head.{what}_l{k}{suffix}");
-                    direction.weight_ih = Param::from_tensor(file.tensor(&name("weight_ih"), [4 * h, input], &why, device)?);
-                    direction.weight_hh = Param::from_tensor(file.tensor(&name("weight_hh"), [4 * h, h], &why, device)?);
-                    direction.bias_ih = Param::from_tensor(file.tensor(&name("bias_ih"), [4 * h], &why, device)?);
-                    direction.bias_hh = Param::from_tensor(file.tensor(&name("bias_hh"), [4 * h], &why, device)?);
+                    direction.weight_ih = Param::from_tensor(file.tensor(
+                        &name("weight_ih"),
+                        [4 * h, input],
+                        &why,
+                        device,
+                    )?);
+                    direction.weight_hh = Param::from_tensor(file.tensor(
+                        &name("weight_hh"),
+                        [4 * h, h],
+                        &why,
+                        device,
+                    )?);
+                    direction.bias_ih =
+                        Param::from_tensor(file.tensor(&name("bias_ih"), [4 * h], &why, device)?);
+                    direction.bias_hh =
+                        Param::from_tensor(file.tensor(&name("bias_hh"), [4 * h], &why, device)?);
                 }
             }
         }
@@ -292,7 +333,15 @@ impl PromptEncoder {
             shapes
                 .into_iter()
                 .enumerate()
-                .map(|(index, shape)| read_linear(file, &format!("mlp_head.{}", 2 * index), shape, &why, device))
+                .map(|(index, shape)| {
+                    read_linear(
+                        file,
+                        &format!("mlp_head.{}", 2 * index),
+                        shape,
+                        &why,
+                        device,
+                    )
+                })
                 .collect::<Result<_, _>>()?,
         );
         Ok(encoder)
@@ -322,7 +371,10 @@ impl PromptEncoder {
             config.encoder_reparameterization_type.as_str().into(),
         );
         json.insert("encoder_hidden_size".into(), config.hidden_size().into());
-        json.insert("encoder_num_layers".into(), config.encoder_num_layers.into());
+        json.insert(
+            "encoder_num_layers".into(),
+            config.encoder_num_layers.into(),
+        );
         json.insert("encoder_dropout".into(), config.encoder_dropout.into());
         write_adapter_dir(
             dir,

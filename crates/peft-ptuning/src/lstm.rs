@@ -175,11 +175,21 @@ mod tests {
         // and the reverse direction's last output depends on x[last] only.
         let device = Device::default();
         let lstm = BiLstmConfig::new(2, 3).with_num_layers(1).init(&device);
-        let a = Tensor::<2>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], [3, 2]), &device);
-        let b = Tensor::<2>::from_data(TensorData::new(vec![1.0f32, 2.0, 0.0, 0.0, 5.0, 6.0], [3, 2]), &device);
+        let a = Tensor::<2>::from_data(
+            TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], [3, 2]),
+            &device,
+        );
+        let b = Tensor::<2>::from_data(
+            TensorData::new(vec![1.0f32, 2.0, 0.0, 0.0, 5.0, 6.0], [3, 2]),
+            &device,
+        );
         let (ya, yb) = (lstm.forward(a), lstm.forward(b));
         let row = |y: &Tensor<2>, t: usize| -> Vec<f32> {
-            y.clone().slice([t..t + 1, 0..6]).into_data().try_into_vec_as().unwrap()
+            y.clone()
+                .slice([t..t + 1, 0..6])
+                .into_data()
+                .try_into_vec_as()
+                .unwrap()
         };
         assert_eq!(row(&ya, 0)[..3], row(&yb, 0)[..3]);
         assert_eq!(row(&ya, 2)[3..], row(&yb, 2)[3..]);
