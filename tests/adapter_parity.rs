@@ -292,7 +292,7 @@ fn padded_rows_equal_the_same_rows_unpadded() {
         let left = [vec![0; 3], row.clone()].concat();
         let right = [row.clone(), vec![0; 3]].concat();
         let mask = [
-            vec![vec![0i64; 3], vec![1; 6]].concat(),
+            [vec![0i64; 3], vec![1; 6]].concat(),
             [vec![1i64; 6], vec![0; 3]].concat(),
         ];
         let both = values(peft.forward(ids(vec![left, right]), Some(ids(mask.to_vec()))));

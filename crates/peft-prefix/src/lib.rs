@@ -204,8 +204,8 @@ impl PrefixEncoder {
         let expand = |t: Tensor<4>| t.expand([batch, heads, n, head_dim]);
         (0..c.num_layers)
             .map(|l| LayerKv {
-                key: expand(chunks.clone().slice([2 * l..2 * l + 1])),
-                value: expand(chunks.clone().slice([2 * l + 1..2 * l + 2])),
+                key: expand(chunks.clone().slice(2 * l..2 * l + 1)),
+                value: expand(chunks.clone().slice(2 * l + 1..2 * l + 2)),
             })
             .collect()
     }
