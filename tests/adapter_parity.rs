@@ -29,6 +29,11 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
+/// The fixture adapter directory of `method` on `model`.
+fn adapter_dir(model: &str, method: &str) -> PathBuf {
+    fixtures().join("adapters").join(model).join(method)
+}
+
 /// Every (model, method) pair with a PEFT (or PyTorch) fixture.
 fn cases() -> Vec<(&'static str, &'static str)> {
     let mut cases: Vec<_> = PROMPT_MODELS
@@ -152,11 +157,7 @@ fn every_method_matches_peft_forward_loss_and_sgd_step() {
         let expected = Expected::read(
             &fixtures().join(format!("expected/adapters/{model}-{method}.safetensors")),
         );
-        let peft = load(
-            model,
-            &fixtures().join(format!("adapters/{model}/{method}")),
-            &device,
-        );
+        let peft = load(model, &adapter_dir(model, method), &device);
 
         let diff = logits_diff(&peft, &expected, &device);
         eprintln!("{case}: logits max diff {diff:e}");
@@ -242,11 +243,7 @@ fn greedy_generation_is_token_identical_to_peft() {
     for (model, method) in all {
         let device = Device::default();
         let case = format!("{model}/{method}");
-        let peft = load(
-            model,
-            &fixtures().join(format!("adapters/{model}/{method}")),
-            &device,
-        );
+        let peft = load(model, &adapter_dir(model, method), &device);
         let file = if method == "prompt-tuning" {
             format!("expected/adapters/{model}-prompt-tuning-greedy.safetensors")
         } else {
@@ -273,11 +270,7 @@ fn padded_rows_equal_the_same_rows_unpadded() {
     for (model, method) in cases() {
         let device = Device::default();
         let case = format!("{model}/{method}");
-        let peft = load(
-            model,
-            &fixtures().join(format!("adapters/{model}/{method}")),
-            &device,
-        );
+        let peft = load(model, &adapter_dir(model, method), &device);
         let expected = Expected::read(
             &fixtures().join(format!("expected/adapters/{model}-{method}.safetensors")),
         );
@@ -313,11 +306,7 @@ fn trainable_checkpoint_round_trips_bit_identical_and_exports_to_peft_form() {
     for (model, method) in cases() {
         let device = Device::default();
         let case = format!("{model}/{method}");
-        let peft = load(
-            model,
-            &fixtures().join(format!("adapters/{model}/{method}")),
-            &device,
-        );
+        let peft = load(model, &adapter_dir(model, method), &device);
         let dir = tempfile::tempdir().unwrap();
         peft.save_pretrained(dir.path(), Some(model)).unwrap();
         let again = load(model, dir.path(), &device);
@@ -361,11 +350,7 @@ fn trainable_parameter_report_counts_what_trains() {
     // The built model's report (autodiff device) equals `peft info`'s count from config.json alone.
     for (model, method) in cases() {
         let device = Device::default().autodiff();
-        let peft = load(
-            model,
-            &fixtures().join(format!("adapters/{model}/{method}")),
-            &device,
-        );
+        let peft = load(model, &adapter_dir(model, method), &device);
         let report = peft.trainable_parameters();
         let trainable: usize = trainable_tensors(&peft)
             .iter()

@@ -35,6 +35,30 @@ fn forward(model: &Path, input: &Path, output: &Path, extra: &[&str]) -> Output 
     peft(&args)
 }
 
+/// `peft forward --adapter ADAPTER` on `input` (the JSON input file's content): the logits' shape
+/// and values.
+fn adapter_logits(name: &str, adapter: &Path, input: serde_json::Value) -> (Vec<usize>, Vec<f32>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (input_path, output) = (
+        tmp.path().join("in.json"),
+        tmp.path().join("out.safetensors"),
+    );
+    std::fs::write(&input_path, input.to_string()).unwrap();
+    let out = forward(
+        &model(name),
+        &input_path,
+        &output,
+        &["--adapter", adapter.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{name} with {}: {}",
+        adapter.display(),
+        stderr(&out)
+    );
+    read_f32(&output, "logits")
+}
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -229,19 +253,11 @@ fn forward_and_generate_with_adapters_of_every_method() {
         // PEFT's batch: row 1 right-padded.
         let ids = read_i64_rows(&peft_expected, "input_ids");
         let mask = read_i64_rows(&peft_expected, "attention_mask");
-        std::fs::write(
-            &input,
-            serde_json::json!({"input_ids": ids, "attention_mask": mask}).to_string(),
-        )
-        .unwrap();
-        let out = forward(
-            &model(name),
-            &input,
-            &output,
-            &["--adapter", adapter.to_str().unwrap()],
+        let (shape, ours) = adapter_logits(
+            name,
+            &adapter,
+            serde_json::json!({"input_ids": ids, "attention_mask": mask}),
         );
-        assert!(out.status.success(), "{name}/{method}: {}", stderr(&out));
-        let (shape, ours) = read_f32(&output, "logits");
         let (want_shape, want) = read_f32(&peft_expected, "logits");
         assert_eq!(shape, want_shape, "logits of the real tokens only");
         let vocab = shape[2];
@@ -271,6 +287,7 @@ fn forward_and_generate_with_adapters_of_every_method() {
     }
 
     // A method this workspace does not have is named.
+    std::fs::write(&input, r#"{"input_ids": [[1, 2, 3]]}"#).unwrap();
     let other = tmp.path().join("lora");
     std::fs::create_dir(&other).unwrap();
     std::fs::write(
@@ -429,21 +446,11 @@ fn export_folds_the_encoder_into_peft_inference_files() {
         // The exported file gives PEFT's logits through `forward`.
         let peft_expected = expected(&format!("adapters/{name}-{method}"), "safetensors");
         let ids = read_i64_rows(&peft_expected, "input_ids");
-        let input = tmp.path().join("in.json");
-        let output = tmp.path().join("out.safetensors");
-        std::fs::write(
-            &input,
-            serde_json::json!({"input_ids": [ids[0].clone()]}).to_string(),
-        )
-        .unwrap();
-        let out = forward(
-            &model(name),
-            &input,
-            &output,
-            &["--adapter", exported.to_str().unwrap()],
+        let (_, ours) = adapter_logits(
+            name,
+            &exported,
+            serde_json::json!({"input_ids": [ids[0].clone()]}),
         );
-        assert!(out.status.success(), "{}", stderr(&out));
-        let (_, ours) = read_f32(&output, "logits");
         let (_, want) = read_f32(&peft_expected, "logits");
         let diff = max_abs_diff(ours.iter().zip(&want[..ours.len()]));
         assert!(

@@ -411,6 +411,37 @@ mod tests {
     }
 
     #[test]
+    fn prefix_dropout_acts_in_training_only() {
+        let config = PrefixTuningConfig::for_model(4, &geometry()).with_prefix_dropout(0.5);
+        let training = config.init(&Device::default().autodiff());
+        let kept = training.prompt_embeddings();
+        let dropped = training.key_values(1)[0].key.clone();
+        let zeros = dropped
+            .clone()
+            .equal_elem(0.0)
+            .int()
+            .sum()
+            .into_scalar::<i64>();
+        assert!(zeros > 0, "no position was dropped");
+        assert!(kept.equal_elem(0.0).int().sum().into_scalar::<i64>() == 0);
+        // Inference (no autodiff) is deterministic and undropped.
+        let inference = training.valid();
+        let a = inference.key_values(1)[0].key.clone().into_data();
+        let b = inference.key_values(1)[0].key.clone().into_data();
+        assert_eq!(a, b);
+        assert_eq!(
+            inference.key_values(1)[0]
+                .key
+                .clone()
+                .equal_elem(0.0)
+                .int()
+                .sum()
+                .into_scalar::<i64>(),
+            0
+        );
+    }
+
+    #[test]
     fn zero_init_gives_a_zero_prefix() {
         let device = Device::default();
         for projection in [false, true] {

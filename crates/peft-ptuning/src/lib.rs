@@ -5,7 +5,7 @@
 //! an MLP (`Linear(d,h)-ReLU-Linear(h,h)-ReLU-Linear(h,d)`) or a 2-layer bidirectional LSTM
 //! followed by `Linear(2h,2h)-ReLU-Linear(2h,d)`, architectures and initialization as PEFT's
 //! `PromptEncoder`. The encoder runs once per call on `arange(n)` and its output is broadcast over
-//! the batch (PEFT runs it once per row, with the same result).
+//! the batch (PEFT 0.21 also encodes one row and repeats it).
 //!
 //! Files: PEFT saves only the encoder's output (`prompt_embeddings`), so its adapters load here in
 //! inference form (no encoder). [`PromptEncoder::save`] writes that file too, plus our trainable
