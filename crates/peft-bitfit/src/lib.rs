@@ -15,9 +15,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use burn::prelude::*;
-use peft_core::adapter_config::{ADAPTER_CONFIG, AdapterError, PeftType, write_config};
-use peft_core::adapter_file::{ADAPTER_WEIGHTS, AdapterFileError, TensorFile, write_tensors};
-use peft_core::json_config::JsonConfig;
+use peft_core::adapter_config::{AdapterError, PeftType, read_adapter_config, write_adapter_dir};
+use peft_core::adapter_file::{ADAPTER_WEIGHTS, AdapterFileError, TensorFile};
 use peft_core::params::{param_infos, read_params, unfreeze_params, write_params};
 use peft_core::{Adapter, CausalLm, Injection};
 use regex::Regex;
@@ -94,26 +93,15 @@ impl BitFit {
         read_params(base, |name| self.selects(name))
     }
 
-    /// Saves the selected biases of `base` into `dir`: `adapter_model.safetensors` (Hugging Face
-    /// names, F32) and `adapter_config.json`, each atomically.
+    /// Saves the selected biases of `base` into `dir` (created if needed):
+    /// `adapter_model.safetensors` (Hugging Face names, F32) and `adapter_config.json`, each
+    /// atomically.
     pub fn save<M: Module>(
         &self,
         dir: &Path,
         base: &M,
         base_model_name_or_path: Option<&str>,
     ) -> Result<(), AdapterError> {
-        std::fs::create_dir_all(dir).map_err(|source| AdapterFileError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let biases = self.biases(base);
-        write_tensors(
-            &dir.join(ADAPTER_WEIGHTS),
-            biases
-                .iter()
-                .map(|(n, d)| (n.as_str(), d.clone()))
-                .collect(),
-        )?;
         let json = serde_json::json!({
             "peft_type": PeftType::BitFit.as_str(),
             "task_type": "CAUSAL_LM",
@@ -124,7 +112,16 @@ impl BitFit {
         let serde_json::Value::Object(map) = json else {
             unreachable!("json! of an object literal is an object")
         };
-        write_config(dir, &map)?;
+        let biases = self.biases(base);
+        write_adapter_dir(
+            dir,
+            &map,
+            biases
+                .iter()
+                .map(|(n, d)| (n.as_str(), d.clone()))
+                .collect(),
+            None,
+        )?;
         Ok(())
     }
 
@@ -155,28 +152,7 @@ impl BitFit {
         dir: &Path,
         shapes: &HashMap<String, Vec<usize>>,
     ) -> Result<(Self, HashMap<String, TensorData>), AdapterError> {
-        let cfg = JsonConfig::from_file(
-            dir.join(ADAPTER_CONFIG),
-            "the adapter's adapter_config.json",
-        )?;
-        let found = PeftType::from_config(&cfg)?;
-        if found != PeftType::BitFit {
-            return Err(AdapterError::WrongMethod {
-                path: cfg.path().to_path_buf(),
-                found: found.as_str().to_string(),
-                expected: PeftType::BitFit.as_str(),
-            });
-        }
-        if let Some(task) = cfg.opt_str("task_type")?
-            && task != "CAUSAL_LM"
-        {
-            return Err(cfg
-                .unsupported(
-                    "task_type",
-                    format!("must be \"CAUSAL_LM\", found {task:?}"),
-                )
-                .into());
-        }
+        let cfg = read_adapter_config(dir, PeftType::BitFit)?;
         let adapter = BitFitConfig::new()
             .with_bias_pattern(cfg.opt_str("bias_pattern")?.map(str::to_string))
             .init()

@@ -86,6 +86,34 @@ impl PeftType {
     }
 }
 
+/// Reads `dir/adapter_config.json` of an `expected` adapter, refusing another `peft_type` and a
+/// `task_type` other than `CAUSAL_LM`; every method's loader starts here.
+pub fn read_adapter_config(dir: &Path, expected: PeftType) -> Result<JsonConfig, AdapterError> {
+    let cfg = JsonConfig::from_file(
+        dir.join(ADAPTER_CONFIG),
+        "the adapter's adapter_config.json",
+    )?;
+    let found = PeftType::from_config(&cfg)?;
+    if found != expected {
+        return Err(AdapterError::WrongMethod {
+            path: cfg.path().to_path_buf(),
+            found: found.as_str().to_string(),
+            expected: expected.as_str(),
+        });
+    }
+    if let Some(task) = cfg.opt_str("task_type")?
+        && task != "CAUSAL_LM"
+    {
+        return Err(cfg
+            .unsupported(
+                "task_type",
+                format!("must be \"CAUSAL_LM\", found {task:?}"),
+            )
+            .into());
+    }
+    Ok(cfg)
+}
+
 /// The fields PEFT's `PromptLearningConfig` gives every prompt-learning method.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptLearningConfig {
@@ -104,32 +132,23 @@ pub struct PromptLearningConfig {
 }
 
 impl PromptLearningConfig {
-    /// Reads `dir/adapter_config.json`, returning the shared fields and the whole file (for the
-    /// method's own keys). Rejects another `task_type` than `CAUSAL_LM` and
+    /// Reads `dir/adapter_config.json` of an `expected` adapter (see [`read_adapter_config`]),
+    /// returning the shared fields and the whole file (for the method's own keys). Also rejects
     /// `num_transformer_submodules` other than 1.
-    pub fn read(dir: &Path) -> Result<(Self, JsonConfig), ConfigError> {
-        let cfg = JsonConfig::from_file(
-            dir.join(ADAPTER_CONFIG),
-            "the adapter's adapter_config.json",
-        )?;
-        if let Some(task) = cfg.opt_str("task_type")?
-            && task != "CAUSAL_LM"
-        {
-            return Err(cfg.unsupported(
-                "task_type",
-                format!("must be \"CAUSAL_LM\", found {task:?}"),
-            ));
-        }
+    pub fn read_method(dir: &Path, expected: PeftType) -> Result<(Self, JsonConfig), AdapterError> {
+        let cfg = read_adapter_config(dir, expected)?;
         if let Some(n) = cfg.opt_usize(&["num_transformer_submodules"])?
             && n != 1
         {
-            return Err(cfg.unsupported(
-                "num_transformer_submodules",
-                format!("must be 1 for a decoder-only model, found {n}"),
-            ));
+            return Err(cfg
+                .unsupported(
+                    "num_transformer_submodules",
+                    format!("must be 1 for a decoder-only model, found {n}"),
+                )
+                .into());
         }
         let config = Self {
-            peft_type: PeftType::from_config(&cfg)?,
+            peft_type: expected,
             num_virtual_tokens: cfg.usize(&["num_virtual_tokens"])?,
             token_dim: cfg.usize(&["token_dim"])?,
             num_attention_heads: cfg.usize(&["num_attention_heads"])?,
@@ -137,19 +156,6 @@ impl PromptLearningConfig {
             base_model_name_or_path: cfg.opt_str("base_model_name_or_path")?.map(str::to_string),
         };
         Ok((config, cfg))
-    }
-
-    /// [`PromptLearningConfig::read`], refusing an adapter of another method than `expected`.
-    pub fn read_method(dir: &Path, expected: PeftType) -> Result<(Self, JsonConfig), AdapterError> {
-        let (config, raw) = Self::read(dir)?;
-        if config.peft_type != expected {
-            return Err(AdapterError::WrongMethod {
-                path: raw.path().to_path_buf(),
-                found: config.peft_type.as_str().to_string(),
-                expected: expected.as_str(),
-            });
-        }
-        Ok((config, raw))
     }
 
     /// Checks the adapter fits a base model of `geometry`, given the `token_dim` and heads the
