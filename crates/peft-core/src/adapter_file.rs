@@ -219,16 +219,16 @@ pub fn linear_tensors(prefix: &str, linear: &burn::nn::Linear) -> Vec<(String, T
     out
 }
 
-/// Reads the 2-D tensor `name` of a safetensors file onto `device` as F32, checking its shape is
-/// `expected`; `why` says where `expected` comes from (for the error message).
-pub fn read_tensor(
-    path: &Path,
-    name: &str,
+/// Reads PEFT's inference tensor `prompt_embeddings` from `dir/adapter_model.safetensors` onto
+/// `device` as F32, checking its shape is `expected`; `why` says where `expected` comes from (for
+/// the error message).
+pub fn read_prompt_embeddings(
+    dir: &Path,
     expected: [usize; 2],
     why: &str,
     device: &Device,
 ) -> Result<Tensor<2>, AdapterFileError> {
-    TensorFile::open(path)?.tensor(name, expected, why, device)
+    TensorFile::open(&dir.join(ADAPTER_WEIGHTS))?.tensor(PROMPT_EMBEDDINGS, expected, why, device)
 }
 
 /// Writes `tensors` (name, data of any rank) as F32 to a safetensors file with PEFT's metadata
@@ -311,12 +311,11 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
-        let back = read_tensor(&path, PROMPT_EMBEDDINGS, [2, 3], "test", &device).unwrap();
+        let back = read_prompt_embeddings(path.parent().unwrap(), [2, 3], "test", &device).unwrap();
         assert_eq!(back.into_data(), t.into_data());
 
-        let err = read_tensor(
-            &path,
-            PROMPT_EMBEDDINGS,
+        let err = read_prompt_embeddings(
+            path.parent().unwrap(),
             [2, 4],
             "token_dim 4 from the base model",
             &device,
@@ -329,13 +328,17 @@ mod tests {
                 path.display()
             )
         );
-        let err = read_tensor(&path, "prefix", [2, 3], "test", &device).unwrap_err();
+        let err = TensorFile::open(&path)
+            .unwrap()
+            .tensor::<2>("prefix", [2, 3], "test", &device)
+            .unwrap_err();
         assert!(
             matches!(err, AdapterFileError::MissingTensor { .. }),
             "{err}"
         );
         std::fs::write(&path, b"not safetensors").unwrap();
-        let err = read_tensor(&path, PROMPT_EMBEDDINGS, [2, 3], "test", &device).unwrap_err();
+        let err =
+            read_prompt_embeddings(path.parent().unwrap(), [2, 3], "test", &device).unwrap_err();
         assert!(matches!(err, AdapterFileError::Safetensors { .. }), "{err}");
         let leftovers = std::fs::read_dir(path.parent().unwrap())
             .unwrap()

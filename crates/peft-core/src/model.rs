@@ -110,6 +110,16 @@ pub struct Injection {
 }
 
 impl Injection {
+    /// Virtual embeddings `[num_virtual_tokens, hidden]`, computed once, broadcast over a batch of
+    /// `batch` rows (prompt tuning, P-tuning).
+    pub fn virtual_tokens(embeddings: Tensor<2>, batch: usize) -> Self {
+        let [n, d] = embeddings.dims();
+        Self {
+            virtual_embeds: Some(embeddings.unsqueeze::<3>().expand([batch, n, d])),
+            prefix: None,
+        }
+    }
+
     /// The model input for token embeddings `[batch, seq, hidden]` and their padding mask with this
     /// injection applied: virtual embeddings prepended (the mask, if any, gains ones for them) and
     /// the prefix attached.

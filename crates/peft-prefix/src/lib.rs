@@ -21,7 +21,8 @@ use burn::prelude::*;
 use burn::tensor::activation::tanh;
 use peft_core::adapter_config::{PeftType, PromptLearningConfig, write_adapter_dir};
 use peft_core::adapter_file::{
-    ADAPTER_ENCODER, ADAPTER_WEIGHTS, PROMPT_EMBEDDINGS, TensorFile, linear_tensors, read_linear,
+    ADAPTER_ENCODER, PROMPT_EMBEDDINGS, TensorFile, linear_tensors, read_linear,
+    read_prompt_embeddings,
 };
 use peft_core::json_config::JsonConfig;
 use peft_core::{Adapter, CausalLm, Injection, LayerKv, ModelGeometry};
@@ -162,11 +163,10 @@ impl PrefixEncoder {
         prompt_embeddings: Tensor<2>,
         config: PrefixTuningConfig,
     ) -> Self {
-        let [n, w] = prompt_embeddings.dims();
-        let mut embedding = EmbeddingConfig::new(n, w).init(&prompt_embeddings.device());
-        embedding.weight = Param::from_tensor(prompt_embeddings);
         Self {
-            embedding,
+            embedding: Embedding {
+                weight: Param::from_tensor(prompt_embeddings),
+            },
             transform: None,
             dropout: DropoutConfig::new(config.prefix_dropout).init(),
             config,
@@ -278,12 +278,7 @@ impl PrefixEncoder {
             "num_virtual_tokens {n} x num_layers {} x 2 x token_dim {}",
             config.num_layers, config.token_dim
         );
-        let prefix = TensorFile::open(&dir.join(ADAPTER_WEIGHTS))?.tensor(
-            PROMPT_EMBEDDINGS,
-            [n, w],
-            &why,
-            device,
-        )?;
+        let prefix = read_prompt_embeddings(dir, [n, w], &why, device)?;
         Ok(Self::from_prompt_embeddings(prefix, config))
     }
 

@@ -14,7 +14,7 @@ use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig};
 use burn::prelude::*;
 use peft_core::adapter_config::{PeftType, PromptLearningConfig, write_adapter_dir};
-use peft_core::adapter_file::{ADAPTER_WEIGHTS, PROMPT_EMBEDDINGS, read_tensor};
+use peft_core::adapter_file::{PROMPT_EMBEDDINGS, read_prompt_embeddings};
 use peft_core::{Adapter, CausalLm, Injection, ModelGeometry};
 
 pub use peft_core::adapter_config::AdapterError;
@@ -133,10 +133,10 @@ impl PromptEmbedding {
     /// recorded as `Random` init.
     pub fn from_prompt_embeddings(prompt_embeddings: Tensor<2>) -> Self {
         let [n, d] = prompt_embeddings.dims();
-        let mut embedding = EmbeddingConfig::new(n, d).init(&prompt_embeddings.device());
-        embedding.weight = Param::from_tensor(prompt_embeddings);
         Self {
-            embedding,
+            embedding: Embedding {
+                weight: Param::from_tensor(prompt_embeddings),
+            },
             config: PromptTuningConfig::new(n, d),
         }
     }
@@ -171,13 +171,7 @@ impl PromptEmbedding {
             "num_virtual_tokens {n} x the base model's hidden_size {}",
             geometry.hidden_size
         );
-        let weights = read_tensor(
-            &dir.join(ADAPTER_WEIGHTS),
-            PROMPT_EMBEDDINGS,
-            [n, geometry.hidden_size],
-            &why,
-            device,
-        )?;
+        let weights = read_prompt_embeddings(dir, [n, geometry.hidden_size], &why, device)?;
         let mut prompt = Self::from_prompt_embeddings(weights);
         prompt.config.prompt_tuning_init = match raw.opt_str("prompt_tuning_init")? {
             Some("TEXT") => PromptTuningInit::Text,
@@ -251,15 +245,7 @@ impl Adapter for PromptEmbedding {
     }
 
     fn inject(&self, batch: usize) -> Injection {
-        let [n, d] = self.embedding.weight.dims();
-        Injection {
-            virtual_embeds: Some(
-                self.prompt_embeddings()
-                    .unsqueeze::<3>()
-                    .expand([batch, n, d]),
-            ),
-            prefix: None,
-        }
+        Injection::virtual_tokens(self.prompt_embeddings(), batch)
     }
 }
 

@@ -23,7 +23,8 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 use peft_core::adapter_config::{PeftType, PromptLearningConfig, write_adapter_dir};
 use peft_core::adapter_file::{
-    ADAPTER_ENCODER, ADAPTER_WEIGHTS, PROMPT_EMBEDDINGS, TensorFile, linear_tensors, read_linear,
+    ADAPTER_ENCODER, PROMPT_EMBEDDINGS, TensorFile, linear_tensors, read_linear,
+    read_prompt_embeddings,
 };
 use peft_core::json_config::JsonConfig;
 use peft_core::{Adapter, CausalLm, Injection, ModelGeometry};
@@ -177,11 +178,10 @@ pub struct PromptEncoder {
 impl PromptEncoder {
     /// An inference-form encoder whose output is `prompt_embeddings` `[n, token_dim]`.
     pub fn from_prompt_embeddings(prompt_embeddings: Tensor<2>, config: PTuningConfig) -> Self {
-        let [n, d] = prompt_embeddings.dims();
-        let mut embedding = EmbeddingConfig::new(n, d).init(&prompt_embeddings.device());
-        embedding.weight = Param::from_tensor(prompt_embeddings);
         Self {
-            embedding,
+            embedding: Embedding {
+                weight: Param::from_tensor(prompt_embeddings),
+            },
             lstm_head: None,
             mlp_head: None,
             config,
@@ -276,12 +276,7 @@ impl PromptEncoder {
         }
         let (n, d) = (config.num_virtual_tokens, config.token_dim);
         let why = format!("num_virtual_tokens {n} x the base model's hidden_size {d}");
-        let weights = TensorFile::open(&dir.join(ADAPTER_WEIGHTS))?.tensor(
-            PROMPT_EMBEDDINGS,
-            [n, d],
-            &why,
-            device,
-        )?;
+        let weights = read_prompt_embeddings(dir, [n, d], &why, device)?;
         Ok(Self::from_prompt_embeddings(weights, config))
     }
 
@@ -410,12 +405,7 @@ impl Adapter for PromptEncoder {
     }
 
     fn inject(&self, batch: usize) -> Injection {
-        let prompts = self.prompt_embeddings();
-        let [n, d] = prompts.dims();
-        Injection {
-            virtual_embeds: Some(prompts.unsqueeze::<3>().expand([batch, n, d])),
-            prefix: None,
-        }
+        Injection::virtual_tokens(self.prompt_embeddings(), batch)
     }
 }
 
