@@ -370,13 +370,11 @@ fn info_prints_peft_lines_for_the_four_real_configs() {
     }
     assert_eq!(checked, 24);
     // A bias subset, and bad flags.
+    let bloomz = root().join("fixtures/configs/bloomz-560m");
     let out = peft(&[
         "info",
         "--model",
-        root()
-            .join("fixtures/configs/bloomz-560m")
-            .to_str()
-            .unwrap(),
+        bloomz.to_str().unwrap(),
         "--method",
         "bitfit",
         "--bias-pattern",
@@ -392,10 +390,7 @@ fn info_prints_peft_lines_for_the_four_real_configs() {
     let out = peft(&[
         "info",
         "--model",
-        root()
-            .join("fixtures/configs/bloomz-560m")
-            .to_str()
-            .unwrap(),
+        bloomz.to_str().unwrap(),
         "--method",
         "bitfit",
         "--bias-pattern",
