@@ -12,12 +12,12 @@ use burn::prelude::*;
 
 /// Tracks the Hugging Face name of the parameter being visited.
 #[derive(Default)]
-struct HfPath {
+pub(crate) struct HfPath {
     segments: Vec<Option<String>>,
 }
 
 impl HfPath {
-    fn enter(&mut self, name: &str, container_type: &str) {
+    pub(crate) fn enter(&mut self, name: &str, container_type: &str) {
         let segment = if container_type.starts_with("Enum:") {
             None
         } else if container_type.ends_with("Norm") {
@@ -32,11 +32,11 @@ impl HfPath {
         self.segments.push(segment);
     }
 
-    fn exit(&mut self) {
+    pub(crate) fn exit(&mut self) {
         self.segments.pop();
     }
 
-    fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         self.segments
             .iter()
             .flatten()

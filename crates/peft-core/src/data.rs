@@ -1,0 +1,665 @@
+//! Fine-tuning data: JSONL rows in three shapes, tokenized with the loss on the target only,
+//! truncated to a budget that keeps the target, shuffled by seed and padded per batch.
+//!
+//! | row | prompt | target (scored) |
+//! |---|---|---|
+//! | `{"prompt", "completion"}` | `prompt` | `completion` + EOS |
+//! | `{"instruction", "input", "output"}` | the template filled in (see [`ALPACA_TEMPLATE`]) | `output` + EOS |
+//! | `{"text"}` | none | `text` + EOS, every token |
+//!
+//! The prompt is tokenized with the tokenizer's special tokens (a BOS where the tokenizer adds
+//! one), the target without, and the two are joined, as the seeds' PEFT scripts do. Prompt tokens
+//! are labelled [`IGNORE_INDEX`], so they never contribute to the loss.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use rand::seq::SliceRandom;
+use rand::{SeedableRng, rngs::StdRng};
+use serde_json::Value;
+
+use crate::peft_model::IGNORE_INDEX;
+
+/// The seeds' instruction template ("Human: ...\n\nAssistant: "); `{instruction}` and `{input}`
+/// are replaced by the row's fields (`input` may be absent: it is then empty).
+pub const ALPACA_TEMPLATE: &str = "Human: {instruction}\n{input}\n\nAssistant: ";
+
+/// Why a data file cannot be used. Row errors name the file and the 1-based line.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The data file.
+        path: PathBuf,
+        /// The system error.
+        source: std::io::Error,
+    },
+    /// A row is malformed or does not fit.
+    #[error("{path}:{line}: {message} (pass --skip-bad-rows to skip such rows)")]
+    Row {
+        /// The data file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+    /// No usable row.
+    #[error("{path}: no examples ({skipped} bad rows skipped)")]
+    Empty {
+        /// The data file.
+        path: PathBuf,
+        /// Rows skipped as bad.
+        skipped: usize,
+    },
+    /// The instruction template cannot be used.
+    #[error("template: {0}")]
+    Template(String),
+}
+
+/// One row of a data file, before tokenization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    /// 1-based line of the row in its file.
+    pub line: usize,
+    /// Text the model conditions on (not scored); `None` for `{"text"}` rows.
+    pub prompt: Option<String>,
+    /// Text the model learns to produce (scored).
+    pub target: String,
+}
+
+/// A row that was skipped, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedRow {
+    /// 1-based line.
+    pub line: usize,
+    /// Why it was skipped.
+    pub reason: String,
+}
+
+/// How rows become examples.
+#[derive(Debug, Clone)]
+pub struct DataOptions {
+    /// Template for `{"instruction", "input", "output"}` rows.
+    pub template: String,
+    /// Skip (and count) bad rows instead of failing on the first.
+    pub skip_bad_rows: bool,
+}
+
+impl Default for DataOptions {
+    fn default() -> Self {
+        Self {
+            template: ALPACA_TEMPLATE.to_string(),
+            skip_bad_rows: false,
+        }
+    }
+}
+
+/// The rows of a JSONL file.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// The file read.
+    pub path: PathBuf,
+    /// The usable rows, in file order.
+    pub examples: Vec<Example>,
+    /// Rows skipped (only with [`DataOptions::skip_bad_rows`]).
+    pub skipped: Vec<SkippedRow>,
+}
+
+impl Dataset {
+    /// Reads a JSONL file: one JSON object per line, blank lines ignored.
+    ///
+    /// # Errors
+    ///
+    /// An unreadable file, a bad row (unless skipped; the error names the line and field), or no
+    /// usable row at all.
+    pub fn from_jsonl(path: impl AsRef<Path>, options: &DataOptions) -> Result<Self, DataError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_jsonl_str(path, &text, options)
+    }
+
+    /// Parses JSONL `text` as if read from `path` (the path only names the file in errors).
+    pub fn from_jsonl_str(
+        path: &Path,
+        text: &str,
+        options: &DataOptions,
+    ) -> Result<Self, DataError> {
+        if !options.template.contains("{instruction}") {
+            return Err(DataError::Template(format!(
+                "{:?} has no {{instruction}} placeholder",
+                options.template
+            )));
+        }
+        let mut examples = Vec::new();
+        let mut skipped = Vec::new();
+        for (index, raw) in text.lines().enumerate() {
+            let line = index + 1;
+            if raw.trim().is_empty() {
+                continue;
+            }
+            match parse_row(raw, &options.template) {
+                Ok((prompt, target)) => examples.push(Example {
+                    line,
+                    prompt,
+                    target,
+                }),
+                Err(reason) if options.skip_bad_rows => skipped.push(SkippedRow { line, reason }),
+                Err(message) => {
+                    return Err(DataError::Row {
+                        path: path.to_path_buf(),
+                        line,
+                        message,
+                    });
+                }
+            }
+        }
+        if examples.is_empty() {
+            return Err(DataError::Empty {
+                path: path.to_path_buf(),
+                skipped: skipped.len(),
+            });
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            examples,
+            skipped,
+        })
+    }
+}
+
+/// `(prompt, target)` of one JSONL row, or why the row is bad.
+fn parse_row(raw: &str, template: &str) -> Result<(Option<String>, String), String> {
+    let value: Value = serde_json::from_str(raw).map_err(|e| format!("not valid JSON: {e}"))?;
+    let Value::Object(row) = value else {
+        return Err("expected a JSON object".into());
+    };
+    let field = |key: &str| -> Result<Option<&str>, String> {
+        match row.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(format!("field \"{key}\" must be a string, found {other}")),
+        }
+    };
+    let non_empty = |key: &str, value: Option<&str>| -> Result<String, String> {
+        match value {
+            Some(s) if !s.is_empty() => Ok(s.to_string()),
+            Some(_) => Err(format!("field \"{key}\" is empty")),
+            None => Err(format!("missing field \"{key}\"")),
+        }
+    };
+    if row.contains_key("prompt") || row.contains_key("completion") {
+        let prompt = field("prompt")?.ok_or("missing field \"prompt\"")?;
+        let completion = non_empty("completion", field("completion")?)?;
+        Ok((Some(prompt.to_string()), completion))
+    } else if row.contains_key("instruction") || row.contains_key("output") {
+        let instruction = field("instruction")?.ok_or("missing field \"instruction\"")?;
+        let input = field("input")?.unwrap_or_default();
+        let output = non_empty("output", field("output")?)?;
+        let prompt = template
+            .replace("{instruction}", instruction)
+            .replace("{input}", input);
+        Ok((Some(prompt), output))
+    } else if row.contains_key("text") {
+        Ok((None, non_empty("text", field("text")?)?))
+    } else {
+        let keys: Vec<&str> = row.keys().map(String::as_str).collect();
+        Err(format!(
+            "found keys {keys:?}; expected {{\"prompt\", \"completion\"}}, \
+             {{\"instruction\", \"input\", \"output\"}} or {{\"text\"}}"
+        ))
+    }
+}
+
+/// Text to token ids, as a tokenizer does it (implemented for `tokenizers::Tokenizer` by the
+/// model crate's users; tests use small stand-ins).
+pub trait TextEncoder {
+    /// The ids of `text`, with the tokenizer's special tokens (BOS) when `add_special_tokens`.
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String>;
+}
+
+/// How examples become token ids.
+#[derive(Debug, Clone)]
+pub struct TokenizeOptions {
+    /// Most real tokens per row (prompt + target + EOS); virtual tokens are not counted. Prompts
+    /// longer than what is left after the target lose their *first* tokens; text rows lose their
+    /// last. A target (with EOS) longer than this is a bad row.
+    pub max_length: usize,
+    /// Appended to every target so the model learns to stop; `None` appends nothing.
+    pub eos_token_id: Option<u32>,
+    /// Skip (and count) rows that do not fit instead of failing.
+    pub skip_bad_rows: bool,
+}
+
+/// One tokenized row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenizedExample {
+    /// 1-based line of the row in its file.
+    pub line: usize,
+    /// Prompt ids then target ids (EOS included).
+    pub input_ids: Vec<u32>,
+    /// `IGNORE_INDEX` on prompt tokens, the token id on target tokens.
+    pub labels: Vec<i64>,
+    /// How many leading ids are prompt; 0 for text rows.
+    pub prompt_len: usize,
+    /// Whether the row was not scored as a whole prompt/completion pair (text rows), so exact
+    /// match does not apply to it.
+    pub is_text: bool,
+    /// Whether tokens were cut to fit `max_length`.
+    pub truncated: bool,
+}
+
+impl TokenizedExample {
+    /// The prompt ids.
+    pub fn prompt_ids(&self) -> &[u32] {
+        &self.input_ids[..self.prompt_len]
+    }
+
+    /// The target ids (EOS included when one was appended).
+    pub fn target_ids(&self) -> &[u32] {
+        &self.input_ids[self.prompt_len..]
+    }
+}
+
+/// Tokenized rows of one file.
+#[derive(Debug, Clone)]
+pub struct TokenizedDataset {
+    /// The file they came from.
+    pub path: PathBuf,
+    /// The rows.
+    pub examples: Vec<TokenizedExample>,
+    /// Rows skipped while reading or tokenizing.
+    pub skipped: Vec<SkippedRow>,
+}
+
+impl TokenizedDataset {
+    /// Tokenizes `dataset` (see the module docs for what is scored).
+    ///
+    /// # Errors
+    ///
+    /// A row the tokenizer rejects, a target longer than `max_length` (unless skipped), or no row
+    /// left.
+    pub fn new(
+        dataset: Dataset,
+        encoder: &dyn TextEncoder,
+        options: &TokenizeOptions,
+    ) -> Result<Self, DataError> {
+        let Dataset {
+            path,
+            examples,
+            mut skipped,
+        } = dataset;
+        let mut rows = Vec::with_capacity(examples.len());
+        for example in examples {
+            match tokenize_example(&example, encoder, options) {
+                Ok(row) => rows.push(row),
+                Err(reason) if options.skip_bad_rows => skipped.push(SkippedRow {
+                    line: example.line,
+                    reason,
+                }),
+                Err(message) => {
+                    return Err(DataError::Row {
+                        path,
+                        line: example.line,
+                        message,
+                    });
+                }
+            }
+        }
+        if rows.is_empty() {
+            return Err(DataError::Empty {
+                path,
+                skipped: skipped.len(),
+            });
+        }
+        skipped.sort_by_key(|s| s.line);
+        Ok(Self {
+            path,
+            examples: rows,
+            skipped,
+        })
+    }
+
+    /// Rows that have a prompt and a target (exact match applies to them).
+    pub fn completions(&self) -> impl Iterator<Item = &TokenizedExample> {
+        self.examples.iter().filter(|e| !e.is_text)
+    }
+}
+
+fn tokenize_example(
+    example: &Example,
+    encoder: &dyn TextEncoder,
+    options: &TokenizeOptions,
+) -> Result<TokenizedExample, String> {
+    let max = options.max_length;
+    let eos: Vec<u32> = options.eos_token_id.into_iter().collect();
+    let encode = |text: &str, special: bool, what: &str| {
+        encoder
+            .encode(text, special)
+            .map_err(|e| format!("the tokenizer rejects the {what}: {e}"))
+    };
+    let Some(prompt) = &example.prompt else {
+        let mut ids = encode(&example.target, true, "text")?;
+        ids.extend(&eos);
+        let truncated = ids.len() > max;
+        ids.truncate(max);
+        if ids.is_empty() {
+            return Err("field \"text\" encodes to no tokens".into());
+        }
+        let labels = ids.iter().map(|&t| i64::from(t)).collect();
+        return Ok(TokenizedExample {
+            line: example.line,
+            input_ids: ids,
+            labels,
+            prompt_len: 0,
+            is_text: true,
+            truncated,
+        });
+    };
+    let mut target = encode(&example.target, false, "target")?;
+    target.extend(&eos);
+    if target.len() > max {
+        return Err(format!(
+            "the target is {} tokens (EOS included), more than --max-length {max}",
+            target.len()
+        ));
+    }
+    let mut prompt_ids = encode(prompt, true, "prompt")?;
+    let budget = max - target.len();
+    let truncated = prompt_ids.len() > budget;
+    if truncated {
+        // Keep the end of the prompt: it is what the target follows.
+        prompt_ids.drain(..prompt_ids.len() - budget);
+    }
+    let prompt_len = prompt_ids.len();
+    let labels = std::iter::repeat_n(IGNORE_INDEX, prompt_len)
+        .chain(target.iter().map(|&t| i64::from(t)))
+        .collect();
+    prompt_ids.extend(target);
+    Ok(TokenizedExample {
+        line: example.line,
+        input_ids: prompt_ids,
+        labels,
+        prompt_len,
+        is_text: false,
+        truncated,
+    })
+}
+
+/// The order in which epoch `epoch` visits `len` rows: a permutation drawn from `seed` and
+/// `epoch` alone, so a resumed run replays the same order.
+pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    let mut rng = StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    order.shuffle(&mut rng);
+    order
+}
+
+/// A padded batch (right padding: row `i`'s real tokens first).
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[batch, seq]` token ids, padded with the pad id.
+    pub input_ids: Tensor<2, Int>,
+    /// `[batch, seq]`, 1 on real tokens.
+    pub attention_mask: Tensor<2, Int>,
+    /// `[batch, seq]`, [`IGNORE_INDEX`] on prompt and padding.
+    pub labels: Tensor<2, Int>,
+    /// Real tokens in the batch.
+    pub tokens: usize,
+    /// Labels the loss scores (see [`Batch::scored_labels`]).
+    pub scored: usize,
+}
+
+impl Batch {
+    /// Pads `rows` to the longest of them, for a model with `virtual_tokens` virtual tokens.
+    pub fn collate(
+        rows: &[&TokenizedExample],
+        pad_token_id: u32,
+        virtual_tokens: usize,
+        device: &Device,
+    ) -> Self {
+        let seq = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
+        let batch = rows.len();
+        let mut ids = Vec::with_capacity(batch * seq);
+        let mut mask = Vec::with_capacity(batch * seq);
+        let mut labels = Vec::with_capacity(batch * seq);
+        for row in rows {
+            let pad = seq - row.input_ids.len();
+            ids.extend(row.input_ids.iter().map(|&t| i64::from(t)));
+            ids.extend(std::iter::repeat_n(i64::from(pad_token_id), pad));
+            mask.extend(std::iter::repeat_n(1i64, row.input_ids.len()));
+            mask.extend(std::iter::repeat_n(0i64, pad));
+            labels.extend(&row.labels);
+            labels.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
+        }
+        let tensor =
+            |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [batch, seq]), device);
+        Self {
+            input_ids: tensor(ids),
+            attention_mask: tensor(mask),
+            labels: tensor(labels),
+            tokens: rows.iter().map(|r| r.input_ids.len()).sum(),
+            scored: Self::scored_labels(rows, virtual_tokens),
+        }
+    }
+
+    /// Labels [`crate::PeftModel::loss`] scores for these rows: every label other than
+    /// [`IGNORE_INDEX`], except a row's first token when there is no virtual token to predict
+    /// it from.
+    pub fn scored_labels(rows: &[&TokenizedExample], virtual_tokens: usize) -> usize {
+        let skip = usize::from(virtual_tokens == 0);
+        rows.iter()
+            .map(|r| {
+                r.labels
+                    .iter()
+                    .skip(skip)
+                    .filter(|&&l| l != IGNORE_INDEX)
+                    .count()
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One token per byte; BOS 1 when special tokens are asked for.
+    struct Bytes;
+    impl TextEncoder for Bytes {
+        fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
+            let bos = add_special_tokens.then_some(1);
+            Ok(bos.into_iter().chain(text.bytes().map(u32::from)).collect())
+        }
+    }
+
+    fn read(text: &str, skip: bool) -> Result<Dataset, DataError> {
+        Dataset::from_jsonl_str(
+            Path::new("data.jsonl"),
+            text,
+            &DataOptions {
+                skip_bad_rows: skip,
+                ..DataOptions::default()
+            },
+        )
+    }
+
+    fn tokenize(
+        dataset: Dataset,
+        max_length: usize,
+        skip: bool,
+    ) -> Result<TokenizedDataset, DataError> {
+        TokenizedDataset::new(
+            dataset,
+            &Bytes,
+            &TokenizeOptions {
+                max_length,
+                eos_token_id: Some(2),
+                skip_bad_rows: skip,
+            },
+        )
+    }
+
+    #[test]
+    fn reads_the_three_row_shapes() {
+        let data = read(
+            concat!(
+                "{\"prompt\": \"Q: \", \"completion\": \"A\"}\n",
+                "\n",
+                "{\"instruction\": \"Add\", \"input\": \"1 2\", \"output\": \"3\"}\n",
+                "{\"instruction\": \"Greet\", \"output\": \"hi\", \"extra\": 1}\n",
+                "{\"text\": \"abc\"}\n",
+            ),
+            false,
+        )
+        .unwrap();
+        let lines: Vec<usize> = data.examples.iter().map(|e| e.line).collect();
+        assert_eq!(lines, [1, 3, 4, 5]);
+        assert_eq!(data.examples[0].prompt.as_deref(), Some("Q: "));
+        assert_eq!(
+            data.examples[1].prompt.as_deref(),
+            Some("Human: Add\n1 2\n\nAssistant: ")
+        );
+        assert_eq!(
+            data.examples[2].prompt.as_deref(),
+            Some("Human: Greet\n\n\nAssistant: ")
+        );
+        assert_eq!(data.examples[3].prompt, None);
+        assert_eq!(data.examples[3].target, "abc");
+    }
+
+    #[test]
+    fn bad_rows_name_file_line_and_field_or_are_skipped_and_counted() {
+        let rows = concat!(
+            "{\"prompt\": \"a\", \"completion\": \"b\"}\n",
+            "{\"prompt\": \"a\", \"completion\": 3}\n",
+            "not json\n",
+            "[1, 2]\n",
+            "{\"prompt\": \"a\"}\n",
+            "{\"question\": \"a\"}\n",
+            "{\"text\": \"\"}\n",
+        );
+        let err = read(rows, false).unwrap_err().to_string();
+        assert!(
+            err.starts_with("data.jsonl:2: field \"completion\" must be a string"),
+            "{err}"
+        );
+        let data = read(rows, true).unwrap();
+        assert_eq!(data.examples.len(), 1);
+        let skipped: Vec<usize> = data.skipped.iter().map(|s| s.line).collect();
+        assert_eq!(skipped, [2, 3, 4, 5, 6, 7]);
+        assert!(data.skipped[1].reason.starts_with("not valid JSON"));
+        assert_eq!(data.skipped[3].reason, "missing field \"completion\"");
+        assert!(data.skipped[4].reason.contains("\"question\""));
+        assert_eq!(data.skipped[5].reason, "field \"text\" is empty");
+    }
+
+    #[test]
+    fn an_empty_file_or_one_of_only_bad_rows_is_an_error() {
+        let err = read("", false).unwrap_err().to_string();
+        assert_eq!(err, "data.jsonl: no examples (0 bad rows skipped)");
+        let err = read("\n  \n", false).unwrap_err().to_string();
+        assert_eq!(err, "data.jsonl: no examples (0 bad rows skipped)");
+        let err = read("{}\n", true).unwrap_err().to_string();
+        assert_eq!(err, "data.jsonl: no examples (1 bad rows skipped)");
+        let err = Dataset::from_jsonl("/nonexistent/data.jsonl", &DataOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/nonexistent/data.jsonl: "), "{err}");
+    }
+
+    #[test]
+    fn labels_mask_the_prompt_and_end_with_eos() {
+        let data = read(
+            "{\"prompt\": \"ab\", \"completion\": \"c\"}\n{\"text\": \"xy\"}\n",
+            false,
+        )
+        .unwrap();
+        let rows = tokenize(data, 16, false).unwrap().examples;
+        // BOS a b | c EOS
+        assert_eq!(rows[0].input_ids, [1, 97, 98, 99, 2]);
+        assert_eq!(
+            rows[0].labels,
+            [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 99, 2]
+        );
+        assert_eq!(rows[0].prompt_ids(), [1, 97, 98]);
+        assert_eq!(rows[0].target_ids(), [99, 2]);
+        assert!(!rows[0].is_text && !rows[0].truncated);
+        // Text rows: every token is a label.
+        assert_eq!(rows[1].input_ids, [1, 120, 121, 2]);
+        assert_eq!(rows[1].labels, [1, 120, 121, 2]);
+        assert!(rows[1].is_text);
+    }
+
+    #[test]
+    fn over_long_rows_keep_the_target_or_are_bad_rows() {
+        let data = read(
+            concat!(
+                "{\"prompt\": \"abcdef\", \"completion\": \"xy\"}\n",
+                "{\"prompt\": \"a\", \"completion\": \"wxyz\"}\n",
+                "{\"text\": \"abcdefgh\"}\n",
+            ),
+            false,
+        )
+        .unwrap();
+        let err = tokenize(data.clone(), 4, false).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "data.jsonl:2: the target is 5 tokens (EOS included), more than --max-length 4 \
+             (pass --skip-bad-rows to skip such rows)"
+        );
+        let tokenized = tokenize(data, 4, true).unwrap();
+        assert_eq!(tokenized.skipped.len(), 1);
+        assert_eq!(tokenized.skipped[0].line, 2);
+        let rows = tokenized.examples;
+        // The prompt loses its first tokens (BOS, a, b, c, d); the target stays whole.
+        assert_eq!(rows[0].input_ids, [102, 120, 121, 2]);
+        assert_eq!(rows[0].target_ids(), [120, 121, 2]);
+        assert!(rows[0].truncated);
+        // Text keeps its beginning.
+        assert_eq!(rows[1].input_ids, [1, 97, 98, 99]);
+        assert!(rows[1].truncated);
+    }
+
+    #[test]
+    fn epoch_order_is_a_seeded_permutation() {
+        let a = epoch_order(50, 7, 0);
+        assert_eq!(a, epoch_order(50, 7, 0));
+        assert_ne!(a, epoch_order(50, 7, 1));
+        assert_ne!(a, epoch_order(50, 8, 0));
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn collate_pads_right_and_ignores_padding() {
+        let data = read(
+            "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"text\": \"xyz\"}\n",
+            false,
+        )
+        .unwrap();
+        let rows = tokenize(data, 16, false).unwrap().examples;
+        let refs: Vec<&TokenizedExample> = rows.iter().collect();
+        let batch = Batch::collate(&refs, 0, 0, &Device::default());
+        let ids: Vec<i64> = batch.input_ids.into_data().try_to_vec_as::<i64>().unwrap();
+        let mask: Vec<i64> = batch
+            .attention_mask
+            .into_data()
+            .try_to_vec_as::<i64>()
+            .unwrap();
+        let labels: Vec<i64> = batch.labels.into_data().try_to_vec_as::<i64>().unwrap();
+        assert_eq!(ids, [1, 97, 98, 2, 0, 1, 120, 121, 122, 2]);
+        assert_eq!(mask, [1, 1, 1, 1, 0, 1, 1, 1, 1, 1]);
+        let ig = IGNORE_INDEX;
+        assert_eq!(labels, [ig, ig, 98, 2, ig, 1, 120, 121, 122, 2]);
+        assert_eq!(batch.tokens, 9);
+        // Row 1: b, EOS; row 2: everything after its first token, which a virtual token scores.
+        assert_eq!(batch.scored, 2 + 4);
+        assert_eq!(Batch::scored_labels(&refs, 10), 2 + 5);
+    }
+}

@@ -1,0 +1,709 @@
+//! The training loop: AdamW on the trainable parameters, linear warmup and decay, gradient
+//! accumulation, global-norm clipping, periodic evaluation, a NaN/inf guard, and resumable
+//! checkpoints that hold the adapter and the optimizer state only.
+//!
+//! The loop reports through a [`TrainingObserver`] (the CLI draws a progress bar with it) and
+//! appends one JSON object per logged step or evaluation to `metrics.jsonl` in the output
+//! directory. Library code never prints.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::Adapter;
+use crate::adapter_config::AdapterError;
+use crate::adapter_file::AdapterFileError;
+use crate::checkpoint::{
+    CheckpointError, OPTIMIZER_STATE, TrainerState, latest_checkpoint, read_trainer_state,
+    write_checkpoint,
+};
+use crate::data::{Batch, TokenizedExample, epoch_order};
+use crate::error::CoreError;
+use crate::generation::GenerationConfig;
+use crate::model::CausalLm;
+use crate::optim::{AdamW, AdamWConfig, clip_coefficient, global_grad_norm};
+use crate::peft_model::PeftModel;
+
+/// Metrics file written in the output directory, one JSON object per line.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Hyper-parameters of a run. Defaults follow Hugging Face's `Trainer` where it has one.
+#[derive(Config, Debug)]
+pub struct TrainingConfig {
+    /// Peak learning rate (reached after warmup).
+    #[config(default = 1e-3)]
+    pub lr: f64,
+    /// Passes over the training rows.
+    #[config(default = 1)]
+    pub epochs: usize,
+    /// Rows per micro-batch.
+    #[config(default = 8)]
+    pub batch_size: usize,
+    /// Micro-batches whose gradients add up to one optimizer step.
+    #[config(default = 1)]
+    pub gradient_accumulation_steps: usize,
+    /// Optimizer steps over which the learning rate rises linearly from 0; it then falls
+    /// linearly to 0 at the last step (`get_linear_schedule_with_warmup`).
+    #[config(default = 0)]
+    pub warmup_steps: usize,
+    /// Clip the global gradient norm to this (`clip_grad_norm_`); `None` disables clipping.
+    #[config(default = "Some(1.0)")]
+    pub max_grad_norm: Option<f64>,
+    /// AdamW settings (PyTorch's defaults).
+    #[config(default = "AdamWConfig::new()")]
+    pub optimizer: AdamWConfig,
+    /// Seed of the data order and of dropout.
+    #[config(default = 42)]
+    pub seed: u64,
+    /// Evaluate every this many optimizer steps; `None`: at the end of each epoch.
+    pub eval_steps: Option<usize>,
+    /// Checkpoint every this many optimizer steps; `None`: at the end of each epoch.
+    pub save_steps: Option<usize>,
+    /// Append a training line to the metrics file every this many steps.
+    #[config(default = 1)]
+    pub logging_steps: usize,
+    /// Rows per evaluation batch.
+    #[config(default = 16)]
+    pub eval_batch_size: usize,
+    /// Score greedy completions against the targets during evaluation (exact match).
+    #[config(default = true)]
+    pub eval_exact_match: bool,
+}
+
+/// What the run needs besides hyper-parameters.
+#[derive(Debug, Clone)]
+pub struct TrainingRun {
+    /// Directory of the checkpoints and the metrics file.
+    pub output_dir: PathBuf,
+    /// Id that pads batches.
+    pub pad_token_id: u32,
+    /// Ids that end a generation (exact match).
+    pub eos_token_ids: Vec<u32>,
+    /// Recorded in the adapter config.
+    pub base_model_name_or_path: Option<String>,
+    /// Continue from the newest checkpoint in `output_dir`, if any.
+    pub resume: bool,
+}
+
+/// Why training stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A hyper-parameter is out of its domain.
+    #[error("{key}: {message}")]
+    Config {
+        /// The setting (as the CLI flag names it).
+        key: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// The loss or the gradients stopped being finite.
+    #[error(
+        "step {step}: {what} is {value}; training stopped (lower --lr, or check the rows at lines {lines:?})"
+    )]
+    NonFinite {
+        /// Optimizer step (1-based) being computed.
+        step: usize,
+        /// `loss` or `gradient norm`.
+        what: &'static str,
+        /// The value seen.
+        value: f64,
+        /// Data lines of the batch.
+        lines: Vec<usize>,
+    },
+    /// Writing or reading a checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The adapter of a checkpoint cannot be read or written.
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    /// The optimizer state cannot be read or written.
+    #[error(transparent)]
+    File(#[from] AdapterFileError),
+    /// Evaluation (generation) failed.
+    #[error("evaluation: {0}")]
+    Eval(#[from] CoreError),
+    /// The metrics file cannot be written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The system error.
+        source: std::io::Error,
+    },
+}
+
+/// How a run is laid out, known before the first step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainingPlan {
+    /// Optimizer steps per epoch.
+    pub steps_per_epoch: usize,
+    /// Optimizer steps in the run.
+    pub total_steps: usize,
+    /// Step the run starts from (non-zero when resumed).
+    pub start_step: usize,
+}
+
+/// One optimizer step, as logged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Optimizer step, 1-based.
+    pub step: usize,
+    /// Fractional epoch reached.
+    pub epoch: f64,
+    /// Mean loss over the step's scored tokens.
+    pub loss: f64,
+    /// Learning rate used for the step.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Real tokens (prompt and target) processed per second in this step.
+    pub tokens_per_second: f64,
+}
+
+/// An evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Optimizer steps taken when it ran (0 = before training).
+    pub step: usize,
+    /// Mean loss over every scored token.
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+    /// Fraction of prompt/completion rows whose greedy completion equals the target, when
+    /// measured.
+    pub exact_match: Option<f64>,
+    /// Rows evaluated.
+    pub rows: usize,
+}
+
+/// One line of the metrics file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MetricsLine {
+    /// A training step.
+    Train(StepMetrics),
+    /// An evaluation.
+    Eval(EvalMetrics),
+}
+
+impl MetricsLine {
+    fn step(&self) -> usize {
+        match self {
+            Self::Train(m) => m.step,
+            Self::Eval(m) => m.step,
+        }
+    }
+}
+
+/// Receives progress; returning `ControlFlow::Break` from [`TrainingObserver::on_step`] stops the
+/// run after that step (as an interruption would: no final checkpoint is written).
+pub trait TrainingObserver {
+    /// Before the first step.
+    fn on_start(&mut self, _plan: &TrainingPlan) {}
+    /// After each optimizer step.
+    fn on_step(&mut self, _metrics: &StepMetrics) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+    /// After each evaluation.
+    fn on_eval(&mut self, _metrics: &EvalMetrics) {}
+    /// After a checkpoint was written.
+    fn on_checkpoint(&mut self, _dir: &Path) {}
+}
+
+/// An observer that does nothing.
+impl TrainingObserver for () {}
+
+/// How a run ended.
+pub struct TrainOutcome<M: Module, A: Module> {
+    /// The trained model (on the training device).
+    pub model: PeftModel<M, A>,
+    /// Optimizer steps taken in all.
+    pub global_step: usize,
+    /// False when the observer stopped the run early.
+    pub completed: bool,
+    /// The last evaluation, if any ran.
+    pub last_eval: Option<EvalMetrics>,
+}
+
+/// The learning rate of optimizer step `step` (0-based), as
+/// `transformers.get_linear_schedule_with_warmup`.
+pub fn linear_schedule(lr: f64, step: usize, warmup_steps: usize, total_steps: usize) -> f64 {
+    if step < warmup_steps {
+        return lr * step as f64 / warmup_steps.max(1) as f64;
+    }
+    let remaining = total_steps.saturating_sub(step) as f64;
+    lr * (remaining / total_steps.saturating_sub(warmup_steps).max(1) as f64).max(0.0)
+}
+
+/// FNV-1a over the rows' ids and labels: a cheap identity of the training data.
+fn fingerprint(rows: &[TokenizedExample]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |v: u64| {
+        for byte in v.to_le_bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for row in rows {
+        eat(row.input_ids.len() as u64);
+        row.input_ids.iter().for_each(|&t| eat(u64::from(t)));
+        row.labels.iter().for_each(|&l| eat(l as u64));
+    }
+    format!("{hash:016x}")
+}
+
+impl TrainingConfig {
+    fn validate(&self) -> Result<(), TrainError> {
+        let positive = |key, value: usize| {
+            if value == 0 {
+                Err(TrainError::Config {
+                    key,
+                    message: "must be at least 1".into(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        positive("--epochs", self.epochs)?;
+        positive("--batch-size", self.batch_size)?;
+        positive(
+            "--gradient-accumulation-steps",
+            self.gradient_accumulation_steps,
+        )?;
+        positive("--logging-steps", self.logging_steps)?;
+        positive("--eval-batch-size", self.eval_batch_size)?;
+        positive("--eval-steps", self.eval_steps.unwrap_or(1))?;
+        positive("--save-steps", self.save_steps.unwrap_or(1))?;
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return Err(TrainError::Config {
+                key: "--lr",
+                message: format!("must be a finite number >= 0, found {}", self.lr),
+            });
+        }
+        if self.max_grad_norm.is_some_and(|n| !(n > 0.0)) {
+            return Err(TrainError::Config {
+                key: "--max-grad-norm",
+                message: "must be > 0".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Optimizer steps per epoch for `rows` training rows.
+    pub fn steps_per_epoch(&self, rows: usize) -> usize {
+        rows.div_ceil(self.batch_size)
+            .div_ceil(self.gradient_accumulation_steps)
+    }
+}
+
+/// Trains `model` (built on an autodiff device, adapter trainable) on `train`, evaluating on
+/// `eval` if given.
+///
+/// Each optimizer step takes `gradient_accumulation_steps` micro-batches of the epoch's seeded
+/// order; the loss of a step is the mean over all its scored tokens (micro-batches weighted by
+/// their token counts, so the result does not depend on how a step is split). With
+/// `run.resume`, the newest checkpoint's adapter, optimizer state and position are restored,
+/// and the run continues exactly as if it had not stopped.
+///
+/// # Errors
+///
+/// Bad hyper-parameters, a non-finite loss or gradient norm (the error names the step and the
+/// data lines), a checkpoint that cannot be written, or one from another run or model.
+pub fn train<M, A>(
+    mut model: PeftModel<M, A>,
+    train: &[TokenizedExample],
+    eval: Option<&[TokenizedExample]>,
+    config: &TrainingConfig,
+    run: &TrainingRun,
+    observer: &mut dyn TrainingObserver,
+) -> Result<TrainOutcome<M, A>, TrainError>
+where
+    M: CausalLm,
+    A: Adapter,
+    PeftModel<M, A>: Module,
+{
+    config.validate()?;
+    if train.is_empty() {
+        return Err(TrainError::Config {
+            key: "--train",
+            message: "no training rows".into(),
+        });
+    }
+    let device = model.base.device();
+    let steps_per_epoch = config.steps_per_epoch(train.len());
+    let total_steps = steps_per_epoch * config.epochs;
+    let fingerprint = fingerprint(train);
+    let mut optimizer = config.optimizer.init();
+    let mut state = TrainerState {
+        global_step: 0,
+        epoch: 0,
+        step_in_epoch: 0,
+        seed: config.seed,
+        batch_size: config.batch_size,
+        gradient_accumulation_steps: config.gradient_accumulation_steps,
+        train_rows: train.len(),
+        train_fingerprint: fingerprint,
+    };
+    std::fs::create_dir_all(&run.output_dir).map_err(|source| TrainError::Io {
+        path: run.output_dir.clone(),
+        source,
+    })?;
+    let metrics_path = run.output_dir.join(METRICS_FILE);
+    if run.resume
+        && let Some((_, dir)) = latest_checkpoint(&run.output_dir)?
+    {
+        let saved = read_trainer_state(&dir)?;
+        check_same_run(&saved, &state, &dir)?;
+        let (base, adapter) = A::load(&dir, model.base)?;
+        model = PeftModel::new(base, adapter);
+        optimizer.load(
+            &dir.join(OPTIMIZER_STATE),
+            &model,
+            saved.global_step,
+            &device,
+        )?;
+        state = saved;
+        keep_metrics_up_to(&metrics_path, state.global_step)?;
+    } else {
+        keep_metrics_up_to(&metrics_path, 0)?;
+    }
+    let mut metrics = MetricsWriter::open(&metrics_path)?;
+    observer.on_start(&TrainingPlan {
+        steps_per_epoch,
+        total_steps,
+        start_step: state.global_step,
+    });
+
+    let virtual_tokens = model.adapter.num_virtual_tokens();
+    let micro_batch = config.batch_size;
+    let group = micro_batch * config.gradient_accumulation_steps;
+    let mut last_eval = None;
+    while state.epoch < config.epochs {
+        let order = epoch_order(train.len(), config.seed, state.epoch);
+        let steps: Vec<&[usize]> = order.chunks(group).collect();
+        while state.step_in_epoch < steps.len() {
+            let rows = steps[state.step_in_epoch];
+            let started = Instant::now();
+            // Dropout draws from the device's generator: seed it per step so a resumed run
+            // draws what the uninterrupted one did.
+            device.seed(config.seed.wrapping_add(state.global_step as u64));
+            let batches: Vec<Vec<&TokenizedExample>> = rows
+                .chunks(micro_batch)
+                .map(|chunk| chunk.iter().map(|&i| &train[i]).collect())
+                .collect();
+            let scored: Vec<usize> = batches
+                .iter()
+                .map(|b| Batch::scored_labels(b, virtual_tokens))
+                .collect();
+            let total_scored = scored.iter().sum::<usize>().max(1);
+            let lines = || rows.iter().map(|&i| train[i].line).collect::<Vec<_>>();
+            let step_number = state.global_step + 1;
+            let mut accumulator = GradientsAccumulator::new();
+            let mut loss_sum = 0.0;
+            let mut tokens = 0;
+            for (rows, &count) in batches.iter().zip(&scored) {
+                let batch = Batch::collate(rows, run.pad_token_id, virtual_tokens, &device);
+                tokens += batch.tokens;
+                let loss = model.loss(batch.input_ids, Some(batch.attention_mask), batch.labels);
+                let value = f64::from(loss.clone().into_scalar::<f32>());
+                if !value.is_finite() {
+                    return Err(TrainError::NonFinite {
+                        step: step_number,
+                        what: "loss",
+                        value,
+                        lines: lines(),
+                    });
+                }
+                loss_sum += value * count as f64;
+                let weight = count as f64 / total_scored as f64;
+                let grads = loss.mul_scalar(weight).backward();
+                accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
+            }
+            let grads = accumulator.grads();
+            let grad_norm = global_grad_norm(&model, &grads);
+            if !grad_norm.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step: step_number,
+                    what: "gradient norm",
+                    value: grad_norm,
+                    lines: lines(),
+                });
+            }
+            let lr = linear_schedule(
+                config.lr,
+                state.global_step,
+                config.warmup_steps,
+                total_steps,
+            );
+            model = optimizer.step(
+                model,
+                grads,
+                lr,
+                clip_coefficient(grad_norm, config.max_grad_norm),
+            );
+            state.global_step += 1;
+            state.step_in_epoch += 1;
+            let step = StepMetrics {
+                step: state.global_step,
+                epoch: state.epoch as f64 + state.step_in_epoch as f64 / steps.len() as f64,
+                loss: loss_sum / total_scored as f64,
+                lr,
+                grad_norm,
+                tokens_per_second: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            };
+            if state.global_step % config.logging_steps == 0 {
+                metrics.write(&MetricsLine::Train(step.clone()))?;
+            }
+            let stop = observer.on_step(&step).is_break();
+
+            let epoch_done = state.step_in_epoch == steps.len();
+            if epoch_done {
+                state.epoch += 1;
+                state.step_in_epoch = 0;
+            }
+            let due = |every: Option<usize>| match every {
+                Some(n) => state.global_step % n == 0 || state.global_step == total_steps,
+                None => epoch_done,
+            };
+            if let Some(eval) = eval
+                && due(config.eval_steps)
+            {
+                let result = evaluate(&model.valid(), eval, config, run, state.global_step)?;
+                metrics.write(&MetricsLine::Eval(result.clone()))?;
+                observer.on_eval(&result);
+                last_eval = Some(result);
+            }
+            if due(config.save_steps) {
+                let dir = save_checkpoint(&model, &optimizer, &state, run)?;
+                observer.on_checkpoint(&dir);
+            }
+            if stop {
+                return Ok(TrainOutcome {
+                    model,
+                    global_step: state.global_step,
+                    completed: false,
+                    last_eval,
+                });
+            }
+        }
+    }
+    Ok(TrainOutcome {
+        model,
+        global_step: state.global_step,
+        completed: true,
+        last_eval,
+    })
+}
+
+fn check_same_run(saved: &TrainerState, now: &TrainerState, dir: &Path) -> Result<(), TrainError> {
+    let differs = |what: &str, was: String, is: String| {
+        Err(TrainError::Checkpoint(CheckpointError::State {
+            path: dir.join(crate::checkpoint::TRAINER_STATE),
+            message: format!(
+                "the checkpoint was made with {what} {was}, this run has {is}; resuming would \
+                 change the data order (use the same settings, or another --output)"
+            ),
+        }))
+    };
+    if saved.seed != now.seed {
+        return differs("--seed", saved.seed.to_string(), now.seed.to_string());
+    }
+    if saved.batch_size != now.batch_size {
+        return differs(
+            "--batch-size",
+            saved.batch_size.to_string(),
+            now.batch_size.to_string(),
+        );
+    }
+    if saved.gradient_accumulation_steps != now.gradient_accumulation_steps {
+        return differs(
+            "--gradient-accumulation-steps",
+            saved.gradient_accumulation_steps.to_string(),
+            now.gradient_accumulation_steps.to_string(),
+        );
+    }
+    if saved.train_rows != now.train_rows || saved.train_fingerprint != now.train_fingerprint {
+        return differs(
+            "training data",
+            format!("{} rows ({})", saved.train_rows, saved.train_fingerprint),
+            format!("{} rows ({})", now.train_rows, now.train_fingerprint),
+        );
+    }
+    Ok(())
+}
+
+fn save_checkpoint<M: CausalLm, A: Adapter>(
+    model: &PeftModel<M, A>,
+    optimizer: &AdamW,
+    state: &TrainerState,
+    run: &TrainingRun,
+) -> Result<PathBuf, TrainError> {
+    write_checkpoint(&run.output_dir, state.global_step, state, |dir| {
+        model.save_pretrained(dir, run.base_model_name_or_path.as_deref())?;
+        optimizer.save(&dir.join(OPTIMIZER_STATE))?;
+        Ok::<(), TrainError>(())
+    })
+}
+
+/// Drops lines of the metrics file past `step` (a resumed run rewrites them).
+fn keep_metrics_up_to(path: &Path, step: usize) -> Result<(), TrainError> {
+    let io = |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<MetricsLine>(line).is_ok_and(|m| m.step() <= step && step > 0)
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    crate::adapter_file::write_atomic(path, kept.as_bytes()).map_err(io)
+}
+
+struct MetricsWriter {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsWriter {
+    fn open(path: &Path) -> Result<Self, TrainError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| TrainError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    fn write(&mut self, line: &MetricsLine) -> Result<(), TrainError> {
+        let json = serde_json::to_string(line).expect("metrics serialize");
+        writeln!(self.file, "{json}").map_err(|source| TrainError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// Reads a metrics file written by [`train`].
+pub fn read_metrics(path: &Path) -> Result<Vec<MetricsLine>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(text
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect())
+}
+
+/// Loss, perplexity and (for prompt/completion rows, when `config.eval_exact_match`) exact-match
+/// accuracy of `model` on `rows`.
+///
+/// Exact match: the greedy completion of the prompt begins with the target, EOS included (so
+/// the model must also stop there).
+pub fn evaluate<M: CausalLm, A: Adapter>(
+    model: &PeftModel<M, A>,
+    rows: &[TokenizedExample],
+    config: &TrainingConfig,
+    run: &TrainingRun,
+    step: usize,
+) -> Result<EvalMetrics, CoreError> {
+    let device = model.base.device();
+    let virtual_tokens = model.adapter.num_virtual_tokens();
+    let mut loss_sum = 0.0;
+    let mut scored = 0;
+    for chunk in rows.chunks(config.eval_batch_size) {
+        let refs: Vec<&TokenizedExample> = chunk.iter().collect();
+        let batch = Batch::collate(&refs, run.pad_token_id, virtual_tokens, &device);
+        let loss: f32 = model
+            .loss(batch.input_ids, Some(batch.attention_mask), batch.labels)
+            .into_scalar();
+        loss_sum += f64::from(loss) * batch.scored as f64;
+        scored += batch.scored;
+    }
+    let loss = loss_sum / scored.max(1) as f64;
+    let exact_match = if config.eval_exact_match {
+        exact_match(model, rows, config.eval_batch_size, run)?
+    } else {
+        None
+    };
+    Ok(EvalMetrics {
+        step,
+        loss,
+        perplexity: loss.exp(),
+        exact_match,
+        rows: rows.len(),
+    })
+}
+
+/// Fraction of prompt/completion rows whose greedy completion is exactly the target; `None`
+/// when there are no such rows.
+pub fn exact_match<M: CausalLm, A: Adapter>(
+    model: &PeftModel<M, A>,
+    rows: &[TokenizedExample],
+    batch_size: usize,
+    run: &TrainingRun,
+) -> Result<Option<f64>, CoreError> {
+    let completions: Vec<&TokenizedExample> = rows
+        .iter()
+        .filter(|r| !r.is_text && r.prompt_len > 0)
+        .collect();
+    if completions.is_empty() {
+        return Ok(None);
+    }
+    let mut hits = 0;
+    for chunk in completions.chunks(batch_size) {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|r| r.prompt_ids().to_vec()).collect();
+        let longest = chunk
+            .iter()
+            .map(|r| r.target_ids().len())
+            .max()
+            .unwrap_or(1);
+        let config = GenerationConfig::new()
+            .with_max_new_tokens(longest)
+            .with_eos_token_ids(run.eos_token_ids.clone())
+            .with_pad_token_id(run.pad_token_id);
+        let output = model.generate(&prompts, &config, |_| ControlFlow::Continue(()))?;
+        // The target ends with EOS (when the data has one), so this also asks the model to stop.
+        hits += chunk
+            .iter()
+            .zip(&output.new_tokens)
+            .filter(|(row, generated)| generated.starts_with(row.target_ids()))
+            .count();
+    }
+    Ok(Some(hits as f64 / completions.len() as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_matches_transformers_linear_warmup() {
+        // get_linear_schedule_with_warmup(opt, 2, 10) with lr 1.0, steps 0..10.
+        let lrs: Vec<f64> = (0..10).map(|s| linear_schedule(1.0, s, 2, 10)).collect();
+        let expected = [0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125];
+        for (got, want) in lrs.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-12, "{lrs:?}");
+        }
+        assert_eq!(linear_schedule(1.0, 0, 0, 4), 1.0);
+        assert_eq!(linear_schedule(1.0, 3, 0, 4), 0.25);
+    }
+}
