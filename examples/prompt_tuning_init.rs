@@ -48,11 +48,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let config = PromptTuningConfig::new(args.num_virtual_tokens, geometry.hidden_size)
         .with_prompt_tuning_init(PromptTuningInit::Text)
         .with_prompt_tuning_init_text(Some(args.text.clone()));
-    let word_embeddings = match &model {
-        AutoCausalLm::Qwen2(m) => m.model.embed_tokens.weight.val(),
-        AutoCausalLm::Bloom(m) => m.transformer.word_embeddings.weight.val(),
-    };
-    let prompt = config.init_from_embeddings(word_embeddings, &ids);
+    let prompt = config.init_from_embeddings(model.word_embeddings(), &ids);
     prompt.save(&args.output, &geometry, args.model.to_str())?;
     println!(
         "saved a {}-token prompt (from {} text tokens) to {}",

@@ -4,13 +4,59 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use peft_bitfit::BitFit;
+use peft_bitfit::{BitFit, BitFitConfig, PatternError};
 use peft_core::adapter_config::{ADAPTER_CONFIG, AdapterError, PeftType};
 use peft_core::json_config::JsonConfig;
 use peft_core::{Adapter, CausalLm, Injection};
-use peft_prefix::PrefixEncoder;
-use peft_prompt::PromptEmbedding;
-use peft_ptuning::PromptEncoder;
+use peft_prefix::{PrefixEncoder, PrefixTuningConfig};
+use peft_prompt::{PromptEmbedding, PromptTuningConfig, PromptTuningInit};
+use peft_ptuning::{PTuningConfig, PromptEncoder};
+
+/// The configuration of an adapter of any method.
+#[derive(Debug, Clone)]
+pub enum AutoAdapterConfig {
+    /// Prompt tuning.
+    PromptTuning(PromptTuningConfig),
+    /// P-tuning (MLP or LSTM encoder).
+    PTuning(PTuningConfig),
+    /// Prefix tuning (with projection) or P-tuning v2 (without).
+    PrefixTuning(PrefixTuningConfig),
+    /// BitFit.
+    BitFit(BitFitConfig),
+}
+
+impl AutoAdapterConfig {
+    /// A fresh adapter for `base`, on its device. Random parameters draw from the device's
+    /// generator (seed it for a reproducible start). Prompt tuning's `Text` init takes the rows
+    /// of `init_text_ids` (the tokenized init text) from the base's word embeddings.
+    ///
+    /// # Errors
+    ///
+    /// A BitFit bias pattern that is not a valid regular expression.
+    ///
+    /// # Panics
+    ///
+    /// `Text` init with no ids.
+    pub fn init<M: CausalLm>(
+        &self,
+        base: &M,
+        init_text_ids: &[u32],
+    ) -> Result<AutoAdapter, PatternError> {
+        let device = base.device();
+        Ok(match self {
+            Self::PromptTuning(config) => AutoAdapter::PromptTuning(
+                if config.prompt_tuning_init == PromptTuningInit::Random {
+                    config.init(&device)
+                } else {
+                    config.init_from_embeddings(base.word_embeddings(), init_text_ids)
+                },
+            ),
+            Self::PTuning(config) => AutoAdapter::PTuning(config.init(&device)),
+            Self::PrefixTuning(config) => AutoAdapter::PrefixTuning(config.init(&device)),
+            Self::BitFit(config) => AutoAdapter::BitFit(config.init()?),
+        })
+    }
+}
 
 /// An adapter of any method.
 #[derive(Module, Debug)]

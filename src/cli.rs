@@ -11,20 +11,21 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::DType;
 use clap::{Parser, Subcommand, ValueEnum};
-use peft_bitfit::BitFit;
+use peft_bitfit::{BitFit, BitFitConfig};
 use peft_core::adapter_config::{ADAPTER_CONFIG, AdapterError, PeftType};
 use peft_core::adapter_file::{ADAPTER_WEIGHTS, write_atomic, write_tensors};
 use peft_core::json_config::JsonConfig;
 use peft_core::{
-    Adapter, CausalLm, GenerationConfig, GenerationStep, Injection, PeftModel, generate,
+    Adapter, CausalLm, GenerationConfig, GenerationStep, Injection, ModelGeometry, PeftModel,
+    generate,
 };
 use peft_models::{AutoCausalLm, AutoConfig, ModelError, SpecialTokens, load_tokenizer};
-use peft_prefix::PrefixEncoder;
-use peft_prompt::PromptEmbedding;
-use peft_ptuning::{EncoderType, PromptEncoder};
+use peft_prefix::{PrefixEncoder, PrefixTuningConfig};
+use peft_prompt::{PromptEmbedding, PromptTuningConfig, PromptTuningInit};
+use peft_ptuning::{EncoderType, PTuningConfig, PromptEncoder};
 
-use crate::AutoAdapter;
-use crate::info::{MethodSpec, trainable_parameters};
+use crate::info::trainable_parameters;
+use crate::{AutoAdapter, AutoAdapterConfig};
 
 /// Errors of the command line, each naming the file (and field) at fault.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,15 @@ pub enum CliError {
     /// Generation rejected its settings or the prompt (names the setting).
     #[error("generate: {0}")]
     Generate(peft_core::CoreError),
+    /// A data file has a bad row, or none.
+    #[error(transparent)]
+    Data(#[from] peft_core::data::DataError),
+    /// Training stopped with an error.
+    #[error(transparent)]
+    Train(#[from] peft_core::train::TrainError),
+    /// Evaluation failed.
+    #[error("evaluation: {0}")]
+    Eval(#[from] peft_core::CoreError),
     /// A command-line flag has a value the command cannot use.
     #[error("{flag}: {message}")]
     Argument {
@@ -108,6 +118,10 @@ pub enum Command {
     Info(InfoArgs),
     /// Fold a trainable adapter (our encoder checkpoint) into PEFT's inference files.
     Export(ExportArgs),
+    /// Train an adapter on a JSONL file (prompt/completion, instruction or text rows).
+    Train(crate::training::TrainArgs),
+    /// Loss, perplexity and exact-match accuracy of an adapter on a JSONL file.
+    Eval(crate::training::EvalArgs),
 }
 
 /// A method, as `peft info` and `peft train` name it.
@@ -134,18 +148,32 @@ pub enum EncoderArg {
     Lstm,
 }
 
-/// Arguments of `peft info`.
-#[derive(Debug, clap::Args)]
-pub struct InfoArgs {
-    /// Hugging Face model directory, or its config.json (weights are not read).
-    #[arg(long)]
-    pub model: PathBuf,
+/// Prompt tuning's start, as PEFT's `prompt_tuning_init`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InitArg {
+    /// `RANDOM`: N(0, 1).
+    Random,
+    /// `TEXT`: word embeddings of `--prompt-tuning-init-text`.
+    Text,
+    /// `SAMPLE_VOCAB`: word embeddings of random tokens.
+    SampleVocab,
+}
+
+/// A method and its options, named as PEFT's config fields (`peft info`, `peft train`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct MethodArgs {
     /// The method.
     #[arg(long, value_enum)]
     pub method: Method,
     /// Virtual tokens (prompt methods) or prefix positions (prefix methods).
     #[arg(long, default_value_t = 10)]
     pub num_virtual_tokens: usize,
+    /// Prompt tuning: how the prompt starts.
+    #[arg(long, value_enum, default_value = "random")]
+    pub prompt_tuning_init: InitArg,
+    /// Prompt tuning: the text whose word embeddings start the prompt (with `text` init).
+    #[arg(long)]
+    pub prompt_tuning_init_text: Option<String>,
     /// P-tuning's encoder.
     #[arg(long, value_enum, default_value = "mlp")]
     pub encoder_reparameterization_type: EncoderArg,
@@ -155,9 +183,98 @@ pub struct InfoArgs {
     /// P-tuning LSTM layers.
     #[arg(long, default_value_t = 2)]
     pub encoder_num_layers: usize,
+    /// P-tuning encoder dropout (training only).
+    #[arg(long, default_value_t = 0.0)]
+    pub encoder_dropout: f64,
+    /// Prefix methods: override the projection (`prefix-tuning` has it, `p-tuning-v2` not).
+    #[arg(long)]
+    pub prefix_projection: Option<bool>,
     /// BitFit: a regular expression over Hugging Face names narrowing which biases train.
     #[arg(long)]
     pub bias_pattern: Option<String>,
+}
+
+impl MethodArgs {
+    /// The adapter configuration for a model of `geometry`.
+    pub fn config(&self, geometry: &ModelGeometry) -> Result<AutoAdapterConfig, CliError> {
+        let n = self.num_virtual_tokens;
+        if n == 0 && self.method != Method::Bitfit {
+            return Err(CliError::Argument {
+                flag: "--num-virtual-tokens",
+                message: "must be at least 1".into(),
+            });
+        }
+        if !(0.0..1.0).contains(&self.encoder_dropout) {
+            return Err(CliError::Argument {
+                flag: "--encoder-dropout",
+                message: format!("must be in [0, 1), found {}", self.encoder_dropout),
+            });
+        }
+        let init = match self.prompt_tuning_init {
+            InitArg::Random => PromptTuningInit::Random,
+            InitArg::Text => PromptTuningInit::Text,
+            InitArg::SampleVocab => PromptTuningInit::SampleVocab,
+        };
+        match (
+            init == PromptTuningInit::Text,
+            &self.prompt_tuning_init_text,
+        ) {
+            (true, None) => {
+                return Err(CliError::Argument {
+                    flag: "--prompt-tuning-init-text",
+                    message: "is required with --prompt-tuning-init text".into(),
+                });
+            }
+            (true, Some(text)) if text.is_empty() => {
+                return Err(CliError::Argument {
+                    flag: "--prompt-tuning-init-text",
+                    message: "is empty".into(),
+                });
+            }
+            _ => {}
+        }
+        Ok(match self.method {
+            Method::PromptTuning => AutoAdapterConfig::PromptTuning(
+                PromptTuningConfig::new(n, geometry.hidden_size)
+                    .with_prompt_tuning_init(init)
+                    .with_prompt_tuning_init_text(self.prompt_tuning_init_text.clone()),
+            ),
+            Method::PTuning => AutoAdapterConfig::PTuning(
+                PTuningConfig::for_model(n, geometry)
+                    .with_encoder_reparameterization_type(
+                        match self.encoder_reparameterization_type {
+                            EncoderArg::Mlp => EncoderType::Mlp,
+                            EncoderArg::Lstm => EncoderType::Lstm,
+                        },
+                    )
+                    .with_encoder_hidden_size(self.encoder_hidden_size)
+                    .with_encoder_num_layers(self.encoder_num_layers)
+                    .with_encoder_dropout(self.encoder_dropout),
+            ),
+            Method::PrefixTuning | Method::PTuningV2 => AutoAdapterConfig::PrefixTuning(
+                PrefixTuningConfig::for_model(n, geometry)
+                    .with_prefix_projection(
+                        self.prefix_projection
+                            .unwrap_or(self.method == Method::PrefixTuning),
+                    )
+                    .with_encoder_hidden_size(self.encoder_hidden_size),
+            ),
+            Method::Bitfit => AutoAdapterConfig::BitFit(
+                BitFitConfig::new().with_bias_pattern(self.bias_pattern.clone()),
+            ),
+        })
+    }
+}
+
+/// Arguments of `peft info`.
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    /// Hugging Face model directory, or its config.json (weights are not read).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The method and its options.
+    #[command(flatten)]
+    pub method: MethodArgs,
 }
 
 /// Arguments of `peft export`.
@@ -235,6 +352,8 @@ pub fn run(cli: Cli, device: &Device, out: &mut dyn Write) -> Result<(), CliErro
         Command::Generate(args) => generate_text(&args, device, out),
         Command::Info(args) => info(&args, out),
         Command::Export(args) => export(&args, device),
+        Command::Train(args) => crate::training::train_command(&args, device, out),
+        Command::Eval(args) => crate::training::eval_command(&args, device, out),
     }
 }
 
@@ -268,36 +387,8 @@ fn read_config(path: &Path) -> Result<AutoConfig, CliError> {
 /// `peft info`: PEFT's `print_trainable_parameters` line, from the config alone.
 pub fn info(args: &InfoArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let config = read_config(&args.model)?;
-    let n = args.num_virtual_tokens;
-    let spec = match args.method {
-        Method::PromptTuning => MethodSpec::PromptTuning {
-            num_virtual_tokens: n,
-        },
-        Method::PTuning => MethodSpec::PTuning {
-            num_virtual_tokens: n,
-            encoder: match args.encoder_reparameterization_type {
-                EncoderArg::Mlp => EncoderType::Mlp,
-                EncoderArg::Lstm => EncoderType::Lstm,
-            },
-            encoder_hidden_size: args.encoder_hidden_size,
-            encoder_num_layers: args.encoder_num_layers,
-        },
-        Method::PrefixTuning | Method::PTuningV2 => MethodSpec::Prefix {
-            num_virtual_tokens: n,
-            projection: args.method == Method::PrefixTuning,
-            encoder_hidden_size: args.encoder_hidden_size,
-        },
-        Method::Bitfit => MethodSpec::BitFit {
-            bias_pattern: args.bias_pattern.clone(),
-        },
-    };
-    if n == 0 && !matches!(spec, MethodSpec::BitFit { .. }) {
-        return Err(CliError::Argument {
-            flag: "--num-virtual-tokens",
-            message: "must be at least 1".into(),
-        });
-    }
-    let counts = trainable_parameters(&config, &spec).map_err(|e| CliError::Argument {
+    let adapter = args.method.config(&config.geometry())?;
+    let counts = trainable_parameters(&config, &adapter).map_err(|e| CliError::Argument {
         flag: "--bias-pattern",
         message: e.to_string(),
     })?;

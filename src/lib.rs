@@ -12,8 +12,10 @@
 pub mod adapters;
 pub mod cli;
 pub mod info;
+pub mod plot;
+pub mod training;
 
-pub use adapters::AutoAdapter;
+pub use adapters::{AutoAdapter, AutoAdapterConfig};
 
 pub use peft_bitfit as bitfit;
 pub use peft_core as core;

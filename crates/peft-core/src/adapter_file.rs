@@ -200,8 +200,11 @@ pub fn read_linear(
 ) -> Result<burn::nn::Linear, AdapterFileError> {
     let weight: Tensor<2> = file.tensor(&format!("{prefix}.weight"), [d_out, d_in], why, device)?;
     let bias: Tensor<1> = file.tensor(&format!("{prefix}.bias"), [d_out], why, device)?;
+    // Materialize the transpose: a strided weight would run other matmul kernels than a freshly
+    // initialized one, and a resumed run would drift from an uninterrupted one in the last bits.
+    let weight = Tensor::<2>::from_data(weight.transpose().into_data(), device);
     Ok(burn::nn::Linear {
-        weight: burn::module::Param::from_tensor(weight.transpose()),
+        weight: burn::module::Param::from_tensor(weight),
         bias: Some(burn::module::Param::from_tensor(bias)),
     })
 }

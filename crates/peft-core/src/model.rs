@@ -222,6 +222,10 @@ pub trait CausalLm: Module {
     /// Token embeddings `[batch, seq, hidden_size]` for ids `[batch, seq]` (no normalization).
     fn embed_tokens(&self, input_ids: Tensor<2, Int>) -> Tensor<3>;
 
+    /// The input embedding matrix `[vocab_size, hidden_size]` (Hugging Face's
+    /// `get_input_embeddings().weight`), e.g. to start a soft prompt from word embeddings.
+    fn word_embeddings(&self) -> Tensor<2>;
+
     /// Runs the decoder stack and the final norm.
     fn forward_hidden(&self, input: ModelInput) -> ModelOutput;
 

@@ -73,6 +73,9 @@ pub struct TrainingConfig {
     /// Score greedy completions against the targets during evaluation (exact match).
     #[config(default = true)]
     pub eval_exact_match: bool,
+    /// Also evaluate before the first step (the untrained adapter), as step 0.
+    #[config(default = true)]
+    pub eval_at_start: bool,
 }
 
 /// What the run needs besides hyper-parameters.
@@ -383,6 +386,15 @@ where
     let micro_batch = config.batch_size;
     let group = micro_batch * config.gradient_accumulation_steps;
     let mut last_eval = None;
+    if let Some(eval) = eval
+        && config.eval_at_start
+        && state.global_step == 0
+    {
+        let result = evaluate(&model.valid(), eval, config, run, 0)?;
+        metrics.write(&MetricsLine::Eval(result.clone()))?;
+        observer.on_eval(&result);
+        last_eval = Some(result);
+    }
     while state.epoch < config.epochs {
         let order = epoch_order(train.len(), config.seed, state.epoch);
         let steps: Vec<&[usize]> = order.chunks(group).collect();
@@ -489,6 +501,9 @@ where
                     completed: false,
                     last_eval,
                 });
+            }
+            if epoch_done {
+                break;
             }
         }
     }

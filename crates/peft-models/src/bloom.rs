@@ -349,6 +349,10 @@ impl CausalLm for BloomForCausalLM {
         self.transformer.word_embeddings.forward(input_ids)
     }
 
+    fn word_embeddings(&self) -> Tensor<2> {
+        self.transformer.word_embeddings.weight.val()
+    }
+
     fn forward_hidden(&self, input: ModelInput) -> ModelOutput {
         let dtype = input.inputs_embeds.dtype();
         let (embeds, past) = Past::resolve(input, &self.geometry());

@@ -24,7 +24,7 @@ pub mod layers;
 pub mod qwen2;
 pub mod weights;
 
-pub use auto::{AutoCausalLm, AutoConfig, SpecialTokens, load_tokenizer};
+pub use auto::{AutoCausalLm, AutoConfig, SpecialTokens, TokenizerEncoder, load_tokenizer};
 pub use bloom::{BloomConfig, BloomForCausalLM};
 pub use checkpoint::Checkpoint;
 pub use error::{ModelError, Result};

@@ -422,6 +422,10 @@ impl CausalLm for Qwen2ForCausalLM {
         self.model.embed_tokens.forward(input_ids)
     }
 
+    fn word_embeddings(&self) -> Tensor<2> {
+        self.model.embed_tokens.weight.val()
+    }
+
     fn forward_hidden(&self, input: ModelInput) -> ModelOutput {
         let dtype = input.inputs_embeds.dtype();
         let (x, past) = Past::resolve(input, &self.geometry());

@@ -1,0 +1,452 @@
+//! `peft train` and `peft eval`: data files in, an adapter directory out, progress on the
+//! terminal, metrics and a loss curve beside the adapter.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressStyle};
+use peft_core::data::{
+    ALPACA_TEMPLATE, DataOptions, Dataset, TextEncoder, TokenizeOptions, TokenizedDataset,
+};
+use peft_core::optim::AdamWConfig;
+use peft_core::train::{
+    EvalMetrics, METRICS_FILE, StepMetrics, TrainingConfig, TrainingObserver, TrainingPlan,
+    TrainingRun, evaluate, read_metrics, train,
+};
+use peft_core::{Adapter, CausalLm, PeftModel};
+use peft_models::{AutoCausalLm, ModelError, SpecialTokens, TokenizerEncoder, load_tokenizer};
+
+use crate::cli::{CliError, Dtype, Method, MethodArgs};
+use crate::plot::write_loss_curve;
+use crate::{AutoAdapter, AutoAdapterConfig};
+
+/// Loss-curve image written beside the adapter.
+pub const LOSS_CURVE: &str = "loss_curve.png";
+
+/// How JSONL rows become training examples (shared by `train` and `eval`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataArgs {
+    /// Most real tokens per row (prompt + target + EOS). Longer prompts lose their first
+    /// tokens; a target that does not fit is a bad row.
+    #[arg(long, default_value_t = 256)]
+    pub max_length: usize,
+    /// Template of {"instruction", "input", "output"} rows.
+    #[arg(long, default_value = ALPACA_TEMPLATE)]
+    pub template: String,
+    /// Skip (and count) bad rows instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+}
+
+/// Arguments of `peft train`.
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// Hugging Face model directory (config.json, weights, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The method and its options.
+    #[command(flatten)]
+    pub method: MethodArgs,
+    /// Training data (JSONL).
+    #[arg(long)]
+    pub train: PathBuf,
+    /// Held-out data (JSONL): loss, perplexity and exact match, before training and after
+    /// each epoch (or every --eval-steps).
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// Adapter directory; checkpoints, metrics.jsonl and loss_curve.png go there too.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Row handling.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Peak learning rate [default: 3e-2 prompt tuning, 1e-2 prefix tuning and P-tuning v2,
+    /// 1e-3 P-tuning and BitFit].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Passes over the training data.
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    /// Rows per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub gradient_accumulation_steps: usize,
+    /// Steps of linear warmup (then linear decay to 0).
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// Global gradient-norm clip; 0 disables clipping.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// AdamW weight decay (PyTorch's default).
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    #[arg(long, default_value_t = 0.9)]
+    pub adam_beta1: f64,
+    /// AdamW beta2.
+    #[arg(long, default_value_t = 0.999)]
+    pub adam_beta2: f64,
+    /// AdamW epsilon (PyTorch's default; burn's is 1e-5).
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_epsilon: f64,
+    /// Seed of the adapter's initialization, the data order and dropout.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Evaluate every N steps instead of after each epoch.
+    #[arg(long)]
+    pub eval_steps: Option<usize>,
+    /// Checkpoint every N steps instead of after each epoch.
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+    /// Write a training line to metrics.jsonl every N steps.
+    #[arg(long, default_value_t = 1)]
+    pub logging_steps: usize,
+    /// Rows per evaluation batch.
+    #[arg(long, default_value_t = 16)]
+    pub eval_batch_size: usize,
+    /// Skip the exact-match score (greedy generation) during evaluation.
+    #[arg(long)]
+    pub no_exact_match: bool,
+    /// Continue from the newest checkpoint in --output (same data, seed and batch settings).
+    #[arg(long)]
+    pub resume: bool,
+    /// Recompute activations in the backward pass instead of keeping them (less memory, more
+    /// compute); works with every method, prefix tuning included.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// Compute dtype of the frozen base.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Dtype,
+}
+
+/// Arguments of `peft eval`.
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Adapter directory.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Data (JSONL).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Row handling.
+    #[command(flatten)]
+    pub rows: DataArgs,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Skip the exact-match score (greedy generation).
+    #[arg(long)]
+    pub no_exact_match: bool,
+    /// Compute dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Dtype,
+}
+
+impl Method {
+    /// The learning rate `peft train` uses when `--lr` is not given.
+    pub fn default_lr(self) -> f64 {
+        match self {
+            Method::PromptTuning => 3e-2,
+            Method::PrefixTuning | Method::PTuningV2 => 1e-2,
+            Method::PTuning | Method::Bitfit => 1e-3,
+        }
+    }
+}
+
+/// The tokenizer, its special ids and the tokenized rows of `path`.
+fn read_data(
+    model_dir: &Path,
+    path: &Path,
+    args: &DataArgs,
+) -> Result<(TokenizedDataset, SpecialTokens), CliError> {
+    let tokenizer = load_tokenizer(model_dir)?;
+    let special = SpecialTokens::from_dir(model_dir)?;
+    if args.max_length == 0 {
+        return Err(CliError::Argument {
+            flag: "--max-length",
+            message: "must be at least 1".into(),
+        });
+    }
+    let dataset = Dataset::from_jsonl(
+        path,
+        &DataOptions {
+            template: args.template.clone(),
+            skip_bad_rows: args.skip_bad_rows,
+        },
+    )?;
+    let data = TokenizedDataset::new(
+        dataset,
+        &TokenizerEncoder(&tokenizer),
+        &TokenizeOptions {
+            max_length: args.max_length,
+            eos_token_id: special.eos_token_ids.first().copied(),
+            skip_bad_rows: args.skip_bad_rows,
+        },
+    )?;
+    Ok((data, special))
+}
+
+fn io_error(source: std::io::Error) -> CliError {
+    CliError::Io {
+        path: "<stdout>".into(),
+        source,
+    }
+}
+
+fn describe_rows(data: &TokenizedDataset) -> String {
+    let truncated = data.examples.iter().filter(|e| e.truncated).count();
+    let mut text = format!("{} rows", data.examples.len());
+    if truncated > 0 {
+        text += &format!(", {truncated} truncated");
+    }
+    if !data.skipped.is_empty() {
+        let lines: Vec<String> = data
+            .skipped
+            .iter()
+            .take(5)
+            .map(|s| s.line.to_string())
+            .collect();
+        text += &format!(
+            ", {} bad rows skipped (lines {}{})",
+            data.skipped.len(),
+            lines.join(", "),
+            if data.skipped.len() > 5 { ", ..." } else { "" }
+        );
+    }
+    text
+}
+
+/// Draws a progress bar (loss, lr, tokens/s, ETA) and prints evaluations.
+struct Progress<'a> {
+    bar: ProgressBar,
+    out: &'a mut dyn Write,
+    failure: Option<std::io::Error>,
+}
+
+impl TrainingObserver for Progress<'_> {
+    fn on_start(&mut self, plan: &TrainingPlan) {
+        self.bar.set_length(plan.total_steps as u64);
+        self.bar.set_position(plan.start_step as u64);
+        self.bar.reset_eta();
+    }
+
+    fn on_step(&mut self, m: &StepMetrics) -> ControlFlow<()> {
+        self.bar.set_position(m.step as u64);
+        self.bar.set_message(format!(
+            "loss {:.4}  lr {:.2e}  {:.0} tok/s  epoch {:.2}",
+            m.loss, m.lr, m.tokens_per_second, m.epoch
+        ));
+        ControlFlow::Continue(())
+    }
+
+    fn on_eval(&mut self, m: &EvalMetrics) {
+        let line = format_eval(m);
+        let out = &mut *self.out;
+        if let Err(e) = self.bar.suspend(|| writeln!(out, "{line}")) {
+            self.failure.get_or_insert(e);
+        }
+    }
+}
+
+fn format_eval(m: &EvalMetrics) -> String {
+    let mut line = format!(
+        "eval @ step {}: loss {:.4}  perplexity {:.3}",
+        m.step, m.loss, m.perplexity
+    );
+    if let Some(em) = m.exact_match {
+        line += &format!("  exact match {:.1}%", em * 100.0);
+    }
+    line
+}
+
+/// `peft train`.
+pub fn train_command(
+    args: &TrainArgs,
+    device: &Device,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let (train_data, special) = read_data(&args.model, &args.train, &args.data)?;
+    let eval_data = match &args.eval {
+        Some(path) => Some(read_data(&args.model, path, &args.data)?.0),
+        None => None,
+    };
+    writeln!(
+        out,
+        "train: {} ({})",
+        args.train.display(),
+        describe_rows(&train_data)
+    )
+    .map_err(io_error)?;
+    if let Some(eval) = &eval_data {
+        writeln!(
+            out,
+            "eval: {} ({})",
+            eval.path.display(),
+            describe_rows(eval)
+        )
+        .map_err(io_error)?;
+    }
+    let config = TrainingConfig::new()
+        .with_lr(args.lr.unwrap_or(args.method.method.default_lr()))
+        .with_epochs(args.epochs)
+        .with_batch_size(args.batch_size)
+        .with_gradient_accumulation_steps(args.gradient_accumulation_steps)
+        .with_warmup_steps(args.warmup_steps)
+        .with_max_grad_norm((args.max_grad_norm > 0.0).then_some(args.max_grad_norm))
+        .with_optimizer(
+            AdamWConfig::new()
+                .with_beta_1(args.adam_beta1)
+                .with_beta_2(args.adam_beta2)
+                .with_epsilon(args.adam_epsilon)
+                .with_weight_decay(args.weight_decay),
+        )
+        .with_seed(args.seed)
+        .with_eval_steps(args.eval_steps)
+        .with_save_steps(args.save_steps)
+        .with_logging_steps(args.logging_steps)
+        .with_eval_batch_size(args.eval_batch_size)
+        .with_eval_exact_match(!args.no_exact_match);
+
+    let mut train_device = device.clone().autodiff();
+    if args.gradient_checkpointing {
+        train_device = train_device.gradient_checkpointing();
+    }
+    let base = AutoCausalLm::from_pretrained(&args.model, &train_device, args.dtype.into())?;
+    let adapter_config = args.method.config(&base.geometry())?;
+    let init_text_ids = match &adapter_config {
+        AutoAdapterConfig::PromptTuning(c) => match &c.prompt_tuning_init_text {
+            Some(text) => encode_init_text(&args.model, text)?,
+            None => Vec::new(),
+        },
+        _ => Vec::new(),
+    };
+    train_device.seed(args.seed);
+    let adapter = adapter_config
+        .init(&base, &init_text_ids)
+        .map_err(|e| CliError::Argument {
+            flag: "--bias-pattern",
+            message: e.to_string(),
+        })?;
+    let model = PeftModel::new(base, adapter);
+    writeln!(out, "{}", model.trainable_parameters()).map_err(io_error)?;
+
+    let run = TrainingRun {
+        output_dir: args.output.clone(),
+        pad_token_id: special.pad_token_id,
+        eos_token_ids: special.eos_token_ids.clone(),
+        base_model_name_or_path: args.model.to_str().map(str::to_string),
+        resume: args.resume,
+    };
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("valid progress template"),
+    );
+    let started = Instant::now();
+    let mut progress = Progress {
+        bar,
+        out,
+        failure: None,
+    };
+    let outcome = train(
+        model,
+        &train_data.examples,
+        eval_data.as_ref().map(|d| d.examples.as_slice()),
+        &config,
+        &run,
+        &mut progress,
+    )?;
+    progress.bar.finish_and_clear();
+    if let Some(e) = progress.failure {
+        return Err(io_error(e));
+    }
+    let out = progress.out;
+    outcome
+        .model
+        .save_pretrained(&args.output, run.base_model_name_or_path.as_deref())?;
+    let metrics = read_metrics(&args.output.join(METRICS_FILE))?;
+    write_loss_curve(&args.output.join(LOSS_CURVE), &metrics)?;
+    writeln!(
+        out,
+        "trained {} steps in {:.1}s; adapter, {METRICS_FILE} and {LOSS_CURVE} in {}",
+        outcome.global_step,
+        started.elapsed().as_secs_f64(),
+        args.output.display()
+    )
+    .map_err(io_error)
+}
+
+fn encode_init_text(model_dir: &Path, text: &str) -> Result<Vec<u32>, CliError> {
+    let tokenizer = load_tokenizer(model_dir)?;
+    let ids = TokenizerEncoder(&tokenizer)
+        .encode(text, true)
+        .map_err(|message| ModelError::Tokenizer {
+            path: model_dir.join("tokenizer.json"),
+            message,
+        })?;
+    if ids.is_empty() {
+        return Err(CliError::Argument {
+            flag: "--prompt-tuning-init-text",
+            message: "encodes to no tokens".into(),
+        });
+    }
+    Ok(ids)
+}
+
+/// `peft eval`: loss, perplexity and exact match of an adapter on a data file.
+pub fn eval_command(args: &EvalArgs, device: &Device, out: &mut dyn Write) -> Result<(), CliError> {
+    let (data, special) = read_data(&args.model, &args.data, &args.rows)?;
+    if args.batch_size == 0 {
+        return Err(CliError::Argument {
+            flag: "--batch-size",
+            message: "must be at least 1".into(),
+        });
+    }
+    let base = AutoCausalLm::from_pretrained(&args.model, device, args.dtype.into())?;
+    let model: PeftModel<AutoCausalLm, AutoAdapter> =
+        PeftModel::from_pretrained(base, &args.adapter)?;
+    let model = PeftModel {
+        adapter: model.adapter.into_inference(),
+        base: model.base,
+    };
+    let config = TrainingConfig::new()
+        .with_eval_batch_size(args.batch_size)
+        .with_eval_exact_match(!args.no_exact_match);
+    let run = TrainingRun {
+        output_dir: PathBuf::new(),
+        pad_token_id: special.pad_token_id,
+        eos_token_ids: special.eos_token_ids,
+        base_model_name_or_path: None,
+        resume: false,
+    };
+    let metrics = evaluate(&model, &data.examples, &config, &run, 0)?;
+    writeln!(
+        out,
+        "data: {} ({})",
+        args.data.display(),
+        describe_rows(&data)
+    )
+    .map_err(io_error)?;
+    let mut line = format!(
+        "loss {:.4}  perplexity {:.3}",
+        metrics.loss, metrics.perplexity
+    );
+    if let Some(em) = metrics.exact_match {
+        let rows = data.completions().count();
+        line += &format!(
+            "  exact match {:.1}% ({} of {rows})",
+            em * 100.0,
+            (em * rows as f64).round()
+        );
+    }
+    writeln!(out, "{line}").map_err(io_error)
+}

@@ -1,0 +1,435 @@
+//! The training loop end to end on a fixture model: only targets are scored, a run interrupted
+//! and resumed ends where an uninterrupted one does (bit for bit), gradient checkpointing changes
+//! nothing but memory, and a diverging run stops with a clear error.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn::tensor::activation::log_softmax;
+use peft::core::data::{DataOptions, Dataset, TokenizeOptions, TokenizedDataset, TokenizedExample};
+use peft::core::params::read_params;
+use peft::core::train::{
+    METRICS_FILE, MetricsLine, StepMetrics, TrainError, TrainingConfig, TrainingObserver,
+    TrainingRun, read_metrics, train,
+};
+use peft::core::{CausalLm, PeftModel};
+use peft::models::{AutoCausalLm, TokenizerEncoder, load_tokenizer};
+use peft::prefix::PrefixTuningConfig;
+use peft::prompt::PromptTuningConfig;
+use peft::ptuning::{EncoderType, PTuningConfig};
+use peft::{AutoAdapter, AutoAdapterConfig};
+
+fn model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/models/qwen2-gqa-tied")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("peft-training-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// 24 prompt/completion rows (the fixture's tokenizer is byte-level BPE).
+fn rows() -> Vec<TokenizedExample> {
+    let words = ["cat", "dog", "sun", "tree", "red", "blue"];
+    let jsonl: String = (0..24)
+        .map(|i| {
+            let w = words[i % words.len()];
+            let reversed: String = w.chars().rev().collect();
+            format!("{{\"prompt\": \"Reverse {w} {i}: \", \"completion\": \"{reversed}\"}}\n")
+        })
+        .collect();
+    let dataset =
+        Dataset::from_jsonl_str(Path::new("rows.jsonl"), &jsonl, &DataOptions::default()).unwrap();
+    let tokenizer = load_tokenizer(model_dir()).unwrap();
+    TokenizedDataset::new(
+        dataset,
+        &TokenizerEncoder(&tokenizer),
+        &TokenizeOptions {
+            max_length: 32,
+            eos_token_id: Some(0),
+            skip_bad_rows: false,
+        },
+    )
+    .unwrap()
+    .examples
+}
+
+fn fresh_model(
+    device: &Device,
+    config: &AutoAdapterConfig,
+) -> PeftModel<AutoCausalLm, AutoAdapter> {
+    let base = AutoCausalLm::from_pretrained(model_dir(), device, DType::F32).unwrap();
+    device.seed(7);
+    let adapter = config.init(&base, &[]).unwrap();
+    PeftModel::new(base, adapter)
+}
+
+fn configs(geometry: &peft::core::ModelGeometry) -> Vec<(&'static str, AutoAdapterConfig)> {
+    vec![
+        (
+            "prompt-tuning",
+            AutoAdapterConfig::PromptTuning(PromptTuningConfig::new(4, geometry.hidden_size)),
+        ),
+        (
+            // Dropout between the LSTM layers: a resumed run must draw the same masks.
+            "p-tuning-lstm",
+            AutoAdapterConfig::PTuning(
+                PTuningConfig::for_model(4, geometry)
+                    .with_encoder_reparameterization_type(EncoderType::Lstm)
+                    .with_encoder_hidden_size(Some(16))
+                    .with_encoder_dropout(0.1),
+            ),
+        ),
+        (
+            "prefix-tuning",
+            AutoAdapterConfig::PrefixTuning(
+                PrefixTuningConfig::for_model(4, geometry).with_prefix_projection(true),
+            ),
+        ),
+        (
+            "bitfit",
+            AutoAdapterConfig::BitFit(peft::bitfit::BitFitConfig::new()),
+        ),
+    ]
+}
+
+fn run_config(output_dir: &Path, resume: bool) -> TrainingRun {
+    TrainingRun {
+        output_dir: output_dir.to_path_buf(),
+        pad_token_id: 0,
+        eos_token_ids: vec![0],
+        base_model_name_or_path: None,
+        resume,
+    }
+}
+
+/// Stops the run after step `at`, as a crash would (no checkpoint for that step).
+struct CrashAfter(usize);
+
+impl TrainingObserver for CrashAfter {
+    fn on_step(&mut self, m: &StepMetrics) -> ControlFlow<()> {
+        if m.step == self.0 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
+
+/// Every trainable value of the model, by name (adapter parameters and, for BitFit, biases).
+fn trained_values(model: &PeftModel<AutoCausalLm, AutoAdapter>) -> Vec<(String, Vec<f32>)> {
+    let trainable: Vec<String> = peft::core::params::param_infos(model)
+        .into_iter()
+        .filter(|p| p.trainable)
+        .map(|p| p.name)
+        .collect();
+    assert!(!trainable.is_empty());
+    read_params(model, |name| trainable.iter().any(|t| t == name))
+        .into_iter()
+        .map(|(name, data)| (name, data.convert::<f32>().try_to_vec_as::<f32>().unwrap()))
+        .collect()
+}
+
+fn train_losses(dir: &Path) -> Vec<(usize, f64)> {
+    read_metrics(&dir.join(METRICS_FILE))
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            MetricsLine::Train(t) => Some((t.step, t.loss)),
+            MetricsLine::Eval(_) => None,
+        })
+        .collect()
+}
+
+#[test]
+fn resuming_after_a_crash_ends_bit_identical_to_an_uninterrupted_run() {
+    let device = Device::default().autodiff();
+    let rows = rows();
+    // 24 rows, micro-batches of 4, 2 per step: 3 steps an epoch, 9 in all; checkpoints every 2.
+    let config = TrainingConfig::new()
+        .with_lr(1e-2)
+        .with_epochs(3)
+        .with_batch_size(4)
+        .with_gradient_accumulation_steps(2)
+        .with_warmup_steps(2)
+        .with_save_steps(Some(2))
+        .with_seed(3);
+    let geometry = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32)
+        .unwrap()
+        .geometry();
+    for (name, adapter) in configs(&geometry) {
+        let whole = temp_dir(&format!("{name}-whole"));
+        let outcome = train(
+            fresh_model(&device, &adapter),
+            &rows,
+            Some(&rows[..4]),
+            &config,
+            &run_config(&whole, false),
+            &mut (),
+        )
+        .unwrap();
+        assert!(outcome.completed);
+        assert_eq!(outcome.global_step, 9);
+        let expected = trained_values(&outcome.model);
+
+        // Crash after step 5: the newest checkpoint is step 4's, so step 5 is redone.
+        let crashed = temp_dir(&format!("{name}-crashed"));
+        let outcome = train(
+            fresh_model(&device, &adapter),
+            &rows,
+            Some(&rows[..4]),
+            &config,
+            &run_config(&crashed, false),
+            &mut CrashAfter(5),
+        )
+        .unwrap();
+        assert!(!outcome.completed);
+        assert_eq!(outcome.global_step, 5);
+        assert!(crashed.join("checkpoint-4").is_dir());
+        // The resumed run starts from a differently initialized adapter: the checkpoint wins.
+        device.seed(99);
+        let base = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32).unwrap();
+        let other_start = PeftModel::new(base.clone(), adapter.init(&base, &[]).unwrap());
+        let outcome = train(
+            other_start,
+            &rows,
+            Some(&rows[..4]),
+            &config,
+            &run_config(&crashed, true),
+            &mut (),
+        )
+        .unwrap();
+        assert!(outcome.completed);
+        assert_eq!(outcome.global_step, 9);
+        let resumed = trained_values(&outcome.model);
+        assert_eq!(resumed.len(), expected.len(), "{name}");
+        for ((n1, v1), (n2, v2)) in expected.iter().zip(&resumed) {
+            assert_eq!(n1, n2);
+            assert_eq!(v1, v2, "{name}: {n1} differs after resuming");
+        }
+        // The metrics file tells one story: steps 1..=9 once each, the same losses.
+        assert_eq!(train_losses(&whole), train_losses(&crashed), "{name}");
+        let losses = train_losses(&whole);
+        assert_eq!(
+            losses.iter().map(|l| l.0).collect::<Vec<_>>(),
+            (1..=9).collect::<Vec<_>>()
+        );
+        // Checkpoints hold the adapter and the optimizer state, never the base model: the
+        // optimizer's tensors are the two moments of exactly the trainable parameters.
+        let checkpoint = crashed.join("checkpoint-9");
+        let mut files: Vec<String> = std::fs::read_dir(&checkpoint)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        let mut expected_files = vec![
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "optimizer.safetensors",
+            "trainer_state.json",
+        ];
+        if name == "p-tuning-lstm" || name == "prefix-tuning" {
+            expected_files.insert(1, "adapter_encoder.safetensors");
+        }
+        assert_eq!(files, expected_files, "{name}");
+        let optimizer = std::fs::read(checkpoint.join("optimizer.safetensors")).unwrap();
+        let optimizer = safetensors::SafeTensors::deserialize(&optimizer).unwrap();
+        let mut moments: Vec<String> = optimizer.names().into_iter().map(str::to_string).collect();
+        moments.sort();
+        let mut trainable: Vec<String> = expected
+            .iter()
+            .flat_map(|(n, _)| [format!("{n}.exp_avg"), format!("{n}.exp_avg_sq")])
+            .collect();
+        trainable.sort();
+        assert_eq!(moments, trainable, "{name}");
+        std::fs::remove_dir_all(whole).unwrap();
+        std::fs::remove_dir_all(crashed).unwrap();
+    }
+}
+
+#[test]
+fn resuming_with_other_data_or_batch_settings_is_refused() {
+    let device = Device::default().autodiff();
+    let rows = rows();
+    let geometry = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32)
+        .unwrap()
+        .geometry();
+    let adapter = &configs(&geometry)[0].1;
+    let config = TrainingConfig::new().with_batch_size(8);
+    let dir = temp_dir("refuse");
+    train(
+        fresh_model(&device, adapter),
+        &rows,
+        None,
+        &config,
+        &run_config(&dir, false),
+        &mut (),
+    )
+    .unwrap();
+    let other = config.clone().with_batch_size(4);
+    let Err(err) = train(
+        fresh_model(&device, adapter),
+        &rows,
+        None,
+        &other,
+        &run_config(&dir, true),
+        &mut (),
+    ) else {
+        panic!("resumed with another batch size");
+    };
+    assert!(
+        err.to_string().contains("--batch-size 8, this run has 4"),
+        "{err}"
+    );
+    let Err(err) = train(
+        fresh_model(&device, adapter),
+        &rows[1..],
+        None,
+        &config,
+        &run_config(&dir, true),
+        &mut (),
+    ) else {
+        panic!("resumed on other data");
+    };
+    assert!(err.to_string().contains("training data 24 rows"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_loss_scores_target_tokens_only() {
+    let device = Device::default();
+    let rows = rows();
+    let geometry = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32)
+        .unwrap()
+        .geometry();
+    for (name, adapter) in configs(&geometry) {
+        let model = fresh_model(&device, &adapter);
+        let refs: Vec<&TokenizedExample> = rows[..3].iter().collect();
+        let n = peft::core::Adapter::num_virtual_tokens(&model.adapter);
+        let batch = peft::core::data::Batch::collate(&refs, 0, n, &device);
+        let loss: f32 = model
+            .loss(
+                batch.input_ids.clone(),
+                Some(batch.attention_mask.clone()),
+                batch.labels,
+            )
+            .into_scalar();
+        // By hand: log-probabilities of each target token given what precedes it.
+        let logits = model.forward(batch.input_ids, Some(batch.attention_mask));
+        let log_probs = log_softmax(logits, 2);
+        let mut picked = Vec::new();
+        let mut every_token = Vec::new();
+        for (b, row) in rows[..3].iter().enumerate() {
+            for t in 1..row.input_ids.len() {
+                let lp: f32 = log_probs
+                    .clone()
+                    .slice([
+                        b..b + 1,
+                        t - 1..t,
+                        row.input_ids[t] as usize..row.input_ids[t] as usize + 1,
+                    ])
+                    .into_scalar();
+                every_token.push(lp);
+                if t >= row.prompt_len {
+                    picked.push(lp);
+                }
+            }
+        }
+        // With virtual tokens the first real token is scored too; here every first token is
+        // prompt, so neither count includes it.
+        let mean = |v: &[f32]| -v.iter().sum::<f32>() / v.len() as f32;
+        assert_eq!(picked.len(), batch.scored, "{name}");
+        assert!(
+            (loss - mean(&picked)).abs() < 1e-4,
+            "{name}: {loss} vs {}",
+            mean(&picked)
+        );
+        assert!(
+            (loss - mean(&every_token)).abs() > 1e-2,
+            "{name}: prompt tokens would not matter"
+        );
+    }
+}
+
+#[test]
+fn gradient_checkpointing_changes_memory_not_results() {
+    let rows = rows();
+    let config = TrainingConfig::new()
+        .with_lr(1e-2)
+        .with_batch_size(8)
+        .with_epochs(1);
+    let mut results = Vec::new();
+    for checkpointed in [false, true] {
+        let mut device = Device::default().autodiff();
+        if checkpointed {
+            device = device.gradient_checkpointing();
+        }
+        let geometry = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32)
+            .unwrap()
+            .geometry();
+        // Prefix tuning: the combination PEFT refuses.
+        let adapter = configs(&geometry).remove(2).1;
+        let dir = temp_dir(&format!("ckpt-{checkpointed}"));
+        let outcome = train(
+            fresh_model(&device, &adapter),
+            &rows,
+            None,
+            &config,
+            &run_config(&dir, false),
+            &mut (),
+        )
+        .unwrap();
+        results.push((trained_values(&outcome.model), train_losses(&dir)));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+    let ((values_a, losses_a), (values_b, losses_b)) = (&results[0], &results[1]);
+    for ((_, a), (_, b)) in values_a.iter().zip(values_b) {
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-6, "{diff}");
+    }
+    for (a, b) in losses_a.iter().zip(losses_b) {
+        assert!((a.1 - b.1).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn a_diverging_run_stops_with_the_step_and_rows() {
+    let device = Device::default().autodiff();
+    let rows = rows();
+    let geometry = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32)
+        .unwrap()
+        .geometry();
+    let adapter = &configs(&geometry)[0].1;
+    let config = TrainingConfig::new()
+        .with_lr(1e30)
+        .with_max_grad_norm(None)
+        .with_batch_size(4);
+    let dir = temp_dir("nan");
+    let Err(err) = train(
+        fresh_model(&device, adapter),
+        &rows,
+        None,
+        &config,
+        &run_config(&dir, false),
+        &mut (),
+    ) else {
+        panic!("a learning rate of 1e30 trained");
+    };
+    assert!(
+        matches!(err, TrainError::NonFinite { step, .. } if step >= 2),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("training stopped (lower --lr, or check the rows at lines"),
+        "{message}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
