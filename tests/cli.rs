@@ -550,3 +550,162 @@ fn generate_streams_the_greedy_continuation_of_transformers() {
         assert!(!stderr(&out).contains("panicked"));
     }
 }
+
+/// A fresh scratch directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("peft-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `peft train` of `method` on the Qwen2 fixture with `data` as the training file.
+fn train_on(dir: &Path, method: &str, data: &str, extra: &[&str]) -> (Output, PathBuf) {
+    let train = dir.join("train.jsonl");
+    std::fs::write(&train, data).unwrap();
+    let output = dir.join("adapter");
+    let model = model("qwen2-gqa-tied");
+    let mut args = vec![
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--method",
+        method,
+        "--num-virtual-tokens",
+        "4",
+        "--train",
+        train.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    (peft(&args), output)
+}
+
+#[test]
+fn train_rejects_bad_rows_with_file_and_line_and_writes_nothing() {
+    let dir = scratch("bad-rows");
+    let rows = "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\", \"completion\": 3}\n{\"text\": \"ok\"}\n";
+    let (out, adapter) = train_on(&dir, "prompt-tuning", rows, &[]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "train.jsonl:2: field \"completion\" must be a string, found 3 (pass --skip-bad-rows"
+        ),
+        "{err}"
+    );
+    assert!(!adapter.exists(), "a failed run left {}", adapter.display());
+
+    // With --skip-bad-rows the row is counted and training goes on.
+    let (out, adapter) = train_on(
+        &dir,
+        "prompt-tuning",
+        rows,
+        &["--skip-bad-rows", "--epochs", "1"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("2 rows, 1 bad rows skipped (lines 2)"),
+        "{stdout}"
+    );
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn train_rejects_an_empty_file_and_over_long_targets() {
+    let dir = scratch("empty");
+    let (out, adapter) = train_on(&dir, "prompt-tuning", "", &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("train.jsonl: no examples (0 bad rows skipped)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!adapter.exists());
+
+    let long = "{\"prompt\": \"a\", \"completion\": \"a long answer that cannot fit\"}\n";
+    let (out, adapter) = train_on(&dir, "prompt-tuning", long, &["--max-length", "4"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("train.jsonl:1: the target is"), "{err}");
+    assert!(err.contains("more than --max-length 4"), "{err}");
+    assert!(!adapter.exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn train_writes_adapter_metrics_and_curve_and_eval_reads_them_back() {
+    let dir = scratch("train");
+    let rows: String = (0..16)
+        .map(|i| {
+            format!(
+                "{{\"instruction\": \"Count\", \"input\": \"{i}\", \"output\": \"{}\"}}\n",
+                i + 1
+            )
+        })
+        .collect();
+    let eval = dir.join("eval.jsonl");
+    std::fs::write(&eval, &rows).unwrap();
+    let (out, adapter) = train_on(
+        &dir,
+        "p-tuning",
+        &rows,
+        &[
+            "--eval",
+            eval.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("trainable params: "), "{stdout}");
+    assert!(stdout.contains("eval @ step 0: loss"), "{stdout}");
+    assert!(stdout.contains("eval @ step 8: loss"), "{stdout}");
+    for file in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "adapter_encoder.safetensors",
+        "metrics.jsonl",
+        "checkpoint-8/optimizer.safetensors",
+    ] {
+        assert!(adapter.join(file).is_file(), "{file} missing");
+    }
+    let png = std::fs::read(adapter.join("loss_curve.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let metrics = std::fs::read_to_string(adapter.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let train_lines = lines.iter().filter(|l| l["kind"] == "train").count();
+    assert_eq!(train_lines, 8);
+    let last_eval = lines.iter().rev().find(|l| l["kind"] == "eval").unwrap();
+    let first_eval = lines.iter().find(|l| l["kind"] == "eval").unwrap();
+    assert!(
+        last_eval["loss"].as_f64() < first_eval["loss"].as_f64(),
+        "{metrics}"
+    );
+
+    // `peft eval` on the saved adapter reproduces the last evaluation.
+    let model = model("qwen2-gqa-tied");
+    let out = peft(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        eval.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let expected = format!("loss {:.4}", last_eval["loss"].as_f64().unwrap());
+    assert!(stdout.contains(&expected), "{stdout} vs {expected}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
