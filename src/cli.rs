@@ -119,9 +119,13 @@ pub enum Command {
     /// Fold a trainable adapter (our encoder checkpoint) into PEFT's inference files.
     Export(ExportArgs),
     /// Train an adapter on a JSONL file (prompt/completion, instruction or text rows).
+    /// A flag given twice takes its last value (recipes put their defaults first).
+    #[command(args_override_self = true)]
     Train(crate::training::TrainArgs),
     /// Loss, perplexity and exact-match accuracy of an adapter on a JSONL file.
     Eval(crate::training::EvalArgs),
+    /// Train every method on the embedded tiny model and print held-out accuracy before/after.
+    Quickstart(crate::quickstart::QuickstartArgs),
 }
 
 /// A method, as `peft info` and `peft train` name it.
@@ -345,6 +349,25 @@ pub struct GenerateArgs {
     pub dtype: Dtype,
 }
 
+/// Parses `argv` (program name first), runs it on the compiled backend's device with stdout as
+/// output, and reports an error on stderr: the `peft` binary, and the recipes in `examples/`.
+pub fn main_with<I, T>(argv: I) -> std::process::ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::parse_from(argv);
+    let device = crate::default_device();
+    let stdout = std::io::stdout();
+    match run(cli, &device, &mut stdout.lock()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs a parsed command line on `device`, writing generated text to `out`.
 pub fn run(cli: Cli, device: &Device, out: &mut dyn Write) -> Result<(), CliError> {
     match cli.command {
@@ -354,6 +377,7 @@ pub fn run(cli: Cli, device: &Device, out: &mut dyn Write) -> Result<(), CliErro
         Command::Export(args) => export(&args, device),
         Command::Train(args) => crate::training::train_command(&args, device, out),
         Command::Eval(args) => crate::training::eval_command(&args, device, out),
+        Command::Quickstart(args) => crate::quickstart::quickstart(&args, device, out).map(|_| ()),
     }
 }
 

@@ -13,6 +13,8 @@ pub mod adapters;
 pub mod cli;
 pub mod info;
 pub mod plot;
+pub mod quickstart;
+pub mod tasks;
 pub mod training;
 
 pub use adapters::{AutoAdapter, AutoAdapterConfig};

@@ -194,14 +194,14 @@ fn read_data(
     Ok((data, special))
 }
 
-fn io_error(source: std::io::Error) -> CliError {
+pub(crate) fn io_error(source: std::io::Error) -> CliError {
     CliError::Io {
         path: "<stdout>".into(),
         source,
     }
 }
 
-fn describe_rows(data: &TokenizedDataset) -> String {
+pub(crate) fn describe_rows(data: &TokenizedDataset) -> String {
     let truncated = data.examples.iter().filter(|e| e.truncated).count();
     let mut text = format!("{} rows", data.examples.len());
     if truncated > 0 {
@@ -225,10 +225,39 @@ fn describe_rows(data: &TokenizedDataset) -> String {
 }
 
 /// Draws a progress bar (loss, lr, tokens/s, ETA) and prints evaluations.
-struct Progress<'a> {
+pub(crate) struct Progress<'a> {
     bar: ProgressBar,
     out: &'a mut dyn Write,
+    print_evals: bool,
     failure: Option<std::io::Error>,
+}
+
+impl<'a> Progress<'a> {
+    /// A bar on stderr (hidden when it is not a terminal); evaluations go to `out` if asked.
+    pub(crate) fn new(out: &'a mut dyn Write, prefix: &str, print_evals: bool) -> Self {
+        let bar = ProgressBar::new(0).with_style(
+            ProgressStyle::with_template(
+                "{prefix}{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("valid progress template"),
+        );
+        bar.set_prefix(prefix.to_string());
+        Self {
+            bar,
+            out,
+            print_evals,
+            failure: None,
+        }
+    }
+
+    /// Clears the bar; the first write error met while printing, if any.
+    pub(crate) fn finish(self) -> Result<&'a mut dyn Write, CliError> {
+        self.bar.finish_and_clear();
+        match self.failure {
+            Some(e) => Err(io_error(e)),
+            None => Ok(self.out),
+        }
+    }
 }
 
 impl TrainingObserver for Progress<'_> {
@@ -248,6 +277,9 @@ impl TrainingObserver for Progress<'_> {
     }
 
     fn on_eval(&mut self, m: &EvalMetrics) {
+        if !self.print_evals {
+            return;
+        }
         let line = format_eval(m);
         let out = &mut *self.out;
         if let Err(e) = self.bar.suspend(|| writeln!(out, "{line}")) {
@@ -345,18 +377,8 @@ pub fn train_command(
         base_model_name_or_path: args.model.to_str().map(str::to_string),
         resume: args.resume,
     };
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
-        )
-        .expect("valid progress template"),
-    );
     let started = Instant::now();
-    let mut progress = Progress {
-        bar,
-        out,
-        failure: None,
-    };
+    let mut progress = Progress::new(out, "", true);
     let outcome = train(
         model,
         &train_data.examples,
@@ -365,11 +387,7 @@ pub fn train_command(
         &run,
         &mut progress,
     )?;
-    progress.bar.finish_and_clear();
-    if let Some(e) = progress.failure {
-        return Err(io_error(e));
-    }
-    let out = progress.out;
+    let out = progress.finish()?;
     outcome
         .model
         .save_pretrained(&args.output, run.base_model_name_or_path.as_deref())?;

@@ -2,18 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use peft::cli::{Cli, run};
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let device = peft::default_device();
-    let stdout = std::io::stdout();
-    match run(cli, &device, &mut stdout.lock()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    peft::cli::main_with(std::env::args_os())
 }

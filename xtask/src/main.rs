@@ -1,10 +1,12 @@
-//! Project tasks: `cargo xtask bench`.
+//! Project tasks: `cargo xtask bench`, `cargo xtask pretrain`.
 //!
 //! `bench` times prefill and decode of a model built from a config (default: the shape of
 //! Qwen2.5-0.5B) with random weights on the compiled backend, prints a table, writes JSON, and with
 //! `--compare` runs the same workloads through torch + transformers in the same invocation.
 //! Another backend: `cargo run -p xtask --features cuda -- bench` (a GPU backend, when compiled in,
 //! is preferred over the CPU).
+
+mod pretrain;
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -28,6 +30,8 @@ struct Cli {
 enum Task {
     /// Prefill and decode tokens/s (and peak memory) of a random-weight model.
     Bench(BenchArgs),
+    /// Build the embedded default model (assets/tiny-qwen2) from nothing.
+    Pretrain(pretrain::PretrainArgs),
 }
 
 #[derive(clap::Args)]
@@ -63,6 +67,12 @@ fn main() {
     match cli.task {
         Task::Bench(args) => {
             if let Err(e) = bench(&args) {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        }
+        Task::Pretrain(args) => {
+            if let Err(e) = pretrain::pretrain(&args) {
                 eprintln!("error: {e}");
                 std::process::exit(1);
             }

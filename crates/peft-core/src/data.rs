@@ -21,7 +21,8 @@ use serde_json::Value;
 use crate::peft_model::IGNORE_INDEX;
 
 /// The seeds' instruction template ("Human: ...\n\nAssistant: "); `{instruction}` and `{input}`
-/// are replaced by the row's fields (`input` may be absent: it is then empty).
+/// are replaced by the row's fields. A missing or empty `input` also drops the line break before
+/// `{input}`, as the seeds' `"\n".join([instruction, input]).strip()` does.
 pub const ALPACA_TEMPLATE: &str = "Human: {instruction}\n{input}\n\nAssistant: ";
 
 /// Why a data file cannot be used. Row errors name the file and the 1-based line.
@@ -200,6 +201,11 @@ fn parse_row(raw: &str, template: &str) -> Result<(Option<String>, String), Stri
         let instruction = field("instruction")?.ok_or("missing field \"instruction\"")?;
         let input = field("input")?.unwrap_or_default();
         let output = non_empty("output", field("output")?)?;
+        let template = if input.is_empty() {
+            std::borrow::Cow::Owned(template.replace("\n{input}", ""))
+        } else {
+            std::borrow::Cow::Borrowed(template)
+        };
         let prompt = template
             .replace("{instruction}", instruction)
             .replace("{input}", input);
@@ -524,9 +530,10 @@ mod tests {
             data.examples[1].prompt.as_deref(),
             Some("Human: Add\n1 2\n\nAssistant: ")
         );
+        // No input: no empty line for it (the seeds' join-and-strip).
         assert_eq!(
             data.examples[2].prompt.as_deref(),
-            Some("Human: Greet\n\n\nAssistant: ")
+            Some("Human: Greet\n\nAssistant: ")
         );
         assert_eq!(data.examples[3].prompt, None);
         assert_eq!(data.examples[3].target, "abc");
