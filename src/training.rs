@@ -13,8 +13,8 @@ use peft_core::data::{
 };
 use peft_core::optim::AdamWConfig;
 use peft_core::train::{
-    EvalMetrics, METRICS_FILE, StepMetrics, TrainingConfig, TrainingObserver, TrainingPlan,
-    TrainingRun, evaluate, read_metrics, train,
+    EvalMetrics, EvalOptions, METRICS_FILE, StepMetrics, TrainingConfig, TrainingObserver,
+    TrainingPlan, TrainingRun, evaluate, read_metrics, train,
 };
 use peft_core::{Adapter, CausalLm, PeftModel};
 use peft_models::{AutoCausalLm, ModelError, SpecialTokens, TokenizerEncoder, load_tokenizer};
@@ -436,17 +436,13 @@ pub fn eval_command(args: &EvalArgs, device: &Device, out: &mut dyn Write) -> Re
         adapter: model.adapter.into_inference(),
         base: model.base,
     };
-    let config = TrainingConfig::new()
-        .with_eval_batch_size(args.batch_size)
-        .with_eval_exact_match(!args.no_exact_match);
-    let run = TrainingRun {
-        output_dir: PathBuf::new(),
+    let options = EvalOptions {
+        batch_size: args.batch_size,
+        exact_match: !args.no_exact_match,
         pad_token_id: special.pad_token_id,
         eos_token_ids: special.eos_token_ids,
-        base_model_name_or_path: None,
-        resume: false,
     };
-    let metrics = evaluate(&model, &data.examples, &config, &run, 0)?;
+    let metrics = evaluate(&model, &data.examples, &options, 0)?;
     writeln!(
         out,
         "data: {} ({})",

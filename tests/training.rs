@@ -269,6 +269,22 @@ fn resuming_with_other_data_or_batch_settings_is_refused() {
         &mut (),
     )
     .unwrap();
+    // Training again into the same directory without --resume would mix two runs.
+    let Err(err) = train(
+        fresh_model(&device, adapter),
+        &rows,
+        None,
+        &config,
+        &run_config(&dir, false),
+        &mut (),
+    ) else {
+        panic!("trained over an earlier run's checkpoint");
+    };
+    assert!(
+        err.to_string()
+            .contains("holds checkpoint-3 of an earlier run"),
+        "{err}"
+    );
     let other = config.clone().with_batch_size(4);
     let Err(err) = train(
         fresh_model(&device, adapter),

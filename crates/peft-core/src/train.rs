@@ -373,6 +373,16 @@ where
         state = saved;
         keep_metrics_up_to(&metrics_path, state.global_step)?;
     } else {
+        if let Some((step, _)) = latest_checkpoint(&run.output_dir)? {
+            return Err(TrainError::Config {
+                key: "--output",
+                message: format!(
+                    "{} holds checkpoint-{step} of an earlier run: resume it, or train into \
+                     another directory",
+                    run.output_dir.display()
+                ),
+            });
+        }
         keep_metrics_up_to(&metrics_path, 0)?;
     }
     let mut metrics = MetricsWriter::open(&metrics_path)?;
@@ -390,7 +400,7 @@ where
         && config.eval_at_start
         && state.global_step == 0
     {
-        let result = evaluate(&model.valid(), eval, config, run, 0)?;
+        let result = evaluate(&model.valid(), eval, &EvalOptions::of(config, run), 0)?;
         metrics.write(&MetricsLine::Eval(result.clone()))?;
         observer.on_eval(&result);
         last_eval = Some(result);
@@ -485,7 +495,12 @@ where
             if let Some(eval) = eval
                 && due(config.eval_steps)
             {
-                let result = evaluate(&model.valid(), eval, config, run, state.global_step)?;
+                let result = evaluate(
+                    &model.valid(),
+                    eval,
+                    &EvalOptions::of(config, run),
+                    state.global_step,
+                )?;
                 metrics.write(&MetricsLine::Eval(result.clone()))?;
                 observer.on_eval(&result);
                 last_eval = Some(result);
@@ -628,25 +643,50 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsLine>, TrainError> {
         .collect())
 }
 
-/// Loss, perplexity and (for prompt/completion rows, when `config.eval_exact_match`) exact-match
-/// accuracy of `model` on `rows`.
+/// How an evaluation batches rows and scores completions.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Also score greedy completions (exact match).
+    pub exact_match: bool,
+    /// Id that pads batches.
+    pub pad_token_id: u32,
+    /// Ids that end a generation.
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl EvalOptions {
+    /// The evaluation settings of a training run.
+    pub fn of(config: &TrainingConfig, run: &TrainingRun) -> Self {
+        Self {
+            batch_size: config.eval_batch_size,
+            exact_match: config.eval_exact_match,
+            pad_token_id: run.pad_token_id,
+            eos_token_ids: run.eos_token_ids.clone(),
+        }
+    }
+}
+
+/// Loss, perplexity and (for prompt/completion rows, when `options.exact_match`) exact-match
+/// accuracy of `model` on `rows`, recorded as taken after `step` optimizer steps.
 ///
 /// Exact match: the greedy completion of the prompt begins with the target, EOS included (so
 /// the model must also stop there).
 pub fn evaluate<M: CausalLm, A: Adapter>(
     model: &PeftModel<M, A>,
     rows: &[TokenizedExample],
-    config: &TrainingConfig,
-    run: &TrainingRun,
+    options: &EvalOptions,
     step: usize,
 ) -> Result<EvalMetrics, CoreError> {
     let device = model.base.device();
     let virtual_tokens = model.adapter.num_virtual_tokens();
+    let batch_size = options.batch_size.max(1);
     let mut loss_sum = 0.0;
     let mut scored = 0;
-    for chunk in rows.chunks(config.eval_batch_size) {
+    for chunk in rows.chunks(batch_size) {
         let refs: Vec<&TokenizedExample> = chunk.iter().collect();
-        let batch = Batch::collate(&refs, run.pad_token_id, virtual_tokens, &device);
+        let batch = Batch::collate(&refs, options.pad_token_id, virtual_tokens, &device);
         let loss: f32 = model
             .loss(batch.input_ids, Some(batch.attention_mask), batch.labels)
             .into_scalar();
@@ -654,8 +694,8 @@ pub fn evaluate<M: CausalLm, A: Adapter>(
         scored += batch.scored;
     }
     let loss = loss_sum / scored.max(1) as f64;
-    let exact_match = if config.eval_exact_match {
-        exact_match(model, rows, config.eval_batch_size, run)?
+    let exact_match = if options.exact_match {
+        exact_match(model, rows, options)?
     } else {
         None
     };
@@ -668,13 +708,12 @@ pub fn evaluate<M: CausalLm, A: Adapter>(
     })
 }
 
-/// Fraction of prompt/completion rows whose greedy completion is exactly the target; `None`
-/// when there are no such rows.
+/// Fraction of prompt/completion rows whose greedy completion is exactly the target (see
+/// [`evaluate`]); `None` when there are no such rows.
 pub fn exact_match<M: CausalLm, A: Adapter>(
     model: &PeftModel<M, A>,
     rows: &[TokenizedExample],
-    batch_size: usize,
-    run: &TrainingRun,
+    options: &EvalOptions,
 ) -> Result<Option<f64>, CoreError> {
     let completions: Vec<&TokenizedExample> = rows
         .iter()
@@ -684,7 +723,7 @@ pub fn exact_match<M: CausalLm, A: Adapter>(
         return Ok(None);
     }
     let mut hits = 0;
-    for chunk in completions.chunks(batch_size) {
+    for chunk in completions.chunks(options.batch_size.max(1)) {
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|r| r.prompt_ids().to_vec()).collect();
         let longest = chunk
             .iter()
@@ -693,8 +732,8 @@ pub fn exact_match<M: CausalLm, A: Adapter>(
             .unwrap_or(1);
         let config = GenerationConfig::new()
             .with_max_new_tokens(longest)
-            .with_eos_token_ids(run.eos_token_ids.clone())
-            .with_pad_token_id(run.pad_token_id);
+            .with_eos_token_ids(options.eos_token_ids.clone())
+            .with_pad_token_id(options.pad_token_id);
         let output = model.generate(&prompts, &config, |_| ControlFlow::Continue(()))?;
         // The target ends with EOS (when the data has one), so this also asks the model to stop.
         hits += chunk
