@@ -32,7 +32,7 @@ pub struct QuickstartArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The task to learn (one the model was pretrained on, with its instruction).
-    #[arg(long, default_value = "reverse")]
+    #[arg(long, default_value = "sort")]
     pub task: String,
     /// Where data, adapters, metrics and loss curves go.
     #[arg(long, default_value = "target/quickstart")]
@@ -41,17 +41,20 @@ pub struct QuickstartArgs {
     #[arg(long, value_enum, value_delimiter = ',')]
     pub methods: Vec<Method>,
     /// Training rows.
-    #[arg(long, default_value_t = 320)]
+    #[arg(long, default_value_t = 640)]
     pub train_rows: usize,
     /// Held-out rows.
     #[arg(long, default_value_t = 100)]
     pub eval_rows: usize,
     /// Passes over the training rows.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 4)]
     pub epochs: usize,
     /// Seed of the data, the adapters' initialization and the data order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Learning rate of every method [default: per method, see docs/training.md].
+    #[arg(long)]
+    pub lr: Option<f64>,
 }
 
 /// The embedded default model's directory.
@@ -83,7 +86,8 @@ fn method_args(method: Method) -> MethodArgs {
     MethodArgs {
         method,
         num_virtual_tokens: 8,
-        prompt_tuning_init: InitArg::Random,
+        // Rows of random words' embeddings: the prompt starts at the scale of real tokens.
+        prompt_tuning_init: InitArg::SampleVocab,
         prompt_tuning_init_text: None,
         encoder_reparameterization_type: EncoderArg::Mlp,
         encoder_hidden_size: None,
@@ -97,11 +101,11 @@ fn method_args(method: Method) -> MethodArgs {
 /// Learning rates found to learn the task within the quickstart's budget.
 fn learning_rate(method: Method) -> f64 {
     match method {
-        Method::PromptTuning => 3e-2,
-        Method::PTuning => 3e-3,
+        Method::PromptTuning => 1e-1,
+        Method::PTuning => 1e-2,
         Method::PrefixTuning => 1e-2,
-        Method::PTuningV2 => 3e-2,
-        Method::Bitfit => 1e-2,
+        Method::PTuningV2 => 1e-1,
+        Method::Bitfit => 1e-1,
     }
 }
 
@@ -226,7 +230,7 @@ pub fn quickstart(
         let model = PeftModel::new(base, adapter);
         let parameters = model.trainable_parameters();
         let config = TrainingConfig::new()
-            .with_lr(learning_rate(method))
+            .with_lr(args.lr.unwrap_or(learning_rate(method)))
             .with_epochs(args.epochs)
             .with_batch_size(16)
             .with_eval_batch_size(50)

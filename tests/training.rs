@@ -260,57 +260,31 @@ fn resuming_with_other_data_or_batch_settings_is_refused() {
     let adapter = &configs(&geometry)[0].1;
     let config = TrainingConfig::new().with_batch_size(8);
     let dir = temp_dir("refuse");
-    train(
-        fresh_model(&device, adapter),
-        &rows,
-        None,
-        &config,
-        &run_config(&dir, false),
-        &mut (),
-    )
-    .unwrap();
-    // Training again into the same directory without --resume would mix two runs.
-    let Err(err) = train(
-        fresh_model(&device, adapter),
-        &rows,
-        None,
-        &config,
-        &run_config(&dir, false),
-        &mut (),
-    ) else {
-        panic!("trained over an earlier run's checkpoint");
+    // A fresh start on `rows` with `config`, into `dir`: the error message if it fails.
+    let attempt = |rows: &[TokenizedExample], config: &TrainingConfig, resume: bool| {
+        train(
+            fresh_model(&device, adapter),
+            rows,
+            None,
+            config,
+            &run_config(&dir, resume),
+            &mut (),
+        )
+        .err()
+        .map(|e| e.to_string())
     };
+    assert_eq!(attempt(&rows, &config, false), None);
+    // Training again into the same directory without resuming would mix two runs.
+    let err = attempt(&rows, &config, false).expect("trained over an earlier run's checkpoint");
     assert!(
-        err.to_string()
-            .contains("holds checkpoint-3 of an earlier run"),
+        err.contains("holds checkpoint-3 of an earlier run"),
         "{err}"
     );
-    let other = config.clone().with_batch_size(4);
-    let Err(err) = train(
-        fresh_model(&device, adapter),
-        &rows,
-        None,
-        &other,
-        &run_config(&dir, true),
-        &mut (),
-    ) else {
-        panic!("resumed with another batch size");
-    };
-    assert!(
-        err.to_string().contains("--batch-size 8, this run has 4"),
-        "{err}"
-    );
-    let Err(err) = train(
-        fresh_model(&device, adapter),
-        &rows[1..],
-        None,
-        &config,
-        &run_config(&dir, true),
-        &mut (),
-    ) else {
-        panic!("resumed on other data");
-    };
-    assert!(err.to_string().contains("training data 24 rows"), "{err}");
+    let err = attempt(&rows, &config.clone().with_batch_size(4), true)
+        .expect("resumed with another batch size");
+    assert!(err.contains("--batch-size 8, this run has 4"), "{err}");
+    let err = attempt(&rows[1..], &config, true).expect("resumed on other data");
+    assert!(err.contains("training data 24 rows"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
