@@ -14,16 +14,16 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use burn::tensor::DType;
-use peft_core::data::{DataOptions, Dataset, TokenizeOptions, TokenizedDataset};
+use peft_core::data::ALPACA_TEMPLATE;
 use peft_core::train::{METRICS_FILE, TrainingConfig, TrainingRun, read_metrics, train};
 use peft_core::{PeftModel, TrainableParameters};
-use peft_models::{AutoCausalLm, SpecialTokens, TokenizerEncoder, load_tokenizer};
+use peft_models::AutoCausalLm;
 use rand::{SeedableRng, rngs::StdRng};
 
 use crate::cli::{CliError, EncoderArg, InitArg, Method, MethodArgs};
 use crate::plot::write_loss_curve;
 use crate::tasks::{TASKS, bare_prompt, random_word, task};
-use crate::training::{LOSS_CURVE, Progress, io_error};
+use crate::training::{DataArgs, LOSS_CURVE, ModelText, Progress, io_error, read_data};
 
 /// Arguments of `peft quickstart`.
 #[derive(Debug, clap::Args)]
@@ -188,21 +188,17 @@ pub fn quickstart(
     write_rows(&train_path, &train_rows)?;
     write_rows(&eval_path, &eval_rows)?;
 
-    let tokenizer = load_tokenizer(&model_dir)?;
-    let special = SpecialTokens::from_dir(&model_dir)?;
-    let tokenize = |path: &Path| -> Result<TokenizedDataset, CliError> {
-        let dataset = Dataset::from_jsonl(path, &DataOptions::default())?;
-        Ok(TokenizedDataset::new(
-            dataset,
-            &TokenizerEncoder(&tokenizer),
-            &TokenizeOptions {
-                max_length: 64,
-                eos_token_id: special.eos_token_ids.first().copied(),
-                skip_bad_rows: false,
-            },
-        )?)
+    let text = ModelText::read(&model_dir)?;
+    let special = &text.special;
+    let rows = DataArgs {
+        max_length: 64,
+        template: ALPACA_TEMPLATE.to_string(),
+        skip_bad_rows: false,
     };
-    let (train_data, eval_data) = (tokenize(&train_path)?, tokenize(&eval_path)?);
+    let (train_data, eval_data) = (
+        read_data(&text, &train_path, &rows)?,
+        read_data(&text, &eval_path, &rows)?,
+    );
     let example = &train_rows[0];
     writeln!(
         out,

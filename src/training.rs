@@ -17,7 +17,9 @@ use peft_core::train::{
     TrainingPlan, TrainingRun, evaluate, read_metrics, train,
 };
 use peft_core::{Adapter, CausalLm, PeftModel};
-use peft_models::{AutoCausalLm, ModelError, SpecialTokens, TokenizerEncoder, load_tokenizer};
+use peft_models::{
+    AutoCausalLm, ModelError, SpecialTokens, Tokenizer, TokenizerEncoder, load_tokenizer,
+};
 
 use crate::cli::{CliError, Dtype, Method, MethodArgs};
 use crate::plot::write_loss_curve;
@@ -161,14 +163,44 @@ impl Method {
     }
 }
 
-/// The tokenizer, its special ids and the tokenized rows of `path`.
-fn read_data(
-    model_dir: &Path,
+/// A model directory's tokenizer and special ids, read once per command.
+pub(crate) struct ModelText {
+    dir: PathBuf,
+    tokenizer: Tokenizer,
+    /// EOS and pad ids.
+    pub(crate) special: SpecialTokens,
+}
+
+impl ModelText {
+    /// Reads `model_dir/tokenizer.json` and the special ids of its config.
+    pub(crate) fn read(model_dir: &Path) -> Result<Self, CliError> {
+        Ok(Self {
+            dir: model_dir.to_path_buf(),
+            tokenizer: load_tokenizer(model_dir)?,
+            special: SpecialTokens::from_dir(model_dir)?,
+        })
+    }
+
+    /// Ids of `text` with the tokenizer's special tokens.
+    fn encode(&self, text: &str) -> Result<Vec<u32>, CliError> {
+        TokenizerEncoder(&self.tokenizer)
+            .encode(text, true)
+            .map_err(|message| {
+                ModelError::Tokenizer {
+                    path: self.dir.join("tokenizer.json"),
+                    message,
+                }
+                .into()
+            })
+    }
+}
+
+/// The tokenized rows of `path`.
+pub(crate) fn read_data(
+    text: &ModelText,
     path: &Path,
     args: &DataArgs,
-) -> Result<(TokenizedDataset, SpecialTokens), CliError> {
-    let tokenizer = load_tokenizer(model_dir)?;
-    let special = SpecialTokens::from_dir(model_dir)?;
+) -> Result<TokenizedDataset, CliError> {
     if args.max_length == 0 {
         return Err(CliError::Argument {
             flag: "--max-length",
@@ -182,16 +214,15 @@ fn read_data(
             skip_bad_rows: args.skip_bad_rows,
         },
     )?;
-    let data = TokenizedDataset::new(
+    Ok(TokenizedDataset::new(
         dataset,
-        &TokenizerEncoder(&tokenizer),
+        &TokenizerEncoder(&text.tokenizer),
         &TokenizeOptions {
             max_length: args.max_length,
-            eos_token_id: special.eos_token_ids.first().copied(),
+            eos_token_id: text.special.eos_token_ids.first().copied(),
             skip_bad_rows: args.skip_bad_rows,
         },
-    )?;
-    Ok((data, special))
+    )?)
 }
 
 pub(crate) fn io_error(source: std::io::Error) -> CliError {
@@ -305,9 +336,11 @@ pub fn train_command(
     device: &Device,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
-    let (train_data, special) = read_data(&args.model, &args.train, &args.data)?;
+    let text = ModelText::read(&args.model)?;
+    let special = &text.special;
+    let train_data = read_data(&text, &args.train, &args.data)?;
     let eval_data = match &args.eval {
-        Some(path) => Some(read_data(&args.model, path, &args.data)?.0),
+        Some(path) => Some(read_data(&text, path, &args.data)?),
         None => None,
     };
     writeln!(
@@ -355,7 +388,7 @@ pub fn train_command(
     let adapter_config = args.method.config(&base.geometry())?;
     let init_text_ids = match &adapter_config {
         AutoAdapterConfig::PromptTuning(c) => match &c.prompt_tuning_init_text {
-            Some(text) => encode_init_text(&args.model, text)?,
+            Some(init_text) => encode_init_text(&text, init_text)?,
             None => Vec::new(),
         },
         _ => Vec::new(),
@@ -403,14 +436,8 @@ pub fn train_command(
     .map_err(io_error)
 }
 
-fn encode_init_text(model_dir: &Path, text: &str) -> Result<Vec<u32>, CliError> {
-    let tokenizer = load_tokenizer(model_dir)?;
-    let ids = TokenizerEncoder(&tokenizer)
-        .encode(text, true)
-        .map_err(|message| ModelError::Tokenizer {
-            path: model_dir.join("tokenizer.json"),
-            message,
-        })?;
+fn encode_init_text(text: &ModelText, init_text: &str) -> Result<Vec<u32>, CliError> {
+    let ids = text.encode(init_text)?;
     if ids.is_empty() {
         return Err(CliError::Argument {
             flag: "--prompt-tuning-init-text",
@@ -422,7 +449,9 @@ fn encode_init_text(model_dir: &Path, text: &str) -> Result<Vec<u32>, CliError> 
 
 /// `peft eval`: loss, perplexity and exact match of an adapter on a data file.
 pub fn eval_command(args: &EvalArgs, device: &Device, out: &mut dyn Write) -> Result<(), CliError> {
-    let (data, special) = read_data(&args.model, &args.data, &args.rows)?;
+    let text = ModelText::read(&args.model)?;
+    let data = read_data(&text, &args.data, &args.rows)?;
+    let special = text.special;
     if args.batch_size == 0 {
         return Err(CliError::Argument {
             flag: "--batch-size",

@@ -265,6 +265,11 @@ impl TokenizedExample {
         &self.input_ids[..self.prompt_len]
     }
 
+    /// Whether the row is a prompt followed by a target, so that exact match applies to it.
+    pub fn is_completion(&self) -> bool {
+        !self.is_text && self.prompt_len > 0
+    }
+
     /// The target ids (EOS included when one was appended).
     pub fn target_ids(&self) -> &[u32] {
         &self.input_ids[self.prompt_len..]
@@ -332,7 +337,7 @@ impl TokenizedDataset {
 
     /// Rows that have a prompt and a target (exact match applies to them).
     pub fn completions(&self) -> impl Iterator<Item = &TokenizedExample> {
-        self.examples.iter().filter(|e| !e.is_text)
+        self.examples.iter().filter(|e| e.is_completion())
     }
 }
 

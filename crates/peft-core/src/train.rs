@@ -715,10 +715,7 @@ pub fn exact_match<M: CausalLm, A: Adapter>(
     rows: &[TokenizedExample],
     options: &EvalOptions,
 ) -> Result<Option<f64>, CoreError> {
-    let completions: Vec<&TokenizedExample> = rows
-        .iter()
-        .filter(|r| !r.is_text && r.prompt_len > 0)
-        .collect();
+    let completions: Vec<&TokenizedExample> = rows.iter().filter(|r| r.is_completion()).collect();
     if completions.is_empty() {
         return Ok(None);
     }
