@@ -4,6 +4,7 @@
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -20,6 +21,15 @@ use peft::prefix::PrefixTuningConfig;
 use peft::prompt::PromptTuningConfig;
 use peft::ptuning::{EncoderType, PTuningConfig};
 use peft::{AutoAdapter, AutoAdapterConfig};
+
+/// burn's CPU backend keeps one random generator per process (`Device::seed` sets it for every
+/// thread), so tests that draw random numbers (initialization, dropout) run one at a time: a run
+/// on another thread would take draws from this one's sequence.
+static BACKEND_RNG: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    BACKEND_RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/models/qwen2-gqa-tied")
@@ -146,6 +156,7 @@ fn train_losses(dir: &Path) -> Vec<(usize, f64)> {
 
 #[test]
 fn resuming_after_a_crash_ends_bit_identical_to_an_uninterrupted_run() {
+    let _rng = one_at_a_time();
     let device = Device::default().autodiff();
     let rows = rows();
     // 24 rows, micro-batches of 4, 2 per step: 3 steps an epoch, 9 in all; checkpoints every 2.
@@ -252,6 +263,7 @@ fn resuming_after_a_crash_ends_bit_identical_to_an_uninterrupted_run() {
 
 #[test]
 fn resuming_with_other_data_or_batch_settings_is_refused() {
+    let _rng = one_at_a_time();
     let device = Device::default().autodiff();
     let rows = rows();
     let geometry = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32)
@@ -290,6 +302,7 @@ fn resuming_with_other_data_or_batch_settings_is_refused() {
 
 #[test]
 fn the_loss_scores_target_tokens_only() {
+    let _rng = one_at_a_time();
     let device = Device::default();
     let rows = rows();
     let geometry = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32)
@@ -346,6 +359,7 @@ fn the_loss_scores_target_tokens_only() {
 
 #[test]
 fn gradient_checkpointing_changes_memory_not_results() {
+    let _rng = one_at_a_time();
     let rows = rows();
     let config = TrainingConfig::new()
         .with_lr(1e-2)
@@ -391,6 +405,7 @@ fn gradient_checkpointing_changes_memory_not_results() {
 
 #[test]
 fn a_diverging_run_stops_with_the_step_and_rows() {
+    let _rng = one_at_a_time();
     let device = Device::default().autodiff();
     let rows = rows();
     let geometry = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32)

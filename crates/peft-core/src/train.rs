@@ -313,6 +313,11 @@ impl TrainingConfig {
 /// `run.resume`, the newest checkpoint's adapter, optimizer state and position are restored,
 /// and the run continues exactly as if it had not stopped.
 ///
+/// Dropout draws come from the backend's generator, which each step seeds from `config.seed`.
+/// burn's backends keep that generator per process, not per device or thread, so runs meant to
+/// be reproducible (or resumed bit for bit) must not draw random numbers on other threads at
+/// the same time.
+///
 /// # Errors
 ///
 /// Bad hyper-parameters, a non-finite loss or gradient norm (the error names the step and the
