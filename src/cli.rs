@@ -193,6 +193,11 @@ pub struct MethodArgs {
     /// Prefix methods: override the projection (`prefix-tuning` has it, `p-tuning-v2` not).
     #[arg(long)]
     pub prefix_projection: Option<bool>,
+    /// Prefix methods: start from an all-zero prefix (the projection's last layer, or the prefix
+    /// itself, zeroed) instead of PEFT's random one, so training starts from the base model's
+    /// output. Random prefixes can swamp a pretrained model's attention (docs/smollm2.md).
+    #[arg(long)]
+    pub prefix_zero_init: bool,
     /// BitFit: a regular expression over Hugging Face names narrowing which biases train.
     #[arg(long)]
     pub bias_pattern: Option<String>,
@@ -261,7 +266,8 @@ impl MethodArgs {
                         self.prefix_projection
                             .unwrap_or(self.method == Method::PrefixTuning),
                     )
-                    .with_encoder_hidden_size(self.encoder_hidden_size),
+                    .with_encoder_hidden_size(self.encoder_hidden_size)
+                    .with_zero_init(self.prefix_zero_init),
             ),
             Method::Bitfit => AutoAdapterConfig::BitFit(
                 BitFitConfig::new().with_bias_pattern(self.bias_pattern.clone()),
@@ -685,4 +691,43 @@ pub fn generate_text(
         path: "<stdout>".into(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Parser)]
+    struct Method {
+        #[command(flatten)]
+        method: MethodArgs,
+    }
+
+    fn prefix_config(args: &[&str]) -> PrefixTuningConfig {
+        let parsed = Method::try_parse_from(std::iter::once("peft").chain(args.iter().copied()))
+            .unwrap();
+        let geometry = ModelGeometry {
+            num_layers: 2,
+            hidden_size: 16,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 4,
+            vocab_size: 32,
+            max_positions: None,
+        };
+        match parsed.method.config(&geometry).unwrap() {
+            AutoAdapterConfig::PrefixTuning(config) => config,
+            other => panic!("not a prefix config: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn prefix_flags_reach_the_config() {
+        let default = prefix_config(&["--method", "prefix-tuning"]);
+        assert!(default.prefix_projection && !default.zero_init);
+        let zero = prefix_config(&["--method", "p-tuning-v2", "--prefix-zero-init"]);
+        assert!(!zero.prefix_projection && zero.zero_init);
+        // Per-head key/value width, as PEFT shapes it for grouped-query attention.
+        assert_eq!(zero.token_dim, 8);
+    }
 }

@@ -94,6 +94,7 @@ fn method_args(method: Method) -> MethodArgs {
         encoder_num_layers: 2,
         encoder_dropout: 0.0,
         prefix_projection: None,
+        prefix_zero_init: false,
         bias_pattern: None,
     }
 }
