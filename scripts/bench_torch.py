@@ -1,72 +1,216 @@
 #!/usr/bin/env python3
-"""The torch + transformers side of `cargo xtask bench --compare`.
+"""The torch + transformers + peft side of `cargo xtask bench --compare`.
 
-Builds the same model shape with random weights (from a config.json, nothing downloaded) and times
-the same workloads the Rust side times, the same way: `generate` with 1 new token (prefill) and with
-N new tokens; decode rate = batch * (N - 1) / (t(N) - t(1)). Prints one JSON object on stdout.
+Builds the same model shape with random weights (from a config.json, nothing downloaded), wraps it
+with each PEFT method as the Rust side builds its adapters, and times the same workloads the same
+way (xtask/src/bench.rs): one warm-up, then the median of --reps runs.
+
+- train: forward with labels = input_ids, backward, clip_grad_norm_(1.0), AdamW step.
+- forward: logits without gradients.
+- generate: greedy `generate` of 1 new token (prefill) and of N new tokens; decode rate =
+  gen_batch * (N - 1) / (t(N) - t(1)).
+
+Peak memory: on the CPU the process's resident high-water mark (VmHWM), reset through
+/proc/self/clear_refs before each workload; on CUDA torch.cuda.max_memory_allocated.
+Progress goes to stderr; one JSON object goes to stdout.
 """
 
 import argparse
 import json
 import os
-import resource
+import statistics
 import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def reset_peak(device):
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def peak_mib(device):
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def peft_config(method, n):
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
+
+    lm = TaskType.CAUSAL_LM
+    if method == "prompt-tuning":
+        return PromptTuningConfig(task_type=lm, num_virtual_tokens=n)
+    if method == "p-tuning-mlp":
+        return PromptEncoderConfig(task_type=lm, num_virtual_tokens=n, encoder_reparameterization_type="MLP")
+    if method == "p-tuning-lstm":
+        return PromptEncoderConfig(task_type=lm, num_virtual_tokens=n, encoder_reparameterization_type="LSTM")
+    if method == "prefix-tuning":
+        return PrefixTuningConfig(task_type=lm, num_virtual_tokens=n, prefix_projection=True)
+    if method == "p-tuning-v2":
+        return PrefixTuningConfig(task_type=lm, num_virtual_tokens=n, prefix_projection=False)
+    return None
+
+
+def build(args, method, dtype):
+    """The model of `method` (base, a PEFT model, or the base with only biases trainable)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(args.config)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(args.device)
+    cfg = peft_config(method, args.num_virtual_tokens)
+    if cfg is not None:
+        model = get_peft_model(model, cfg)
+    elif method == "bitfit":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith(".bias"))
+    return model
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True, help="a Hugging Face config.json")
+    p.add_argument("--methods", required=True)
+    p.add_argument("--workloads", required=True)
     p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--prompt-len", type=int, required=True)
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--gen-batch", type=int, required=True)
     p.add_argument("--new-tokens", type=int, required=True)
+    p.add_argument("--num-virtual-tokens", type=int, required=True)
     p.add_argument("--reps", type=int, required=True)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
 
+    import peft
     import torch
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    config = AutoConfig.from_pretrained(args.config)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(args.device).eval()
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), device=args.device)
+    config = transformers.AutoConfig.from_pretrained(args.config)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=gen).to(args.device)
     mask = torch.ones_like(ids)
+    prompts = torch.randint(0, config.vocab_size, (args.gen_batch, args.seq_len), generator=gen).to(args.device)
+    prompt_mask = torch.ones_like(prompts)
+    workloads = args.workloads.split(",")
 
     def sync():
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    @torch.no_grad()
-    def timed_generate(n):
-        sync()
-        start = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=0)
-        sync()
-        return time.perf_counter() - start
+    def timed(run):
+        run()
+        times = []
+        for _ in range(args.reps):
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median_low(times) if len(times) % 2 == 0 else statistics.median(times)
 
-    timed_generate(2)  # warm-up
-    prefill = min(timed_generate(1) for _ in range(args.reps))
-    full = min(timed_generate(args.new_tokens) for _ in range(args.reps))
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({
-        "engine": f"torch {torch.__version__} + transformers {transformers.__version__}",
-        "prefill_tokens_per_s": args.batch * args.prompt_len / prefill,
-        "decode_tokens_per_s": args.batch * (args.new_tokens - 1) / max(full - prefill, 1e-9),
-        "prefill_s": prefill,
-        "generate_s": full,
-        "peak_rss_mib": rss_kib / 1024,
-        "peak_gpu_mib": (torch.cuda.max_memory_allocated() / 2**20) if args.device.startswith("cuda") else None,
-    }))
+    results = []
+    for method in args.methods.split(","):
+        record = {"method": method, "trainable_params": None}
+        print(f"torch {method:<14}", end="", file=sys.stderr, flush=True)
+        if "train" in workloads and method != "base":
+            reset_peak(args.device)
+            model = build(args, method, dtype)
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            record["trainable_params"] = sum(p.numel() for p in params)
+            opt = torch.optim.AdamW(params, lr=1e-4)
+
+            def step():
+                out = model(input_ids=ids, attention_mask=mask, labels=ids)
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            seconds = timed(step)
+            record["train_tokens_per_s"] = args.batch * args.seq_len / seconds
+            record["train_step_s"] = seconds
+            record["train_peak_rss_mib"] = peak_mib(args.device)
+            print(f" train {record['train_tokens_per_s']:.1f} tok/s", end="", file=sys.stderr, flush=True)
+            del model, opt, params
+        if "forward" in workloads:
+            reset_peak(args.device)
+            model = build(args, method, dtype).eval()
+
+            @torch.no_grad()
+            def forward():
+                model(input_ids=ids, attention_mask=mask).logits
+
+            seconds = timed(forward)
+            record["forward_tokens_per_s"] = args.batch * args.seq_len / seconds
+            record["forward_peak_rss_mib"] = peak_mib(args.device)
+            print(f" forward {record['forward_tokens_per_s']:.1f} tok/s", end="", file=sys.stderr, flush=True)
+            del model
+        if "generate" in workloads:
+            reset_peak(args.device)
+            model = build(args, method, dtype).eval()
+
+            @torch.no_grad()
+            def generate(n):
+                model.generate(
+                    input_ids=prompts,
+                    attention_mask=prompt_mask,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+
+            prefill = timed(lambda: generate(1))
+            full = timed(lambda: generate(args.new_tokens))
+            record["prefill_tokens_per_s"] = args.gen_batch * args.seq_len / prefill
+            record["decode_tokens_per_s"] = args.gen_batch * (args.new_tokens - 1) / (full - prefill) if full > prefill else None
+            record["generate_tokens_per_s"] = args.gen_batch * args.new_tokens / full
+            record["generate_s"] = full
+            record["generate_peak_rss_mib"] = peak_mib(args.device)
+            print(f" generate {record['generate_tokens_per_s']:.2f} tok/s", end="", file=sys.stderr, flush=True)
+            del model
+        print(file=sys.stderr, flush=True)
+        results.append(record)
+
+    print(
+        json.dumps(
+            {
+                "engine": f"torch {torch.__version__} + transformers {transformers.__version__} + peft {peft.__version__}",
+                "device": args.device,
+                "dtype": args.dtype,
+                "threads": args.threads,
+                "methods": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

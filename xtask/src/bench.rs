@@ -1,0 +1,593 @@
+//! `cargo xtask bench`: speed and memory of every method on a random-weight model.
+//!
+//! Workloads, per method (and the base model without adapter for the inference ones):
+//! - **train**: one optimizer step (forward, loss on every real token, backward, global-norm
+//!   clipping, AdamW on the trainable parameters) on `batch x seq-len` tokens; tokens/s and peak
+//!   memory.
+//! - **forward**: logits of `batch x seq-len` tokens without gradients; tokens/s.
+//! - **generate**: greedy generation with the adapter, `gen-batch` prompts of `seq-len` tokens:
+//!   prefill tokens/s (time of 1 new token) and decode tokens/s (`gen-batch * (N - 1)` over the time
+//!   of N new tokens minus the prefill's).
+//!
+//! Each timing is the median of `--reps` runs after one warm-up. Peak memory is the process's
+//! resident high-water mark (`VmHWM`) over the workload, reset before it through
+//! `/proc/self/clear_refs`, so it holds the model too. `--compare` runs the same workloads through
+//! torch + transformers + peft (`scripts/bench_torch.py`) in the same invocation.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use clap::ValueEnum;
+use peft::bitfit::BitFitConfig;
+use peft::core::optim::{AdamWConfig, clip_coefficient, global_grad_norm};
+use peft::core::{CausalLm, GenerationConfig, Injection, PeftModel, generate};
+use peft::models::{AutoCausalLm, AutoConfig};
+use peft::prefix::PrefixTuningConfig;
+use peft::prompt::PromptTuningConfig;
+use peft::ptuning::{EncoderType, PTuningConfig};
+use peft::{AutoAdapter, AutoAdapterConfig};
+use serde_json::{Value, json};
+
+/// A benchmarked method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchMethod {
+    /// The base model, no adapter (inference workloads only: nothing trains).
+    Base,
+    /// Prompt tuning.
+    PromptTuning,
+    /// P-tuning with an MLP encoder.
+    PTuningMlp,
+    /// P-tuning with a bi-LSTM encoder.
+    PTuningLstm,
+    /// Prefix tuning (MLP projection).
+    PrefixTuning,
+    /// P-tuning v2 (prefix tuning without projection).
+    PTuningV2,
+    /// BitFit (biases only).
+    Bitfit,
+}
+
+impl BenchMethod {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Base => "base",
+            Self::PromptTuning => "prompt-tuning",
+            Self::PTuningMlp => "p-tuning-mlp",
+            Self::PTuningLstm => "p-tuning-lstm",
+            Self::PrefixTuning => "prefix-tuning",
+            Self::PTuningV2 => "p-tuning-v2",
+            Self::Bitfit => "bitfit",
+        }
+    }
+}
+
+/// A benchmarked workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// One optimizer step.
+    Train,
+    /// Logits without gradients.
+    Forward,
+    /// Greedy generation (prefill + decode).
+    Generate,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Train => "train",
+            Self::Forward => "forward",
+            Self::Generate => "generate",
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Hugging Face config.json of the model shape (random weights).
+    #[arg(long, default_value = "fixtures/configs/qwen2.5-0.5b/config.json")]
+    config: PathBuf,
+    /// Methods to run, comma separated (default: all).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [
+        BenchMethod::Base, BenchMethod::PromptTuning, BenchMethod::PTuningMlp,
+        BenchMethod::PTuningLstm, BenchMethod::PrefixTuning, BenchMethod::PTuningV2,
+        BenchMethod::Bitfit,
+    ])]
+    methods: Vec<BenchMethod>,
+    /// Workloads to run, comma separated (default: all).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [
+        Workload::Train, Workload::Forward, Workload::Generate,
+    ])]
+    workloads: Vec<Workload>,
+    /// Rows per training/forward batch (default: 4 on the CPU, 8 on a GPU).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Tokens per row, and the generation prompts' length (default: 128 on the CPU, 512 on a GPU).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Prompts per generation batch.
+    #[arg(long, default_value_t = 1)]
+    gen_batch: usize,
+    /// New tokens per prompt when generating (decode runs new_tokens - 1 steps).
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    /// Virtual tokens (prompt methods) or prefix positions (prefix methods).
+    #[arg(long, default_value_t = 10)]
+    num_virtual_tokens: usize,
+    /// Timed repetitions of each workload after one warm-up (the median is kept).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Also run torch + transformers + peft on the same workloads and print ours/theirs.
+    #[arg(long)]
+    compare: bool,
+    /// Python with torch, transformers and peft for --compare (default: .venv/bin/python, else
+    /// python3).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Threads for torch (default: the cores available; Flex uses them all).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Where to write the results.
+    #[arg(long, default_value = "bench-results/bench.json")]
+    json: PathBuf,
+}
+
+/// Measurements of one method (absent workloads are `null`).
+fn method_record(method: BenchMethod, trainable: Option<usize>) -> Value {
+    json!({ "method": method.name(), "trainable_params": trainable })
+}
+
+pub fn bench(args: &BenchArgs) -> Result<(), String> {
+    let gpu = peft::backend_name() != "flex";
+    let batch = args.batch.unwrap_or(if gpu { 8 } else { 4 });
+    let seq_len = args.seq_len.unwrap_or(if gpu { 512 } else { 128 });
+    if args.new_tokens < 2 || batch == 0 || seq_len < 2 || args.reps == 0 || args.gen_batch == 0 {
+        return Err(
+            "--new-tokens must be >= 2, --seq-len >= 2; --batch, --gen-batch and --reps >= 1"
+                .into(),
+        );
+    }
+    let config = AutoConfig::from_file(&args.config).map_err(|e| e.to_string())?;
+    let geometry = config.geometry();
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    });
+    let device = peft::default_device();
+    println!(
+        "model {} (random weights), backend {}, f32, batch {batch} x {seq_len}, generation {} x {seq_len} + {} new, {} virtual tokens, {threads} threads, commit {}",
+        args.config.display(),
+        peft::backend_name(),
+        args.gen_batch,
+        args.new_tokens,
+        args.num_virtual_tokens,
+        git_commit(),
+    );
+    let matmul_params = matmul_params(&config);
+    let peak = matmul_gflops(&device);
+    println!(
+        "matmul parameters {matmul_params} (a frozen-base train step costs ~4 x that in FLOPs per token); {peak:.0} GFLOP/s on a 2048^3 f32 matmul"
+    );
+    let rows = pseudo_random_rows(batch, seq_len, geometry.vocab_size);
+    let prompts = pseudo_random_rows(args.gen_batch, seq_len, geometry.vocab_size);
+
+    let mut ours = Vec::new();
+    for &method in &args.methods {
+        let adapter_config = adapter_config(method, args.num_virtual_tokens, &geometry);
+        let mut record = method_record(method, None);
+        eprint!("{:<14}", method.name());
+        if args.workloads.contains(&Workload::Train) {
+            if let Some(adapter_config) = &adapter_config {
+                let ad = device.clone().autodiff();
+                reset_peak_rss();
+                let base = config.init(&ad);
+                let adapter = adapter_config.init_for(&base);
+                let model = PeftModel::new(base, adapter);
+                let trainable = model.trainable_parameters().trainable;
+                let seconds = time_train(model, &rows, args.reps)?;
+                record["trainable_params"] = json!(trainable);
+                record["train_tokens_per_s"] = json!((batch * seq_len) as f64 / seconds);
+                record["train_step_s"] = json!(seconds);
+                // Achieved FLOP/s of the 4 N FLOPs/token estimate, over the matmul peak.
+                record["train_fraction_of_matmul_peak"] = json!(
+                    4.0 * matmul_params as f64 * (batch * seq_len) as f64 / seconds / (peak * 1e9)
+                );
+                record["train_peak_rss_mib"] = json!(peak_rss_mib());
+                eprint!(" train {:.1} tok/s", (batch * seq_len) as f64 / seconds);
+            }
+        }
+        if args.workloads.contains(&Workload::Forward) {
+            reset_peak_rss();
+            let seconds = with_model(&config, &device, adapter_config.as_ref(), |model| {
+                time_forward(model, &rows, args.reps)
+            })?;
+            record["forward_tokens_per_s"] = json!((batch * seq_len) as f64 / seconds);
+            record["forward_peak_rss_mib"] = json!(peak_rss_mib());
+            eprint!(" forward {:.1} tok/s", (batch * seq_len) as f64 / seconds);
+        }
+        if args.workloads.contains(&Workload::Generate) {
+            reset_peak_rss();
+            let (prefill, full) = with_model(&config, &device, adapter_config.as_ref(), |model| {
+                time_generate(model, &prompts, args.new_tokens, args.reps)
+            })?;
+            let gen_batch = args.gen_batch as f64;
+            record["prefill_tokens_per_s"] = json!(gen_batch * seq_len as f64 / prefill);
+            // Noise can make a short decode look free; no rate then rather than a silly one.
+            record["decode_tokens_per_s"] = json!(
+                (full > prefill)
+                    .then(|| gen_batch * (args.new_tokens - 1) as f64 / (full - prefill))
+            );
+            record["generate_tokens_per_s"] = json!(gen_batch * args.new_tokens as f64 / full);
+            record["generate_s"] = json!(full);
+            record["generate_peak_rss_mib"] = json!(peak_rss_mib());
+            eprint!(" generate {:.2} tok/s", gen_batch * args.new_tokens as f64 / full);
+        }
+        eprintln!();
+        ours.push(record);
+    }
+
+    let theirs = if args.compare {
+        Some(run_torch(args, batch, seq_len, threads)?)
+    } else {
+        None
+    };
+    print_table(&ours, theirs.as_ref());
+
+    let record = json!({
+        "commit": git_commit(),
+        "backend": peft::backend_name(),
+        "dtype": "f32",
+        "config": args.config,
+        "batch": batch,
+        "seq_len": seq_len,
+        "gen_batch": args.gen_batch,
+        "new_tokens": args.new_tokens,
+        "num_virtual_tokens": args.num_virtual_tokens,
+        "reps": args.reps,
+        "threads": threads,
+        "matmul_params": matmul_params,
+        "matmul_gflops": peak,
+        "ours": ours,
+        "torch": theirs,
+    });
+    if let Some(dir) = args.json.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(&record).expect("JSON of plain values");
+    std::fs::write(&args.json, text).map_err(|e| format!("{}: {e}", args.json.display()))?;
+    println!("wrote {}", args.json.display());
+    Ok(())
+}
+
+/// The adapter of `method`, shaped as PEFT shapes it for the model (`None` for the base).
+fn adapter_config(
+    method: BenchMethod,
+    num_virtual_tokens: usize,
+    geometry: &peft::core::ModelGeometry,
+) -> Option<AutoAdapterConfig> {
+    let n = num_virtual_tokens;
+    Some(match method {
+        BenchMethod::Base => return None,
+        BenchMethod::PromptTuning => {
+            AutoAdapterConfig::PromptTuning(PromptTuningConfig::new(n, geometry.hidden_size))
+        }
+        BenchMethod::PTuningMlp => AutoAdapterConfig::PTuning(PTuningConfig::for_model(n, geometry)),
+        BenchMethod::PTuningLstm => AutoAdapterConfig::PTuning(
+            PTuningConfig::for_model(n, geometry)
+                .with_encoder_reparameterization_type(EncoderType::Lstm),
+        ),
+        BenchMethod::PrefixTuning => AutoAdapterConfig::PrefixTuning(
+            PrefixTuningConfig::for_model(n, geometry).with_prefix_projection(true),
+        ),
+        BenchMethod::PTuningV2 => {
+            AutoAdapterConfig::PrefixTuning(PrefixTuningConfig::for_model(n, geometry))
+        }
+        BenchMethod::Bitfit => AutoAdapterConfig::BitFit(BitFitConfig::new()),
+    })
+}
+
+trait InitFor {
+    fn init_for(&self, base: &AutoCausalLm) -> AutoAdapter;
+}
+
+impl InitFor for AutoAdapterConfig {
+    fn init_for(&self, base: &AutoCausalLm) -> AutoAdapter {
+        self.init(base, &[])
+            .expect("the default BitFit pattern is a valid regular expression")
+    }
+}
+
+/// Runs `f` on the inference model of `adapter` (or the bare base).
+fn with_model<T>(
+    config: &AutoConfig,
+    device: &Device,
+    adapter: Option<&AutoAdapterConfig>,
+    f: impl FnOnce(Inference<'_>) -> Result<T, String>,
+) -> Result<T, String> {
+    let base = config.init(device);
+    match adapter {
+        None => f(Inference::Base(&base)),
+        Some(adapter) => {
+            let adapter = adapter.init_for(&base);
+            let model = PeftModel::new(base, adapter);
+            f(Inference::Peft(&model))
+        }
+    }
+}
+
+enum Inference<'a> {
+    Base(&'a AutoCausalLm),
+    Peft(&'a PeftModel<AutoCausalLm, AutoAdapter>),
+}
+
+/// Parameters that take part in a matmul per token: everything but the input embedding (a
+/// lookup), plus the output projection when it is tied to that embedding.
+fn matmul_params(config: &AutoConfig) -> usize {
+    let sizes = config.parameter_sizes();
+    let is_embedding = |name: &str| name.contains("embed_tokens") || name.contains("word_embeddings.");
+    let body: usize = sizes
+        .iter()
+        .filter(|(name, _)| !is_embedding(name))
+        .map(|(_, n)| n)
+        .sum();
+    let geometry = config.geometry();
+    let untied = sizes.iter().any(|(name, _)| name.starts_with("lm_head"));
+    body + if untied { 0 } else { geometry.vocab_size * geometry.hidden_size }
+}
+
+/// GFLOP/s of a 2048 x 2048 x 2048 f32 matmul on `device` (median of 3 after a warm-up): the
+/// attainable peak that training fractions are quoted against.
+fn matmul_gflops(device: &Device) -> f64 {
+    let n = 2048;
+    let a = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, device);
+    let b = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, device);
+    let seconds = timed(3, || {
+        let c = a.clone().matmul(b.clone());
+        let _: f32 = c.slice([0..1, 0..1]).into_scalar();
+        Ok(())
+    })
+    .expect("a matmul does not fail");
+    2.0 * (n as f64).powi(3) / seconds / 1e9
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Times `run` once to warm up, then `reps` times; the median in seconds.
+fn timed(reps: usize, mut run: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
+    run()?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        run()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+fn batch_tensors(rows: &[Vec<u32>], device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let (b, s) = (rows.len(), rows[0].len());
+    let ids: Vec<i64> = rows.iter().flatten().map(|&t| i64::from(t)).collect();
+    let input_ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s]), device);
+    let mask = Tensor::<2, Int>::ones([b, s], device);
+    (input_ids, mask)
+}
+
+fn time_train(
+    model: PeftModel<AutoCausalLm, AutoAdapter>,
+    rows: &[Vec<u32>],
+    reps: usize,
+) -> Result<f64, String> {
+    let device = model.base.device();
+    let mut optimizer = AdamWConfig::new().init();
+    let mut model = Some(model);
+    timed(reps, || {
+        let current = model.take().expect("the model is put back after each step");
+        let (input_ids, mask) = batch_tensors(rows, &device);
+        // Labels on every real token, as a causal-LM step on plain text (PEFT shifts them the
+        // same way).
+        let loss = current.loss(input_ids.clone(), Some(mask), input_ids);
+        let grads = GradientsParams::from_grads(loss.backward(), &current);
+        // Clipped as the training loop clips (torch's side calls clip_grad_norm_).
+        let clip = clip_coefficient(global_grad_norm(&current, &grads), Some(1.0));
+        let stepped = optimizer.step(current, grads, 1e-4, clip);
+        device.sync().map_err(|e| format!("{e:?}"))?;
+        model = Some(stepped);
+        Ok(())
+    })
+}
+
+fn time_forward(model: Inference<'_>, rows: &[Vec<u32>], reps: usize) -> Result<f64, String> {
+    timed(reps, || {
+        let logits = match model {
+            Inference::Base(base) => {
+                let (input_ids, mask) = batch_tensors(rows, &base.device());
+                base.forward_ids(input_ids, Some(mask))
+            }
+            Inference::Peft(peft) => {
+                let (input_ids, mask) = batch_tensors(rows, &peft.base.device());
+                peft.forward(input_ids, Some(mask))
+            }
+        };
+        // Reading one value waits for the whole computation on every backend.
+        let _: f32 = logits.slice([0..1, 0..1, 0..1]).into_scalar();
+        Ok(())
+    })
+}
+
+/// Median seconds of generating 1 token (prefill) and `new_tokens` tokens.
+fn time_generate(
+    model: Inference<'_>,
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+    reps: usize,
+) -> Result<(f64, f64), String> {
+    let run = |n: usize| -> Result<(), String> {
+        let config = GenerationConfig::new().with_max_new_tokens(n);
+        let out = match model {
+            Inference::Base(base) => {
+                generate(base, prompts, Injection::default(), &config, |_| ControlFlow::Continue(()))
+            }
+            Inference::Peft(peft) => peft.generate(prompts, &config, |_| ControlFlow::Continue(())),
+        }
+        .map_err(|e| e.to_string())?;
+        debug_assert!(out.new_tokens.iter().all(|r| r.len() == n));
+        Ok(())
+    };
+    let prefill = timed(reps, || run(1))?;
+    let full = timed(reps, || run(new_tokens))?;
+    Ok((prefill, full))
+}
+
+/// Deterministic pseudo-random token rows (xorshift), the same on every run.
+fn pseudo_random_rows(rows: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
+    let mut state = 0x2545F4914F6CDD1Du64;
+    (0..rows)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state % vocab as u64) as u32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Resets the resident-memory high-water mark (Linux: `5` into `clear_refs`).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak resident memory of this process in MiB since the last reset (Linux `VmHWM`).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+pub fn git_commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn find_python(args: &BenchArgs) -> Option<PathBuf> {
+    let candidates: Vec<PathBuf> = match &args.python {
+        Some(p) => vec![p.clone()],
+        None => vec![PathBuf::from(".venv/bin/python"), PathBuf::from("python3")],
+    };
+    candidates.into_iter().find(|py| {
+        Command::new(py)
+            .args(["-c", "import torch, transformers, peft"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+fn run_torch(args: &BenchArgs, batch: usize, seq_len: usize, threads: usize) -> Result<Value, String> {
+    let Some(python) = find_python(args) else {
+        println!("--compare: no Python with torch, transformers and peft found; skipping");
+        return Ok(json!({ "skipped": "no Python with torch + transformers + peft" }));
+    };
+    let script = Path::new("scripts/bench_torch.py");
+    let device = if peft::backend_name() == "cuda" {
+        "cuda"
+    } else {
+        "cpu"
+    };
+    let join = |names: Vec<&str>| names.join(",");
+    let out = Command::new(&python)
+        .arg(script)
+        .args(["--config", &args.config.to_string_lossy()])
+        .args(["--methods", &join(args.methods.iter().map(|m| m.name()).collect())])
+        .args([
+            "--workloads",
+            &join(
+                args.workloads
+                    .iter()
+                    .map(|w| w.name())
+                    .collect(),
+            ),
+        ])
+        .args(["--batch", &batch.to_string()])
+        .args(["--seq-len", &seq_len.to_string()])
+        .args(["--gen-batch", &args.gen_batch.to_string()])
+        .args(["--new-tokens", &args.new_tokens.to_string()])
+        .args(["--num-virtual-tokens", &args.num_virtual_tokens.to_string()])
+        .args(["--reps", &args.reps.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .args(["--device", device])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("{}: {e}", python.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} {} failed", python.display(), script.display()));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line)
+        .map_err(|e| format!("unexpected output of {}: {e}: {stdout}", script.display()))
+}
+
+const COLUMNS: [(&str, &str); 6] = [
+    ("train_tokens_per_s", "train tok/s"),
+    ("train_peak_rss_mib", "train MiB"),
+    ("forward_tokens_per_s", "forward tok/s"),
+    ("prefill_tokens_per_s", "prefill tok/s"),
+    ("decode_tokens_per_s", "decode tok/s"),
+    ("generate_tokens_per_s", "gen tok/s"),
+];
+
+fn print_table(ours: &[Value], theirs: Option<&Value>) {
+    let theirs: Vec<Value> = theirs
+        .and_then(|t| t.get("methods"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
+    let cell = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.1}"));
+    print!("\n{:<14} {:<8}", "method", "engine");
+    for (_, title) in COLUMNS {
+        print!(" {title:>14}");
+    }
+    println!();
+    for record in ours {
+        let method = record["method"].as_str().unwrap_or("?");
+        print!("{method:<14} {:<8}", "burn");
+        for (key, _) in COLUMNS {
+            print!(" {:>14}", cell(num(record, key)));
+        }
+        println!();
+        let Some(other) = theirs.iter().find(|t| t["method"].as_str() == Some(method)) else {
+            continue;
+        };
+        print!("{:<14} {:<8}", "", "torch");
+        for (key, _) in COLUMNS {
+            print!(" {:>14}", cell(num(other, key)));
+        }
+        println!();
+        print!("{:<14} {:<8}", "", "ratio");
+        for (key, _) in COLUMNS {
+            let ratio = match (num(record, key), num(other, key)) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+                _ => "-".into(),
+            };
+            print!(" {ratio:>14}");
+        }
+        println!();
+    }
+    println!("(ratio = burn / torch: above 1 is faster for tok/s, lighter below 1 for MiB)");
+}
