@@ -115,9 +115,32 @@ impl<M: CausalLm, A: Adapter> PeftModel<M, A> {
             // A single real token and no virtual one: nothing to predict.
             return Tensor::zeros([1], &hidden.device());
         }
+        let len = total - 1 - start;
         let hidden = hidden.slice([0..batch, start..total - 1, 0..d]);
         let targets = labels.slice([0..batch, first_label..seq]);
-        cross_entropy_ignoring(self.base.lm_head(hidden), targets)
+        // The output projection is the largest matmul of a step for big vocabularies: project only
+        // the positions that are scored (on prompt/completion data, a fraction of them). Reading
+        // the labels back is a small transfer; the mean is over the same tokens either way.
+        let flat: Vec<i64> = targets
+            .clone()
+            .into_data()
+            .try_to_vec_as::<i64>()
+            .expect("labels are integers");
+        let scored: Vec<i64> = (0..flat.len() as i64)
+            .filter(|&i| flat[i as usize] != IGNORE_INDEX)
+            .collect();
+        if scored.is_empty() || scored.len() == flat.len() {
+            return cross_entropy_ignoring(self.base.lm_head(hidden), targets);
+        }
+        let device = hidden.device();
+        let count = scored.len();
+        let rows = Tensor::<1, Int>::from_data(TensorData::new(scored, [count]), &device);
+        let hidden = hidden.reshape([batch * len, d]).select(0, rows.clone());
+        let targets = targets.reshape([batch * len]).select(0, rows);
+        cross_entropy_ignoring(
+            self.base.lm_head(hidden.reshape([1, count, d])),
+            targets.reshape([1, count]),
+        )
     }
 
     /// Generates after each prompt with the adapter injected at prefill (see [`generate`]).
