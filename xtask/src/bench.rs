@@ -136,11 +136,6 @@ pub struct BenchArgs {
     json: PathBuf,
 }
 
-/// Measurements of one method (absent workloads are `null`).
-fn method_record(method: BenchMethod, trainable: Option<usize>) -> Value {
-    json!({ "method": method.name(), "trainable_params": trainable })
-}
-
 pub fn bench(args: &BenchArgs) -> Result<(), String> {
     let gpu = peft::backend_name() != "flex";
     let batch = args.batch.unwrap_or(if gpu { 8 } else { 4 });
@@ -157,6 +152,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     });
     let device = peft::default_device();
+    let commit = git_commit();
     println!(
         "model {} (random weights), backend {}, f32, batch {batch} x {seq_len}, generation {} x {seq_len} + {} new, {} virtual tokens, {threads} threads, commit {}",
         args.config.display(),
@@ -164,7 +160,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         args.gen_batch,
         args.new_tokens,
         args.num_virtual_tokens,
-        git_commit(),
+        commit,
     );
     let matmul_params = matmul_params(&config);
     let peak = matmul_gflops(&device);
@@ -177,26 +173,27 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     let mut ours = Vec::new();
     for &method in &args.methods {
         let adapter_config = adapter_config(method, args.num_virtual_tokens, &geometry);
-        let mut record = method_record(method, None);
+        // Absent workloads stay absent (`null` in the table).
+        let mut record = json!({ "method": method.name(), "trainable_params": null });
         eprint!("{:<14}", method.name());
         if args.workloads.contains(&Workload::Train) {
             if let Some(adapter_config) = &adapter_config {
                 let ad = device.clone().autodiff();
                 reset_peak_rss();
                 let base = config.init(&ad);
-                let adapter = adapter_config.init_for(&base);
+                let adapter = init_adapter(adapter_config, &base);
                 let model = PeftModel::new(base, adapter);
                 let trainable = model.trainable_parameters().trainable;
                 let seconds = time_train(model, &rows, args.reps)?;
+                let tokens_per_s = (batch * seq_len) as f64 / seconds;
                 record["trainable_params"] = json!(trainable);
-                record["train_tokens_per_s"] = json!((batch * seq_len) as f64 / seconds);
+                record["train_tokens_per_s"] = json!(tokens_per_s);
                 record["train_step_s"] = json!(seconds);
                 // Achieved FLOP/s of the 4 N FLOPs/token estimate, over the matmul peak.
-                record["train_fraction_of_matmul_peak"] = json!(
-                    4.0 * matmul_params as f64 * (batch * seq_len) as f64 / seconds / (peak * 1e9)
-                );
+                record["train_fraction_of_matmul_peak"] =
+                    json!(4.0 * matmul_params as f64 * tokens_per_s / (peak * 1e9));
                 record["train_peak_rss_mib"] = json!(peak_rss_mib());
-                eprint!(" train {:.1} tok/s", (batch * seq_len) as f64 / seconds);
+                eprint!(" train {tokens_per_s:.1} tok/s");
             }
         }
         if args.workloads.contains(&Workload::Forward) {
@@ -204,9 +201,10 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
             let seconds = with_model(&config, &device, adapter_config.as_ref(), |model| {
                 time_forward(model, &rows, args.reps)
             })?;
-            record["forward_tokens_per_s"] = json!((batch * seq_len) as f64 / seconds);
+            let tokens_per_s = (batch * seq_len) as f64 / seconds;
+            record["forward_tokens_per_s"] = json!(tokens_per_s);
             record["forward_peak_rss_mib"] = json!(peak_rss_mib());
-            eprint!(" forward {:.1} tok/s", (batch * seq_len) as f64 / seconds);
+            eprint!(" forward {tokens_per_s:.1} tok/s");
         }
         if args.workloads.contains(&Workload::Generate) {
             reset_peak_rss();
@@ -220,10 +218,11 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
                 (full > prefill)
                     .then(|| gen_batch * (args.new_tokens - 1) as f64 / (full - prefill))
             );
-            record["generate_tokens_per_s"] = json!(gen_batch * args.new_tokens as f64 / full);
+            let tokens_per_s = gen_batch * args.new_tokens as f64 / full;
+            record["generate_tokens_per_s"] = json!(tokens_per_s);
             record["generate_s"] = json!(full);
             record["generate_peak_rss_mib"] = json!(peak_rss_mib());
-            eprint!(" generate {:.2} tok/s", gen_batch * args.new_tokens as f64 / full);
+            eprint!(" generate {tokens_per_s:.2} tok/s");
         }
         eprintln!();
         ours.push(record);
@@ -237,7 +236,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     print_table(&ours, theirs.as_ref());
 
     let record = json!({
-        "commit": git_commit(),
+        "commit": commit,
         "backend": peft::backend_name(),
         "dtype": "f32",
         "config": args.config,
@@ -289,15 +288,11 @@ fn adapter_config(
     })
 }
 
-trait InitFor {
-    fn init_for(&self, base: &AutoCausalLm) -> AutoAdapter;
-}
-
-impl InitFor for AutoAdapterConfig {
-    fn init_for(&self, base: &AutoCausalLm) -> AutoAdapter {
-        self.init(base, &[])
-            .expect("the default BitFit pattern is a valid regular expression")
-    }
+/// A fresh adapter for `base` (no init text: prompt tuning starts at random here).
+fn init_adapter(config: &AutoAdapterConfig, base: &AutoCausalLm) -> AutoAdapter {
+    config
+        .init(base, &[])
+        .expect("the default BitFit pattern is a valid regular expression")
 }
 
 /// Runs `f` on the inference model of `adapter` (or the bare base).
@@ -311,7 +306,7 @@ fn with_model<T>(
     match adapter {
         None => f(Inference::Base(&base)),
         Some(adapter) => {
-            let adapter = adapter.init_for(&base);
+            let adapter = init_adapter(adapter, &base);
             let model = PeftModel::new(base, adapter);
             f(Inference::Peft(&model))
         }
@@ -467,14 +462,14 @@ fn reset_peak_rss() {
 }
 
 /// Peak resident memory of this process in MiB since the last reset (Linux `VmHWM`).
-pub fn peak_rss_mib() -> Option<f64> {
+fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
 
-pub fn git_commit() -> String {
+fn git_commit() -> String {
     Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .output()

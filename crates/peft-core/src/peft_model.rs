@@ -126,8 +126,11 @@ impl<M: CausalLm, A: Adapter> PeftModel<M, A> {
             .into_data()
             .try_to_vec_as::<i64>()
             .expect("labels are integers");
-        let scored: Vec<i64> = (0..flat.len() as i64)
-            .filter(|&i| flat[i as usize] != IGNORE_INDEX)
+        let scored: Vec<i64> = flat
+            .iter()
+            .enumerate()
+            .filter(|&(_, &label)| label != IGNORE_INDEX)
+            .map(|(i, _)| i as i64)
             .collect();
         if scored.is_empty() || scored.len() == flat.len() {
             return cross_entropy_ignoring(self.base.lm_head(hidden), targets);
