@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Make the country -> capital task for the SmolLM2 demo, and score the base model.
 
-The two-digit addition task (scripts/make_smollm2_task.py) needs arithmetic
-that a 135M model does not have. Here the base model already knows many
+A two-digit addition task was tried first and dropped: it needs arithmetic
+that a 135M model does not have (base model 0/100). Here the base model already knows many
 capitals (measured below with a natural prompt) but does not answer in the
 task's format: the bare capital followed by EOS. So an adapter only has to
 learn the format, and the base model's knowledge is the ceiling it can reach.
