@@ -331,6 +331,10 @@ def evaluate(model_dir: Path, rows):
                 }
             )
     n = len(rows)
+
+    def rate(count):
+        return count / n if n else 0.0
+
     return {
         "model": str(model_dir),
         "prompt_format": PROMPT_FORMAT,
@@ -338,15 +342,15 @@ def evaluate(model_dir: Path, rows):
         "rows": n,
         "eos_token_id": eos,
         "exact_match": strict,
-        "exact_match_rate": strict / n if n else 0.0,
+        "exact_match_rate": rate(strict),
         "loose_match": loose,
-        "loose_match_rate": loose / n if n else 0.0,
+        "loose_match_rate": rate(loose),
         "natural_prompt": NATURAL_FORMAT,
         "natural_new_tokens": NATURAL_NEW_TOKENS,
         "known": known,
-        "known_rate": known / n if n else 0.0,
+        "known_rate": rate(known),
         "known_either": either,
-        "known_either_rate": either / n if n else 0.0,
+        "known_either_rate": rate(either),
         "seconds": round(time.time() - t0, 1),
         "per_row": per_row,
     }
