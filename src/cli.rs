@@ -704,8 +704,8 @@ mod tests {
     }
 
     fn prefix_config(args: &[&str]) -> PrefixTuningConfig {
-        let parsed = Method::try_parse_from(std::iter::once("peft").chain(args.iter().copied()))
-            .unwrap();
+        let parsed =
+            Method::try_parse_from(std::iter::once("peft").chain(args.iter().copied())).unwrap();
         let geometry = ModelGeometry {
             num_layers: 2,
             hidden_size: 16,

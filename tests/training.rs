@@ -28,7 +28,9 @@ use peft::{AutoAdapter, AutoAdapterConfig};
 static BACKEND_RNG: Mutex<()> = Mutex::new(());
 
 fn one_at_a_time() -> MutexGuard<'static, ()> {
-    BACKEND_RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    BACKEND_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn model_dir() -> PathBuf {

@@ -148,9 +148,9 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     }
     let config = AutoConfig::from_file(&args.config).map_err(|e| e.to_string())?;
     let geometry = config.geometry();
-    let threads = args.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    });
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let device = peft::default_device();
     let commit = git_commit();
     println!(
@@ -171,6 +171,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     let prompts = pseudo_random_rows(args.gen_batch, seq_len, geometry.vocab_size);
 
     let mut ours = Vec::new();
+    let mut theirs: Option<Value> = None;
     for &method in &args.methods {
         let adapter_config = adapter_config(method, args.num_virtual_tokens, &geometry);
         // Absent workloads stay absent (`null` in the table).
@@ -226,13 +227,32 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         }
         eprintln!();
         ours.push(record);
+        // Torch runs each method right after ours, in a fresh process: this machine's speed
+        // drifts over minutes, and a Python process keeps the memory earlier models freed.
+        if args.compare {
+            let mut run = run_torch(args, method, batch, seq_len, threads)?;
+            // Each run measures torch's matmul rate anew; keep it beside its method.
+            let rate = run.get("matmul_gflops").cloned();
+            if let (Some(rate), Some(methods)) =
+                (rate, run.get_mut("methods").and_then(Value::as_array_mut))
+            {
+                for record in methods {
+                    record["matmul_gflops"] = rate.clone();
+                }
+            }
+            match (&mut theirs, run) {
+                (None, run) => theirs = Some(run),
+                (Some(all), run) => {
+                    if let (Some(all), Some(new)) = (
+                        all.get_mut("methods").and_then(Value::as_array_mut),
+                        run.get("methods").and_then(Value::as_array),
+                    ) {
+                        all.extend(new.iter().cloned());
+                    }
+                }
+            }
+        }
     }
-
-    let theirs = if args.compare {
-        Some(run_torch(args, batch, seq_len, threads)?)
-    } else {
-        None
-    };
     print_table(&ours, theirs.as_ref());
 
     let record = json!({
@@ -273,7 +293,9 @@ fn adapter_config(
         BenchMethod::PromptTuning => {
             AutoAdapterConfig::PromptTuning(PromptTuningConfig::new(n, geometry.hidden_size))
         }
-        BenchMethod::PTuningMlp => AutoAdapterConfig::PTuning(PTuningConfig::for_model(n, geometry)),
+        BenchMethod::PTuningMlp => {
+            AutoAdapterConfig::PTuning(PTuningConfig::for_model(n, geometry))
+        }
         BenchMethod::PTuningLstm => AutoAdapterConfig::PTuning(
             PTuningConfig::for_model(n, geometry)
                 .with_encoder_reparameterization_type(EncoderType::Lstm),
@@ -322,7 +344,8 @@ enum Inference<'a> {
 /// lookup), plus the output projection when it is tied to that embedding.
 fn matmul_params(config: &AutoConfig) -> usize {
     let sizes = config.parameter_sizes();
-    let is_embedding = |name: &str| name.contains("embed_tokens") || name.contains("word_embeddings.");
+    let is_embedding =
+        |name: &str| name.contains("embed_tokens") || name.contains("word_embeddings.");
     let body: usize = sizes
         .iter()
         .filter(|(name, _)| !is_embedding(name))
@@ -330,7 +353,11 @@ fn matmul_params(config: &AutoConfig) -> usize {
         .sum();
     let geometry = config.geometry();
     let untied = sizes.iter().any(|(name, _)| name.starts_with("lm_head"));
-    body + if untied { 0 } else { geometry.vocab_size * geometry.hidden_size }
+    body + if untied {
+        0
+    } else {
+        geometry.vocab_size * geometry.hidden_size
+    }
 }
 
 /// GFLOP/s of a 2048 x 2048 x 2048 f32 matmul on `device` (median of 3 after a warm-up): the
@@ -425,9 +452,9 @@ fn time_generate(
     let run = |n: usize| -> Result<(), String> {
         let config = GenerationConfig::new().with_max_new_tokens(n);
         let out = match model {
-            Inference::Base(base) => {
-                generate(base, prompts, Injection::default(), &config, |_| ControlFlow::Continue(()))
-            }
+            Inference::Base(base) => generate(base, prompts, Injection::default(), &config, |_| {
+                ControlFlow::Continue(())
+            }),
             Inference::Peft(peft) => peft.generate(prompts, &config, |_| ControlFlow::Continue(())),
         }
         .map_err(|e| e.to_string())?;
@@ -469,9 +496,10 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// The checked-out commit, `-dirty` when the working tree has uncommitted changes.
 fn git_commit() -> String {
     Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
+        .args(["describe", "--always", "--dirty", "--abbrev=7"])
         .output()
         .ok()
         .filter(|o| o.status.success())
@@ -492,7 +520,14 @@ fn find_python(args: &BenchArgs) -> Option<PathBuf> {
     })
 }
 
-fn run_torch(args: &BenchArgs, batch: usize, seq_len: usize, threads: usize) -> Result<Value, String> {
+/// One method's workloads through `scripts/bench_torch.py`.
+fn run_torch(
+    args: &BenchArgs,
+    method: BenchMethod,
+    batch: usize,
+    seq_len: usize,
+    threads: usize,
+) -> Result<Value, String> {
     let Some(python) = find_python(args) else {
         println!("--compare: no Python with torch, transformers and peft found; skipping");
         return Ok(json!({ "skipped": "no Python with torch + transformers + peft" }));
@@ -507,15 +542,10 @@ fn run_torch(args: &BenchArgs, batch: usize, seq_len: usize, threads: usize) -> 
     let out = Command::new(&python)
         .arg(script)
         .args(["--config", &args.config.to_string_lossy()])
-        .args(["--methods", &join(args.methods.iter().map(|m| m.name()).collect())])
+        .args(["--methods", method.name()])
         .args([
             "--workloads",
-            &join(
-                args.workloads
-                    .iter()
-                    .map(|w| w.name())
-                    .collect(),
-            ),
+            &join(args.workloads.iter().map(|w| w.name()).collect()),
         ])
         .args(["--batch", &batch.to_string()])
         .args(["--seq-len", &seq_len.to_string()])

@@ -27,6 +27,7 @@ enum Task {
 }
 
 fn main() {
+    peft::keep_freed_memory();
     let cli = Cli::parse();
     match cli.task {
         Task::Bench(args) => {
@@ -43,4 +44,3 @@ fn main() {
         }
     }
 }
-

@@ -18,7 +18,7 @@ use rand::seq::SliceRandom;
 use rand::{SeedableRng, rngs::StdRng};
 use serde_json::Value;
 
-use crate::peft_model::IGNORE_INDEX;
+use crate::loss::IGNORE_INDEX;
 
 /// The seeds' instruction template ("Human: ...\n\nAssistant: "); `{instruction}` and `{input}`
 /// are replaced by the row's fields. A missing or empty `input` also drops the line break before

@@ -232,6 +232,16 @@ pub trait CausalLm: Module {
     /// Projects hidden states `[batch, seq, hidden_size]` to logits `[batch, seq, vocab_size]`.
     fn lm_head(&self, hidden_states: Tensor<3>) -> Tensor<3>;
 
+    /// The output projection as a matrix `[vocab_size, hidden_size]` when [`lm_head`] is exactly
+    /// `hidden · matrixᵀ` (no bias, no scaling), else `None`. With it, the training loss projects
+    /// a few rows at a time and never holds the logits of a whole batch
+    /// (see [`crate::loss::projected_cross_entropy`]); without it, the loss calls [`lm_head`].
+    ///
+    /// [`lm_head`]: CausalLm::lm_head
+    fn output_embeddings(&self) -> Option<Tensor<2>> {
+        None
+    }
+
     /// Logits for every position of `input`, `[batch, seq, vocab_size]`, and the extended cache.
     fn forward(&self, input: ModelInput) -> (Tensor<3>, KvCache) {
         let out = self.forward_hidden(input);

@@ -4,17 +4,14 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 
 use crate::adapter::Adapter;
 use crate::adapter_config::AdapterError;
 use crate::error::CoreError;
 use crate::generation::{GenerationConfig, GenerationOutput, GenerationStep, generate};
+use crate::loss::{IGNORE_INDEX, cross_entropy_ignoring, projected_cross_entropy};
 use crate::model::CausalLm;
 use crate::params::TrainableParameters;
-
-/// Label value that contributes nothing to the loss (PyTorch's `ignore_index`).
-pub const IGNORE_INDEX: i64 = -100;
 
 /// A base causal LM with an adapter.
 #[derive(Module, Debug)]
@@ -97,6 +94,10 @@ impl<M: CausalLm, A: Adapter> PeftModel<M, A> {
     /// Mean next-token cross-entropy over labels other than [`IGNORE_INDEX`], counted exactly as
     /// PEFT does: labels gain `IGNORE_INDEX` for the virtual tokens, so the first real token is
     /// predicted from the last virtual one; logits `[:, :-1]` are scored against labels `[:, 1:]`.
+    ///
+    /// Only scored positions are projected, and with a frozen linear output layer
+    /// ([`CausalLm::output_embeddings`]) the projection is fused with the loss
+    /// ([`projected_cross_entropy`]): no `[tokens, vocab]` logits are kept for backward.
     pub fn loss(
         &self,
         input_ids: Tensor<2, Int>,
@@ -118,9 +119,8 @@ impl<M: CausalLm, A: Adapter> PeftModel<M, A> {
         let len = total - 1 - start;
         let hidden = hidden.slice([0..batch, start..total - 1, 0..d]);
         let targets = labels.slice([0..batch, first_label..seq]);
-        // The output projection is the largest matmul of a step for big vocabularies: project only
-        // the positions that are scored (on prompt/completion data, a fraction of them). Reading
-        // the labels back is a small transfer; the mean is over the same tokens either way.
+        // Only the scored positions are projected (on prompt/completion data, a fraction of
+        // them). Reading the labels back is a small transfer; the mean is over the same tokens.
         let flat: Vec<i64> = targets
             .clone()
             .into_data()
@@ -132,18 +132,29 @@ impl<M: CausalLm, A: Adapter> PeftModel<M, A> {
             .filter(|&(_, &label)| label != IGNORE_INDEX)
             .map(|(i, _)| i as i64)
             .collect();
-        if scored.is_empty() || scored.len() == flat.len() {
+        if scored.is_empty() {
+            // A 0 that still backpropagates.
             return cross_entropy_ignoring(self.base.lm_head(hidden), targets);
         }
-        let device = hidden.device();
         let count = scored.len();
-        let rows = Tensor::<1, Int>::from_data(TensorData::new(scored, [count]), &device);
-        let hidden = hidden.reshape([batch * len, d]).select(0, rows.clone());
-        let targets = targets.reshape([batch * len]).select(0, rows);
-        cross_entropy_ignoring(
-            self.base.lm_head(hidden.reshape([1, count, d])),
-            targets.reshape([1, count]),
-        )
+        let mut hidden = hidden.reshape([batch * len, d]);
+        let mut targets = targets.reshape([batch * len]);
+        if count < flat.len() {
+            let rows = TensorData::new(scored, [count]);
+            let rows = Tensor::<1, Int>::from_data(rows, &hidden.device());
+            hidden = hidden.select(0, rows.clone());
+            targets = targets.select(0, rows);
+        }
+        // A frozen linear head fuses with the loss, a chunk of rows at a time; a trainable or
+        // non-linear one goes through the logits.
+        let head = self.base.output_embeddings().filter(|head| !head.is_tracked());
+        match head {
+            Some(head) => projected_cross_entropy(hidden, head, targets),
+            None => cross_entropy_ignoring(
+                self.base.lm_head(hidden.reshape([1, count, d])),
+                targets.reshape([1, count]),
+            ),
+        }
     }
 
     /// Generates after each prompt with the adapter injected at prefill (see [`generate`]).
@@ -155,45 +166,5 @@ impl<M: CausalLm, A: Adapter> PeftModel<M, A> {
     ) -> Result<GenerationOutput, CoreError> {
         let injection = self.adapter.inject(prompts.len());
         generate(&self.base, prompts, injection, config, on_step)
-    }
-}
-
-/// Mean cross-entropy of `logits` `[b, s, v]` against `targets` `[b, s]`, skipping
-/// [`IGNORE_INDEX`]; 0 when every target is ignored. Computed in f32.
-pub fn cross_entropy_ignoring(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
-    let [b, s, _] = logits.dims();
-    let keep = targets.clone().not_equal_elem(IGNORE_INDEX);
-    let safe_targets = targets.mask_fill(keep.clone().bool_not(), 0);
-    let log_probs = log_softmax(logits.cast(burn::tensor::DType::F32), 2);
-    let picked = log_probs
-        .gather(2, safe_targets.reshape([b, s, 1]))
-        .reshape([b, s]);
-    let weights = keep.float();
-    let count = weights.clone().sum().clamp_min(1.0);
-    (picked * weights).sum().neg() / count
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cross_entropy_skips_ignored_targets_and_averages_the_rest() {
-        let device = Device::default();
-        // Two positions over a 3-token vocabulary; the second target is ignored.
-        let logits = Tensor::<3>::from_data(
-            TensorData::new(vec![0.0f32, 1.0, 2.0, 5.0, 5.0, 5.0], [1, 2, 3]),
-            &device,
-        );
-        let targets =
-            Tensor::<2, Int>::from_data(TensorData::new(vec![2i64, IGNORE_INDEX], [1, 2]), &device);
-        let loss: f32 = cross_entropy_ignoring(logits.clone(), targets).into_scalar();
-        let expected = -(2.0f32 - (1.0f32 + 1f32.exp() + 2f32.exp()).ln());
-        assert!((loss - expected).abs() < 1e-6, "{loss} vs {expected}");
-        // Everything ignored: 0, not NaN.
-        let none =
-            Tensor::<2, Int>::from_data(TensorData::new(vec![IGNORE_INDEX; 2], [1, 2]), &device);
-        let loss: f32 = cross_entropy_ignoring(logits, none).into_scalar();
-        assert_eq!(loss, 0.0);
     }
 }

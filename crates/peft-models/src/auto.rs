@@ -139,6 +139,13 @@ impl CausalLm for AutoCausalLm {
             Self::Bloom(m) => m.lm_head(hidden_states),
         }
     }
+
+    fn output_embeddings(&self) -> Option<Tensor<2>> {
+        match self {
+            Self::Qwen2(m) => m.output_embeddings(),
+            Self::Bloom(m) => m.output_embeddings(),
+        }
+    }
 }
 
 /// Special token ids generation needs, from `generation_config.json` when present (as

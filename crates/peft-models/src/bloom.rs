@@ -13,7 +13,7 @@ use peft_core::{CausalLm, LayerKv, ModelGeometry, ModelInput, ModelOutput};
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::hf_config::HfConfig;
-use crate::layers::{Past, causal_attention, merge_heads, tied_lm_head};
+use crate::layers::{Past, causal_attention, linear_rows, merge_heads, tied_lm_head};
 use crate::weights::{RandomWeights, WeightSource, infallible};
 
 /// Configuration of a BLOOM model (the fields of its Hugging Face `config.json`).
@@ -177,7 +177,7 @@ impl BloomAttention {
     ) -> (Tensor<3>, LayerKv) {
         let [b, s, _] = x.dims();
         let (h, d) = (self.num_heads, self.head_dim);
-        let fused = self.query_key_value.forward(x).reshape([b, s, h, 3, d]);
+        let fused = linear_rows(&self.query_key_value, x).reshape([b, s, h, 3, d]);
         let part = |i: usize| {
             fused
                 .clone()
@@ -189,7 +189,7 @@ impl BloomAttention {
         let kv = LayerKv::extend(past, k, v);
         let bias = alibi.clone().expand([b, h, s, kv.len()]);
         let out = causal_attention(q, kv.key.clone(), kv.value.clone(), key_mask, Some(bias));
-        (self.dense.forward(merge_heads(out)), kv)
+        (linear_rows(&self.dense, merge_heads(out)), kv)
     }
 }
 
@@ -239,10 +239,10 @@ impl BloomBlock {
         } else {
             attn
         };
-        let mlp = self
-            .mlp
-            .dense_4h_to_h
-            .forward(bloom_gelu(self.mlp.dense_h_to_4h.forward(normed)));
+        let mlp = linear_rows(
+            &self.mlp.dense_4h_to_h,
+            bloom_gelu(linear_rows(&self.mlp.dense_h_to_4h, normed)),
+        );
         (mlp + residual, kv)
     }
 }
@@ -378,6 +378,10 @@ impl CausalLm for BloomForCausalLM {
 
     fn lm_head(&self, hidden_states: Tensor<3>) -> Tensor<3> {
         tied_lm_head(hidden_states, &self.transformer.word_embeddings)
+    }
+
+    fn output_embeddings(&self) -> Option<Tensor<2>> {
+        Some(self.transformer.word_embeddings.weight.val())
     }
 }
 

@@ -14,7 +14,8 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::hf_config::HfConfig;
 use crate::layers::{
-    Past, apply_rope, causal_attention, merge_heads, rope_cos_sin, split_heads, tied_lm_head,
+    Past, apply_rope, causal_attention, linear_rows, merge_heads, rope_cos_sin, split_heads,
+    tied_lm_head,
 };
 use crate::weights::{RandomWeights, WeightSource, infallible};
 
@@ -223,8 +224,8 @@ pub struct Qwen2Mlp {
 impl Qwen2Mlp {
     /// `[b, s, hidden] -> [b, s, hidden]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down_proj
-            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        let gate = silu(linear_rows(&self.gate_proj, x.clone()));
+        linear_rows(&self.down_proj, gate * linear_rows(&self.up_proj, x))
     }
 }
 
@@ -259,17 +260,17 @@ impl Qwen2Attention {
         key_mask: Option<Tensor<2, Int>>,
     ) -> (Tensor<3>, LayerKv) {
         let q = split_heads(
-            self.q_proj.forward(x.clone()),
+            linear_rows(&self.q_proj, x.clone()),
             self.num_heads,
             self.head_dim,
         );
         let k = split_heads(
-            self.k_proj.forward(x.clone()),
+            linear_rows(&self.k_proj, x.clone()),
             self.num_key_value_heads,
             self.head_dim,
         );
         let v = split_heads(
-            self.v_proj.forward(x),
+            linear_rows(&self.v_proj, x),
             self.num_key_value_heads,
             self.head_dim,
         );
@@ -277,7 +278,7 @@ impl Qwen2Attention {
         let k = apply_rope(k, cos.clone(), sin.clone());
         let kv = LayerKv::extend(past, k, v);
         let out = causal_attention(q, kv.key.clone(), kv.value.clone(), key_mask, None);
-        (self.o_proj.forward(merge_heads(out)), kv)
+        (linear_rows(&self.o_proj, merge_heads(out)), kv)
     }
 }
 
@@ -449,6 +450,15 @@ impl CausalLm for Qwen2ForCausalLM {
         match &self.lm_head {
             Some(head) => head.forward(hidden_states),
             None => tied_lm_head(hidden_states, &self.model.embed_tokens),
+        }
+    }
+
+    fn output_embeddings(&self) -> Option<Tensor<2>> {
+        match &self.lm_head {
+            // A Linear stores `[hidden, vocab]`; the transpose is a view.
+            Some(head) if head.bias.is_none() => Some(head.weight.val().transpose()),
+            Some(_) => None,
+            None => Some(self.model.embed_tokens.weight.val()),
         }
     }
 }
