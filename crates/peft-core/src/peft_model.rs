@@ -147,7 +147,10 @@ impl<M: CausalLm, A: Adapter> PeftModel<M, A> {
         }
         // A frozen linear head fuses with the loss, a chunk of rows at a time; a trainable or
         // non-linear one goes through the logits.
-        let head = self.base.output_embeddings().filter(|head| !head.is_tracked());
+        let head = self
+            .base
+            .output_embeddings()
+            .filter(|head| !head.is_tracked());
         match head {
             Some(head) => projected_cross_entropy(hidden, head, targets),
             None => cross_entropy_ignoring(
