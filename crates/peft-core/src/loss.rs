@@ -161,19 +161,23 @@ mod tests {
         (loss.into_scalar(), grad.into_data())
     }
 
-    #[test]
-    fn projected_cross_entropy_matches_the_loss_over_logits_in_value_and_gradient() {
+    /// Runs [`projected_cross_entropy_in_chunks`] on random `[n, d]` hidden states against a
+    /// random `[vocab, d]` head and checks its value and gradient against [`reference`], then its
+    /// value without autodiff tracking (evaluation, where no gradient is formed).
+    fn check_against_reference(n: usize, d: usize, vocab: usize, targets: Vec<i64>, rows: usize) {
         let device = Device::default().autodiff();
-        // One chunk (the next test runs several).
-        let (n, d, vocab) = (7, 5, 11);
         let hidden = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 2.0), &device);
         let embeddings = Tensor::<2>::random([vocab, d], Distribution::Normal(0.0, 1.0), &device);
-        let targets = vec![3i64, 0, 10, 7, 7, 1, 5];
         let (expected_loss, expected_grad) = reference(&hidden, &embeddings, &targets);
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
 
         let tracked = hidden.clone().require_grad();
-        let ids = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
-        let loss = projected_cross_entropy(tracked.clone(), embeddings.clone(), ids.clone());
+        let loss = projected_cross_entropy_in_chunks(
+            tracked.clone(),
+            embeddings.clone(),
+            ids.clone(),
+            rows,
+        );
         let grads = loss.backward();
         let grad = tracked.grad(&grads).expect("hidden is tracked");
         let loss: f32 = loss.into_scalar();
@@ -184,8 +188,8 @@ mod tests {
         grad.into_data()
             .assert_approx_eq::<f32>(&expected_grad, Tolerance::absolute(1e-6));
 
-        // Untracked hidden states (evaluation): the same value, no gradient work.
-        let loss: f32 = projected_cross_entropy(hidden, embeddings, ids).into_scalar();
+        let loss: f32 =
+            projected_cross_entropy_in_chunks(hidden, embeddings, ids, rows).into_scalar();
         assert!(
             (loss - expected_loss).abs() < 1e-5,
             "{loss} vs {expected_loss}"
@@ -193,29 +197,17 @@ mod tests {
     }
 
     #[test]
+    fn projected_cross_entropy_matches_the_loss_over_logits_in_value_and_gradient() {
+        // One chunk.
+        check_against_reference(7, 5, 11, vec![3, 0, 10, 7, 7, 1, 5], 64);
+    }
+
+    #[test]
     fn projected_cross_entropy_over_many_chunks_matches_the_loss_over_logits() {
-        let device = Device::default().autodiff();
         // Chunks of 2 rows: 5 rows make 3 chunks, the last one short. (A vocabulary big enough
         // to force such chunks through the public function would sum millions of f32 terms per
         // row, whose rounding, in both computations, swamps what this test checks.)
-        let (n, d, vocab) = (5, 3, 13);
-        let hidden = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 2.0), &device);
-        let embeddings = Tensor::<2>::random([vocab, d], Distribution::Normal(0.0, 1.0), &device);
-        let targets = vec![0i64, 12, 5, 3, 5];
-        let (expected_loss, expected_grad) = reference(&hidden, &embeddings, &targets);
-
-        let tracked = hidden.require_grad();
-        let ids = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
-        let loss = projected_cross_entropy_in_chunks(tracked.clone(), embeddings, ids, 2);
-        let grads = loss.backward();
-        let grad = tracked.grad(&grads).expect("hidden is tracked");
-        let loss: f32 = loss.into_scalar();
-        assert!(
-            (loss - expected_loss).abs() < 1e-5,
-            "{loss} vs {expected_loss}"
-        );
-        grad.into_data()
-            .assert_approx_eq::<f32>(&expected_grad, Tolerance::absolute(1e-6));
+        check_against_reference(5, 3, 13, vec![0, 12, 5, 3, 5], 2);
     }
 
     #[test]
