@@ -170,8 +170,12 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     let rows = pseudo_random_rows(batch, seq_len, geometry.vocab_size);
     let prompts = pseudo_random_rows(args.gen_batch, seq_len, geometry.vocab_size);
 
+    let python = args.compare.then(|| find_python(args)).flatten();
+    if args.compare && python.is_none() {
+        println!("--compare: no Python with torch, transformers and peft found; skipping");
+    }
     let mut ours = Vec::new();
-    let mut theirs: Option<Value> = None;
+    let mut torch_runs = Vec::new();
     for &method in &args.methods {
         let adapter_config = adapter_config(method, args.num_virtual_tokens, &geometry);
         // Absent workloads stay absent (`null` in the table).
@@ -229,30 +233,17 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         ours.push(record);
         // Torch runs each method right after ours, in a fresh process: this machine's speed
         // drifts over minutes, and a Python process keeps the memory earlier models freed.
-        if args.compare {
-            let mut run = run_torch(args, method, batch, seq_len, threads)?;
-            // Each run measures torch's matmul rate anew; keep it beside its method.
-            let rate = run.get("matmul_gflops").cloned();
-            if let (Some(rate), Some(methods)) =
-                (rate, run.get_mut("methods").and_then(Value::as_array_mut))
-            {
-                for record in methods {
-                    record["matmul_gflops"] = rate.clone();
-                }
-            }
-            match (&mut theirs, run) {
-                (None, run) => theirs = Some(run),
-                (Some(all), run) => {
-                    if let (Some(all), Some(new)) = (
-                        all.get_mut("methods").and_then(Value::as_array_mut),
-                        run.get("methods").and_then(Value::as_array),
-                    ) {
-                        all.extend(new.iter().cloned());
-                    }
-                }
-            }
+        if let Some(python) = &python {
+            torch_runs.push(run_torch(python, args, method, batch, seq_len, threads)?);
         }
     }
+    let theirs = match &python {
+        Some(_) => merge_torch_runs(torch_runs),
+        None if args.compare => {
+            Some(json!({ "skipped": "no Python with torch + transformers + peft" }))
+        }
+        None => None,
+    };
     print_table(&ours, theirs.as_ref());
 
     let record = json!({
@@ -522,16 +513,13 @@ fn find_python(args: &BenchArgs) -> Option<PathBuf> {
 
 /// One method's workloads through `scripts/bench_torch.py`.
 fn run_torch(
+    python: &Path,
     args: &BenchArgs,
     method: BenchMethod,
     batch: usize,
     seq_len: usize,
     threads: usize,
 ) -> Result<Value, String> {
-    let Some(python) = find_python(args) else {
-        println!("--compare: no Python with torch, transformers and peft found; skipping");
-        return Ok(json!({ "skipped": "no Python with torch + transformers + peft" }));
-    };
     let script = Path::new("scripts/bench_torch.py");
     let device = if peft::backend_name() == "cuda" {
         "cuda"
@@ -539,7 +527,7 @@ fn run_torch(
         "cpu"
     };
     let join = |names: Vec<&str>| names.join(",");
-    let out = Command::new(&python)
+    let out = Command::new(python)
         .arg(script)
         .args(["--config", &args.config.to_string_lossy()])
         .args(["--methods", method.name()])
@@ -565,6 +553,22 @@ fn run_torch(
     let line = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(line)
         .map_err(|e| format!("unexpected output of {}: {e}: {stdout}", script.display()))
+}
+
+/// One record of the per-method torch runs: the first run's engine fields, every run's methods,
+/// each with the matmul rate its own run measured.
+fn merge_torch_runs(runs: Vec<Value>) -> Option<Value> {
+    let mut methods = Vec::new();
+    for run in &runs {
+        for record in run["methods"].as_array().into_iter().flatten() {
+            let mut record = record.clone();
+            record["matmul_gflops"] = run["matmul_gflops"].clone();
+            methods.push(record);
+        }
+    }
+    let mut merged = runs.into_iter().next()?;
+    merged["methods"] = Value::Array(methods);
+    Some(merged)
 }
 
 const COLUMNS: [(&str, &str); 6] = [
