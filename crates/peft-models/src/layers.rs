@@ -1,6 +1,7 @@
 //! Pieces shared by the model files: rotate-half RoPE, grouped-query attention over a padding
 //! mask, the tied head, and `Past` (prefix / cache / mask / positions of one forward).
 
+use crate::fused::{MASKED_SCORE, grouped_attention};
 use burn::nn::{Embedding, Linear};
 use burn::prelude::*;
 use burn::tensor::module::attention;
@@ -62,6 +63,15 @@ pub fn causal_attention(
 ) -> Tensor<4> {
     let [_, heads, seq, _] = query.dims();
     let kv_heads = key.dims()[1];
+    if query.is_autodiff() {
+        // Training: one autodiff node with a fused backward instead of burn's decomposed
+        // attention (see `fused`).
+        let mut mask = attention_bias(key_mask, &query, &key);
+        if let Some(bias) = bias {
+            mask = mask + bias;
+        }
+        return grouped_attention(query, key, value, mask);
+    }
     let mask = padding_attention_mask(key_mask, heads, seq);
     attention(
         query,
@@ -75,6 +85,36 @@ pub fn causal_attention(
             is_causal: true,
         },
     )
+}
+
+/// The additive attention bias of queries `[b, _, s, _]` that are the last `s` of keys
+/// `[b, _, t, _]`: [`MASKED_SCORE`] on future keys and on keys whose `key_mask` is 0, else 0.
+/// `[b, 1, s, t]`.
+fn attention_bias(
+    key_mask: Option<Tensor<2, Int>>,
+    query: &Tensor<4>,
+    key: &Tensor<4>,
+) -> Tensor<4> {
+    let [batch, _, seq, _] = query.dims();
+    let keys = key.dims()[2];
+    let device = query.device().without_autodiff();
+    let rows = Tensor::<1, Int>::arange(0..seq as i64, &device).reshape([seq, 1]);
+    let cols = Tensor::<1, Int>::arange(0..keys as i64, &device).reshape([1, keys]);
+    let future = cols
+        .greater(rows + (keys - seq) as i64)
+        .reshape([1, 1, seq, keys]);
+    let masked = match key_mask {
+        Some(mask) => future.expand([batch, 1, seq, keys]).bool_or(
+            mask.to_device(&device)
+                .equal_elem(0)
+                .reshape([batch, 1, 1, keys])
+                .expand([batch, 1, seq, keys]),
+        ),
+        None => future.expand([batch, 1, seq, keys]),
+    };
+    Tensor::<4>::zeros([batch, 1, seq, keys], &device)
+        .mask_fill(masked, MASKED_SCORE)
+        .to_device(&query.device())
 }
 
 /// `linear` over the rows of `x` `[b, s, d_in]` as one `[b * s, d_in]` matrix.
@@ -262,6 +302,39 @@ mod tests {
         apply_rope(x, cos, sin)
             .into_data()
             .assert_approx_eq::<f32>(&expected, Tolerance::default());
+    }
+
+    #[test]
+    fn training_attention_matches_inference_attention() {
+        // Grouped heads, 3 past keys (a prefix), a padded key in row 1 and no fully masked row:
+        // the fused training path and burn's attention must agree.
+        let device = Device::default();
+        let (b, heads, kv_heads, s, past, d) = (2, 4, 2, 5, 3, 8);
+        let random = |shape: [usize; 4]| {
+            Tensor::<4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device)
+        };
+        let (q, k, v) = (
+            random([b, heads, s, d]),
+            random([b, kv_heads, past + s, d]),
+            random([b, kv_heads, past + s, d]),
+        );
+        let mut mask = vec![1i64; b * (past + s)];
+        mask[past + s + 4] = 0;
+        let mask = Tensor::<2, Int>::from_data(TensorData::new(mask, [b, past + s]), &device);
+        let inference = causal_attention(q.clone(), k.clone(), v.clone(), Some(mask.clone()), None);
+        let autodiff = device.clone().autodiff();
+        let [q, k, v] =
+            [q, k, v].map(|x| Tensor::<4>::from_data(x.into_data(), &autodiff).require_grad());
+        let training = causal_attention(
+            q,
+            k,
+            v,
+            Some(Tensor::from_data(mask.into_data(), &autodiff)),
+            None,
+        );
+        training
+            .into_data()
+            .assert_approx_eq::<f32>(&inference.into_data(), Tolerance::absolute(1e-5));
     }
 
     #[test]

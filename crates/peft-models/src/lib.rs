@@ -19,6 +19,7 @@ pub mod auto;
 pub mod bloom;
 pub mod checkpoint;
 pub mod error;
+pub mod fused;
 pub mod hf_config;
 pub mod layers;
 pub mod qwen2;

@@ -7,11 +7,11 @@
 
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use peft_core::{CausalLm, LayerKv, ModelGeometry, ModelInput, ModelOutput};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
+use crate::fused::silu_gate;
 use crate::hf_config::HfConfig;
 use crate::layers::{
     Past, apply_rope, causal_attention, linear_rows, merge_heads, rope_cos_sin, split_heads,
@@ -224,8 +224,9 @@ pub struct Qwen2Mlp {
 impl Qwen2Mlp {
     /// `[b, s, hidden] -> [b, s, hidden]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(linear_rows(&self.gate_proj, x.clone()));
-        linear_rows(&self.down_proj, gate * linear_rows(&self.up_proj, x))
+        let gate = linear_rows(&self.gate_proj, x.clone());
+        let up = linear_rows(&self.up_proj, x);
+        linear_rows(&self.down_proj, silu_gate(gate, up))
     }
 }
 
