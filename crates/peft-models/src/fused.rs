@@ -209,6 +209,18 @@ fn attention_backward<B: FusedKernels>(
     )
 }
 
+/// Registers each gradient for its parent node when that parent takes part in the graph (a macro:
+/// burn-autodiff does not export the node type a function would name).
+macro_rules! register_grads {
+    ($backend:ty, $grads:expr, $parents:expr, $values:expr) => {
+        for (node, grad) in $parents.into_iter().zip($values) {
+            if let Some(node) = node {
+                $grads.register::<$backend>(node.id, grad);
+            }
+        }
+    };
+}
+
 impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn grouped_attention(
         query: FloatTensor<Self>,
@@ -230,12 +242,7 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             ) {
                 let grad = grads.consume::<B>(&ops.node);
                 let (grad_query, grad_key, grad_value) = attention_backward::<B>(ops.state, grad);
-                let [query, key, value] = ops.parents;
-                for (node, grad) in [(query, grad_query), (key, grad_key), (value, grad_value)] {
-                    if let Some(node) = node {
-                        grads.register::<B>(node.id, grad);
-                    }
-                }
+                register_grads!(B, grads, ops.parents, [grad_query, grad_key, grad_value]);
             }
         }
 
@@ -275,12 +282,7 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 let grad = grads.consume::<B>(&ops.node);
                 let (gate, up) = ops.state;
                 let (grad_gate, grad_up) = B::silu_gate_backward(gate, up, grad);
-                let [gate, up] = ops.parents;
-                for (node, grad) in [(gate, grad_gate), (up, grad_up)] {
-                    if let Some(node) = node {
-                        grads.register::<B>(node.id, grad);
-                    }
-                }
+                register_grads!(B, grads, ops.parents, [grad_gate, grad_up]);
             }
         }
 
