@@ -20,6 +20,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
 use burn::prelude::*;
 
+use crate::layers::repeat_kv;
+
 /// The value masked attention scores are filled with: finite, so that a fully masked row (a
 /// left-padded query) gets a uniform softmax instead of NaN, as in transformers' eager attention.
 pub const MASKED_SCORE: f32 = f32::MIN;
@@ -558,16 +560,10 @@ pub fn composed_attention(
     value: Tensor<4>,
     bias: Tensor<4>,
 ) -> Tensor<4> {
-    let [b, heads, _, d] = query.dims();
-    let [_, kv_heads, t, _] = key.dims();
-    let n_rep = heads / kv_heads;
-    let repeat = |x: Tensor<4>| {
-        x.unsqueeze_dim::<5>(2)
-            .expand([b, kv_heads, n_rep, t, d])
-            .reshape([b, heads, t, d])
-    };
-    let scores = query.matmul(repeat(key).swap_dims(2, 3)) / (d as f64).sqrt() + bias;
-    burn::tensor::activation::softmax(scores, 3).matmul(repeat(value))
+    let [_, heads, _, d] = query.dims();
+    let n_rep = heads / key.dims()[1];
+    let scores = query.matmul(repeat_kv(key, n_rep).swap_dims(2, 3)) / (d as f64).sqrt() + bias;
+    burn::tensor::activation::softmax(scores, 3).matmul(repeat_kv(value, n_rep))
 }
 
 #[cfg(all(test, feature = "flex"))]

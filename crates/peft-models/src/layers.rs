@@ -102,15 +102,12 @@ fn attention_bias(
     let cols = Tensor::<1, Int>::arange(0..keys as i64, &device).reshape([1, keys]);
     let future = cols
         .greater(rows + (keys - seq) as i64)
-        .reshape([1, 1, seq, keys]);
-    let masked = match key_mask {
-        Some(mask) => future.expand([batch, 1, seq, keys]).bool_or(
-            mask.to_device(&device)
-                .equal_elem(0)
-                .reshape([batch, 1, 1, keys])
-                .expand([batch, 1, seq, keys]),
-        ),
-        None => future.expand([batch, 1, seq, keys]),
+        .reshape([1, 1, seq, keys])
+        .expand([batch, 1, seq, keys]);
+    let padding = padding_attention_mask(key_mask.map(|mask| mask.to_device(&device)), 1, seq);
+    let masked = match padding {
+        Some(padding) => future.bool_or(padding),
+        None => future,
     };
     Tensor::<4>::zeros([batch, 1, seq, keys], &device)
         .mask_fill(masked, MASKED_SCORE)
