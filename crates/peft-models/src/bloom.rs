@@ -34,6 +34,9 @@ pub struct BloomConfig {
     /// (`apply_residual_connection_post_layernorm`).
     #[config(default = false)]
     pub apply_residual_connection_post_layernorm: bool,
+    /// Standard deviation of random weights (`initializer_range`; only [`Self::init`] reads it).
+    #[config(default = 0.02)]
+    pub initializer_range: f64,
 }
 
 impl BloomConfig {
@@ -66,6 +69,7 @@ impl BloomConfig {
             layer_norm_epsilon: cfg.opt_f64(&["layer_norm_epsilon"])?.unwrap_or(1e-5),
             apply_residual_connection_post_layernorm: cfg
                 .bool_or("apply_residual_connection_post_layernorm", false)?,
+            initializer_range: cfg.opt_f64(&["initializer_range"])?.unwrap_or(0.02),
         })
     }
 
@@ -127,7 +131,7 @@ impl BloomConfig {
     pub fn init(&self, device: &Device) -> BloomForCausalLM {
         infallible(BloomForCausalLM::build(
             self,
-            &mut RandomWeights::new(device),
+            &mut RandomWeights::new(device, self.initializer_range),
             "",
         ))
     }

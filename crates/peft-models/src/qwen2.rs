@@ -56,6 +56,9 @@ pub struct Qwen2Config {
     pub tie_word_embeddings: bool,
     /// Longest sequence the model was built for (`max_position_embeddings`).
     pub max_position_embeddings: Option<usize>,
+    /// Standard deviation of random weights (`initializer_range`; only [`Self::init`] reads it).
+    #[config(default = 0.02)]
+    pub initializer_range: f64,
 }
 
 impl Qwen2Config {
@@ -148,6 +151,7 @@ impl Qwen2Config {
             mlp_bias: llama && cfg.bool_or("mlp_bias", false)?,
             tie_word_embeddings: cfg.bool_or("tie_word_embeddings", false)?,
             max_position_embeddings: cfg.opt_usize(&["max_position_embeddings"])?,
+            initializer_range: cfg.opt_f64(&["initializer_range"])?.unwrap_or(0.02),
         })
     }
 
@@ -156,7 +160,7 @@ impl Qwen2Config {
     pub fn init(&self, device: &Device) -> Qwen2ForCausalLM {
         infallible(Qwen2ForCausalLM::build(
             self,
-            &mut RandomWeights::new(device),
+            &mut RandomWeights::new(device, self.initializer_range),
         ))
     }
 

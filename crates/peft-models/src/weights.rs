@@ -8,8 +8,8 @@ use std::convert::Infallible;
 
 use burn::module::Param;
 use burn::nn::{
-    Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm,
-    RmsNormConfig,
+    Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+    RmsNorm, RmsNormConfig,
 };
 use burn::prelude::*;
 
@@ -117,17 +117,29 @@ impl WeightSource for Checkpoint {
     }
 }
 
-/// burn's default initializers (weights are created lazily, on first use).
+/// Random weights drawn as transformers' `_init_weights` draws them: linear and embedding
+/// weights from `N(0, initializer_range²)`, biases zero, norms at their identity (created
+/// lazily, on first use).
+///
+/// The scale matters beyond fidelity: burn's defaults (a `N(0, 1)` embedding) make a tied
+/// `lm_head` produce logits of standard deviation ~`√hidden_size`, whose softmax mostly
+/// underflows, a slow path of `expf` that a model initialized like Hugging Face's never takes.
 #[derive(Debug, Clone)]
 pub struct RandomWeights {
     device: Device,
+    initializer: Initializer,
 }
 
 impl RandomWeights {
-    /// Random layers on `device`.
-    pub fn new(device: &Device) -> Self {
+    /// Random layers on `device`, weights of standard deviation `initializer_range` (the
+    /// config.json field; transformers' default is 0.02).
+    pub fn new(device: &Device, initializer_range: f64) -> Self {
         Self {
             device: device.clone(),
+            initializer: Initializer::Normal {
+                mean: 0.0,
+                std: initializer_range,
+            },
         }
     }
 }
@@ -142,13 +154,18 @@ impl WeightSource for RandomWeights {
         out: usize,
         bias: bool,
     ) -> Result<Linear, Infallible> {
-        Ok(LinearConfig::new(input, out)
-            .with_bias(bias)
-            .init(&self.device))
+        let mut linear = LinearConfig::new(input, out)
+            .with_bias(false)
+            .with_initializer(self.initializer.clone())
+            .init(&self.device);
+        linear.bias = bias.then(|| Param::from_tensor(Tensor::zeros([out], &self.device)));
+        Ok(linear)
     }
 
     fn embedding(&mut self, _: &str, vocab: usize, dim: usize) -> Result<Embedding, Infallible> {
-        Ok(EmbeddingConfig::new(vocab, dim).init(&self.device))
+        Ok(EmbeddingConfig::new(vocab, dim)
+            .with_initializer(self.initializer.clone())
+            .init(&self.device))
     }
 
     fn rms_norm(&mut self, _: &str, dim: usize, epsilon: f64) -> Result<RmsNorm, Infallible> {
@@ -169,5 +186,46 @@ pub fn infallible<T>(result: Result<T, Infallible>) -> T {
     match result {
         Ok(value) => value,
         Err(never) => match never {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{BloomConfig, Qwen2Config};
+    use burn::prelude::*;
+
+    /// Sample standard deviation of a zero-mean tensor.
+    fn std(t: Tensor<2>) -> f64 {
+        t.powi_scalar(2).mean().sqrt().into_scalar::<f32>() as f64
+    }
+
+    #[test]
+    fn random_weights_are_drawn_as_transformers_draws_them() {
+        let device = Device::default();
+        // 4096 x 64 embedding values: the sample std of 262,144 normal draws is within 0.3% of
+        // the true one at 2 sigma (relative spread 1 / sqrt(2n)); 2% leaves a wide margin.
+        let qwen = Qwen2Config::new(4096, 64, 128, 1, 4, 2, 16)
+            .with_initializer_range(0.05)
+            .init(&device);
+        let embed = qwen.model.embed_tokens.weight.val();
+        assert!((std(embed) / 0.05 - 1.0).abs() < 0.02);
+        let attn = &qwen.model.layers[0].self_attn;
+        assert!((std(attn.q_proj.weight.val()) / 0.05 - 1.0).abs() < 0.05);
+        let bias = attn
+            .q_proj
+            .bias
+            .as_ref()
+            .expect("Qwen2 has q/k/v biases")
+            .val();
+        assert_eq!(bias.abs().max().into_scalar::<f32>() as f64, 0.0);
+        let norm = qwen.model.norm.gamma.val();
+        assert_eq!(
+            norm.sub_scalar(1.0).abs().max().into_scalar::<f32>() as f64,
+            0.0
+        );
+
+        let bloom = BloomConfig::new(4096, 64, 1, 4).init(&device);
+        let embed = bloom.transformer.word_embeddings.weight.val();
+        assert!((std(embed) / 0.02 - 1.0).abs() < 0.02);
     }
 }
