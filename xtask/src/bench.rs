@@ -9,8 +9,9 @@
 //!   prefill tokens/s (time of 1 new token) and decode tokens/s (`gen-batch * (N - 1)` over the time
 //!   of N new tokens minus the prefill's).
 //!
-//! Each timing is the median of `--reps` runs after one warm-up. Peak memory is the process's
-//! resident high-water mark (`VmHWM`) over the workload, reset before it through
+//! Each timing is the median of `--reps` runs after one warm-up; with `--rounds N` every method
+//! runs N times, alternating ours and torch's, and each side reports its best round. Peak memory
+//! is the process's resident high-water mark (`VmHWM`) over the workload, reset before it through
 //! `/proc/self/clear_refs`, so it holds the model too. `--compare` runs the same workloads through
 //! torch + transformers + peft (`scripts/bench_torch.py`) in the same invocation.
 
@@ -121,6 +122,10 @@ pub struct BenchArgs {
     /// Timed repetitions of each workload after one warm-up (the median is kept).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Rounds per method, alternating ours and torch's (with --compare); each side reports its
+    /// best round, which takes out most of a shared machine's drift (the JSON keeps every round).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Also run torch + transformers + peft on the same workloads and print ours/theirs.
     #[arg(long)]
     compare: bool,
@@ -140,9 +145,15 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     let gpu = peft::backend_name() != "flex";
     let batch = args.batch.unwrap_or(if gpu { 8 } else { 4 });
     let seq_len = args.seq_len.unwrap_or(if gpu { 512 } else { 128 });
-    if args.new_tokens < 2 || batch == 0 || seq_len < 2 || args.reps == 0 || args.gen_batch == 0 {
+    if args.new_tokens < 2
+        || batch == 0
+        || seq_len < 2
+        || args.reps == 0
+        || args.rounds == 0
+        || args.gen_batch == 0
+    {
         return Err(
-            "--new-tokens must be >= 2, --seq-len >= 2; --batch, --gen-batch and --reps >= 1"
+            "--new-tokens must be >= 2, --seq-len >= 2; --batch, --gen-batch, --reps and --rounds >= 1"
                 .into(),
         );
     }
@@ -177,64 +188,23 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     let mut ours = Vec::new();
     let mut torch_runs = Vec::new();
     for &method in &args.methods {
-        let adapter_config = adapter_config(method, args.num_virtual_tokens, &geometry);
-        // Absent workloads stay absent (`null` in the table).
-        let mut record = json!({ "method": method.name(), "trainable_params": null });
-        eprint!("{:<14}", method.name());
-        if args.workloads.contains(&Workload::Train) {
-            if let Some(adapter_config) = &adapter_config {
-                let ad = device.clone().autodiff();
-                reset_peak_rss();
-                let base = config.init(&ad);
-                let adapter = init_adapter(adapter_config, &base);
-                let model = PeftModel::new(base, adapter);
-                let trainable = model.trainable_parameters().trainable;
-                let seconds = time_train(model, &rows, args.reps)?;
-                let tokens_per_s = (batch * seq_len) as f64 / seconds;
-                record["trainable_params"] = json!(trainable);
-                record["train_tokens_per_s"] = json!(tokens_per_s);
-                record["train_step_s"] = json!(seconds);
-                // Achieved FLOP/s of the 4 N FLOPs/token estimate, over the matmul peak.
-                record["train_fraction_of_matmul_peak"] =
-                    json!(4.0 * matmul_params as f64 * tokens_per_s / (peak * 1e9));
-                record["train_peak_rss_mib"] = json!(peak_rss_mib());
-                eprint!(" train {tokens_per_s:.1} tok/s");
+        // Rounds alternate ours and torch, so that this machine's speed drift (it moves by tens of
+        // percent over minutes on a shared host) lands on both sides; each keeps its best round.
+        let mut our_rounds = Vec::with_capacity(args.rounds);
+        let mut torch_rounds = Vec::with_capacity(args.rounds);
+        for _ in 0..args.rounds {
+            our_rounds.push(bench_method(
+                method, args, &config, &device, &rows, &prompts, peak,
+            )?);
+            // Torch runs each method right after ours, in a fresh process: a Python process
+            // keeps the memory earlier models freed.
+            if let Some(python) = &python {
+                torch_rounds.push(run_torch(python, args, method, batch, seq_len, threads)?);
             }
         }
-        if args.workloads.contains(&Workload::Forward) {
-            reset_peak_rss();
-            let seconds = with_model(&config, &device, adapter_config.as_ref(), |model| {
-                time_forward(model, &rows, args.reps)
-            })?;
-            let tokens_per_s = (batch * seq_len) as f64 / seconds;
-            record["forward_tokens_per_s"] = json!(tokens_per_s);
-            record["forward_peak_rss_mib"] = json!(peak_rss_mib());
-            eprint!(" forward {tokens_per_s:.1} tok/s");
-        }
-        if args.workloads.contains(&Workload::Generate) {
-            reset_peak_rss();
-            let (prefill, full) = with_model(&config, &device, adapter_config.as_ref(), |model| {
-                time_generate(model, &prompts, args.new_tokens, args.reps)
-            })?;
-            let gen_batch = args.gen_batch as f64;
-            record["prefill_tokens_per_s"] = json!(gen_batch * seq_len as f64 / prefill);
-            // Noise can make a short decode look free; no rate then rather than a silly one.
-            record["decode_tokens_per_s"] = json!(
-                (full > prefill)
-                    .then(|| gen_batch * (args.new_tokens - 1) as f64 / (full - prefill))
-            );
-            let tokens_per_s = gen_batch * args.new_tokens as f64 / full;
-            record["generate_tokens_per_s"] = json!(tokens_per_s);
-            record["generate_s"] = json!(full);
-            record["generate_peak_rss_mib"] = json!(peak_rss_mib());
-            eprint!(" generate {tokens_per_s:.2} tok/s");
-        }
-        eprintln!();
-        ours.push(record);
-        // Torch runs each method right after ours, in a fresh process: this machine's speed
-        // drifts over minutes, and a Python process keeps the memory earlier models freed.
-        if let Some(python) = &python {
-            torch_runs.push(run_torch(python, args, method, batch, seq_len, threads)?);
+        ours.push(best_of_rounds(our_rounds));
+        if !torch_rounds.is_empty() {
+            torch_runs.push(torch_rounds);
         }
     }
     let theirs = match &python {
@@ -257,6 +227,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         "new_tokens": args.new_tokens,
         "num_virtual_tokens": args.num_virtual_tokens,
         "reps": args.reps,
+        "rounds": args.rounds,
         "threads": threads,
         "matmul_params": matmul_params,
         "matmul_gflops": peak,
@@ -270,6 +241,74 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     std::fs::write(&args.json, text).map_err(|e| format!("{}: {e}", args.json.display()))?;
     println!("wrote {}", args.json.display());
     Ok(())
+}
+
+/// Every workload of one method, ours: one record of the JSON.
+fn bench_method(
+    method: BenchMethod,
+    args: &BenchArgs,
+    config: &AutoConfig,
+    device: &Device,
+    rows: &[Vec<u32>],
+    prompts: &[Vec<u32>],
+    peak: f64,
+) -> Result<Value, String> {
+    let geometry = config.geometry();
+    let (batch, seq_len) = (rows.len(), rows[0].len());
+    let matmul_params = matmul_params(config);
+    let adapter_config = adapter_config(method, args.num_virtual_tokens, &geometry);
+    // Absent workloads stay absent (`null` in the table).
+    let mut record = json!({ "method": method.name(), "trainable_params": null });
+    eprint!("{:<14}", method.name());
+    if args.workloads.contains(&Workload::Train)
+        && let Some(adapter_config) = &adapter_config
+    {
+        let ad = device.clone().autodiff();
+        reset_peak_rss();
+        let base = config.init(&ad);
+        let adapter = init_adapter(adapter_config, &base);
+        let model = PeftModel::new(base, adapter);
+        let trainable = model.trainable_parameters().trainable;
+        let seconds = time_train(model, rows, args.reps)?;
+        let tokens_per_s = (batch * seq_len) as f64 / seconds;
+        record["trainable_params"] = json!(trainable);
+        record["train_tokens_per_s"] = json!(tokens_per_s);
+        record["train_step_s"] = json!(seconds);
+        // Achieved FLOP/s of the 4 N FLOPs/token estimate, over the matmul peak.
+        record["train_fraction_of_matmul_peak"] =
+            json!(4.0 * matmul_params as f64 * tokens_per_s / (peak * 1e9));
+        record["train_peak_rss_mib"] = json!(peak_rss_mib());
+        eprint!(" train {tokens_per_s:.1} tok/s");
+    }
+    if args.workloads.contains(&Workload::Forward) {
+        reset_peak_rss();
+        let seconds = with_model(config, device, adapter_config.as_ref(), |model| {
+            time_forward(model, rows, args.reps)
+        })?;
+        let tokens_per_s = (batch * seq_len) as f64 / seconds;
+        record["forward_tokens_per_s"] = json!(tokens_per_s);
+        record["forward_peak_rss_mib"] = json!(peak_rss_mib());
+        eprint!(" forward {tokens_per_s:.1} tok/s");
+    }
+    if args.workloads.contains(&Workload::Generate) {
+        reset_peak_rss();
+        let (prefill, full) = with_model(config, device, adapter_config.as_ref(), |model| {
+            time_generate(model, prompts, args.new_tokens, args.reps)
+        })?;
+        let gen_batch = prompts.len() as f64;
+        record["prefill_tokens_per_s"] = json!(gen_batch * seq_len as f64 / prefill);
+        // Noise can make a short decode look free; no rate then rather than a silly one.
+        record["decode_tokens_per_s"] = json!(
+            (full > prefill).then(|| gen_batch * (args.new_tokens - 1) as f64 / (full - prefill))
+        );
+        let tokens_per_s = gen_batch * args.new_tokens as f64 / full;
+        record["generate_tokens_per_s"] = json!(tokens_per_s);
+        record["generate_s"] = json!(full);
+        record["generate_peak_rss_mib"] = json!(peak_rss_mib());
+        eprint!(" generate {tokens_per_s:.2} tok/s");
+    }
+    eprintln!();
+    Ok(record)
 }
 
 /// The adapter of `method`, shaped as PEFT shapes it for the model (`None` for the base).
@@ -555,20 +594,59 @@ fn run_torch(
         .map_err(|e| format!("unexpected output of {}: {e}: {stdout}", script.display()))
 }
 
-/// One record of the per-method torch runs: the first run's engine fields, every run's methods,
-/// each with the matmul rate its own run measured.
-fn merge_torch_runs(runs: Vec<Value>) -> Option<Value> {
+/// One record of the torch runs (per method, per round): the first run's engine fields and each
+/// method's best round, every record with the matmul rate its own run measured.
+fn merge_torch_runs(runs: Vec<Vec<Value>>) -> Option<Value> {
     let mut methods = Vec::new();
-    for run in &runs {
-        for record in run["methods"].as_array().into_iter().flatten() {
-            let mut record = record.clone();
-            record["matmul_gflops"] = run["matmul_gflops"].clone();
-            methods.push(record);
-        }
+    for rounds in &runs {
+        let records = rounds.iter().flat_map(|run| {
+            run["methods"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|record| {
+                    let mut record = record.clone();
+                    record["matmul_gflops"] = run["matmul_gflops"].clone();
+                    record
+                })
+        });
+        methods.push(best_of_rounds(records.collect()));
     }
-    let mut merged = runs.into_iter().next()?;
+    let mut merged = runs.into_iter().flatten().next()?;
     merged["methods"] = Value::Array(methods);
     Some(merged)
+}
+
+/// One method's record from its rounds: each rate the highest, each duration and peak the
+/// lowest; every round under `"rounds"` when there were several.
+fn best_of_rounds(rounds: Vec<Value>) -> Value {
+    let mut best = rounds.first().cloned().unwrap_or(Value::Null);
+    if rounds.len() < 2 {
+        return best;
+    }
+    let Some(fields) = best.as_object_mut() else {
+        return best;
+    };
+    for (key, value) in fields.iter_mut() {
+        let values = rounds
+            .iter()
+            .filter_map(|r| r.get(key).and_then(Value::as_f64));
+        let higher_is_better =
+            key.ends_with("_per_s") || key.ends_with("_gflops") || key.contains("fraction");
+        let lower_is_better = key.ends_with("_s") || key.ends_with("_mib");
+        let pick = if higher_is_better {
+            values.reduce(f64::max)
+        } else if lower_is_better {
+            values.reduce(f64::min)
+        } else {
+            continue;
+        };
+        if let Some(x) = pick {
+            *value = json!(x);
+        }
+    }
+    best["rounds"] = Value::Array(rounds);
+    best
 }
 
 const COLUMNS: [(&str, &str); 6] = [
@@ -619,4 +697,28 @@ fn print_table(ours: &[Value], theirs: Option<&Value>) {
         println!();
     }
     println!("(ratio = burn / torch: above 1 is faster for tok/s, lighter below 1 for MiB)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_of_rounds_takes_each_sides_best_and_keeps_every_round() {
+        let rounds = vec![
+            json!({ "method": "prompt-tuning", "trainable_params": 8960, "train_tokens_per_s": 20.0,
+                    "train_step_s": 25.6, "train_peak_rss_mib": 2900.0, "decode_tokens_per_s": null }),
+            json!({ "method": "prompt-tuning", "trainable_params": 8960, "train_tokens_per_s": 25.6,
+                    "train_step_s": 20.0, "train_peak_rss_mib": 2800.0, "decode_tokens_per_s": 4.0 }),
+        ];
+        let best = best_of_rounds(rounds.clone());
+        assert_eq!(best["train_tokens_per_s"], json!(25.6));
+        assert_eq!(best["train_step_s"], json!(20.0));
+        assert_eq!(best["train_peak_rss_mib"], json!(2800.0));
+        assert_eq!(best["decode_tokens_per_s"], json!(4.0));
+        assert_eq!(best["trainable_params"], json!(8960));
+        assert_eq!(best["rounds"], Value::Array(rounds.clone()));
+        // One round is reported as it is.
+        assert_eq!(best_of_rounds(rounds[..1].to_vec()), rounds[0]);
+    }
 }
