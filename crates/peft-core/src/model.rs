@@ -122,25 +122,42 @@ impl Injection {
 
     /// The model input for token embeddings `[batch, seq, hidden]` and their padding mask with this
     /// injection applied: virtual embeddings prepended (the mask, if any, gains ones for them) and
-    /// the prefix attached.
+    /// the prefix attached, both cast to the embeddings' dtype.
+    ///
+    /// The cast is what lets f32 adapter parameters drive a bf16 (or f16) frozen base, as PEFT
+    /// casts its prompts to `inputs_embeds.dtype`: the gradient flows back through it into the
+    /// f32 parameters.
     pub fn into_input(
         self,
         embeds: Tensor<3>,
         attention_mask: Option<Tensor<2, Int>>,
     ) -> ModelInput {
+        let dtype = embeds.dtype();
         let (embeds, attention_mask) = match self.virtual_embeds {
             Some(virtual_embeds) => {
                 let [batch, n, _] = virtual_embeds.dims();
                 let device = embeds.device();
                 let mask = attention_mask
                     .map(|m| Tensor::cat(vec![Tensor::ones([batch, n], &device), m], 1));
-                (Tensor::cat(vec![virtual_embeds, embeds], 1), mask)
+                (
+                    Tensor::cat(vec![virtual_embeds.cast(dtype), embeds], 1),
+                    mask,
+                )
             }
             None => (embeds, attention_mask),
         };
+        let prefix = self.prefix.map(|layers| {
+            layers
+                .into_iter()
+                .map(|kv| LayerKv {
+                    key: kv.key.cast(dtype),
+                    value: kv.value.cast(dtype),
+                })
+                .collect()
+        });
         ModelInput::new(embeds)
             .with_attention_mask(attention_mask)
-            .with_prefix(self.prefix)
+            .with_prefix(prefix)
     }
 }
 

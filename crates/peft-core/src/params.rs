@@ -9,6 +9,7 @@ use std::fmt;
 
 use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
+use burn::tensor::DType;
 
 /// Tracks the Hugging Face name of the parameter being visited.
 #[derive(Default)]
@@ -55,6 +56,8 @@ pub struct ParamInfo {
     pub shape: Vec<usize>,
     /// Whether it receives gradients: true only for unfrozen parameters on an autodiff device.
     pub trainable: bool,
+    /// Its element type (a bf16 base keeps f32 adapter parameters).
+    pub dtype: DType,
 }
 
 /// Every float parameter of `module`, in visiting order (lazy parameters get initialized).
@@ -71,11 +74,12 @@ pub fn param_infos<M: Module>(module: &M) -> Vec<ParamInfo> {
             self.path.exit();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let trainable = param.val().is_require_grad();
+            let value = param.val();
             self.out.push(ParamInfo {
                 name: self.path.name(),
                 shape: param.lazy_shape().to_vec(),
-                trainable,
+                trainable: value.is_require_grad(),
+                dtype: value.dtype(),
             });
         }
     }

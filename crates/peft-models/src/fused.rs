@@ -19,6 +19,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
 use burn::prelude::*;
+use burn::tensor::{DType, FloatDType};
 
 use crate::layers::repeat_kv;
 
@@ -80,11 +81,23 @@ fn composed_silu_gate_backward<B: Backend>(
     (grad_gate, grad_up)
 }
 
+/// `softmax(scores + bias)` over the last axis, computed in f32 and returned in the scores'
+/// dtype, as transformers' eager attention does (`softmax(..., dtype=torch.float32)`): in bf16
+/// or f16 the masked score rounds to -inf and the row sums lose precision.
 fn composed_biased_softmax<B: Backend>(
     scores: FloatTensor<B>,
     bias: FloatTensor<B>,
 ) -> FloatTensor<B> {
-    B::softmax(B::float_add(scores, bias), 3)
+    let dtype = scores.dtype();
+    let f32 = |t: FloatTensor<B>| match t.dtype() {
+        DType::F32 => t,
+        _ => B::float_cast(t, FloatDType::F32),
+    };
+    let probs = B::softmax(B::float_add(f32(scores), f32(bias)), 3);
+    match dtype {
+        DType::F32 => probs,
+        other => B::float_cast(probs, other.into()),
+    }
 }
 
 fn composed_softmax_backward<B: Backend>(
