@@ -15,13 +15,16 @@
 //! `/proc/self/clear_refs`, so it holds the model too. `--compare` runs the same workloads through
 //! torch + transformers + peft (`scripts/bench_torch.py`) in the same invocation.
 
+use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
+use burn::tensor::DType;
 use clap::ValueEnum;
 use peft::bitfit::BitFitConfig;
 use peft::core::optim::{AdamWConfig, clip_coefficient, global_grad_norm};
@@ -122,6 +125,15 @@ pub struct BenchArgs {
     /// Timed repetitions of each workload after one warm-up (the median is kept).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// dtype of the frozen base's weights and activations (bf16 is the GPU setting; on Flex its
+    /// matmuls go through f32 copies). Adapter parameters are created in f32 and the loss is f32;
+    /// BitFit's biases, being the base's, take the base dtype (as on the torch side).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: peft::cli::Dtype,
+    /// Train with activation checkpointing: burn's balanced strategy recomputes activations in
+    /// backward instead of keeping them (torch: `gradient_checkpointing_enable`, non-reentrant).
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Rounds per method, alternating ours and torch's (with --compare); each side reports its
     /// best round, which takes out most of a shared machine's drift (the JSON keeps every round).
     #[arg(long, default_value_t = 1)]
@@ -163,20 +175,26 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let device = peft::default_device();
+    let dtype = DType::from(args.dtype);
     let commit = git_commit();
     println!(
-        "model {} (random weights), backend {}, f32, batch {batch} x {seq_len}, generation {} x {seq_len} + {} new, {} virtual tokens, {threads} threads, commit {}",
+        "model {} (random weights), backend {}, base {dtype:?}{}, batch {batch} x {seq_len}, generation {} x {seq_len} + {} new, {} virtual tokens, {threads} threads, commit {}",
         args.config.display(),
         peft::backend_name(),
+        if args.gradient_checkpointing {
+            ", gradient checkpointing"
+        } else {
+            ""
+        },
         args.gen_batch,
         args.new_tokens,
         args.num_virtual_tokens,
         commit,
     );
     let matmul_params = matmul_params(&config);
-    let peak = matmul_gflops(&device);
+    let peak = matmul_gflops(&device, dtype);
     println!(
-        "matmul parameters {matmul_params} (a frozen-base train step costs ~4 x that in FLOPs per token); {peak:.0} GFLOP/s on a 2048^3 f32 matmul"
+        "matmul parameters {matmul_params} (a frozen-base train step costs ~4 x that in FLOPs per token); {peak:.0} GFLOP/s on a 2048^3 {dtype:?} matmul"
     );
     let rows = pseudo_random_rows(batch, seq_len, geometry.vocab_size);
     let prompts = pseudo_random_rows(args.gen_batch, seq_len, geometry.vocab_size);
@@ -219,7 +237,8 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     let record = json!({
         "commit": commit,
         "backend": peft::backend_name(),
-        "dtype": "f32",
+        "dtype": torch_dtype_name(dtype),
+        "gradient_checkpointing": args.gradient_checkpointing,
         "config": args.config,
         "batch": batch,
         "seq_len": seq_len,
@@ -263,15 +282,20 @@ fn bench_method(
     if args.workloads.contains(&Workload::Train)
         && let Some(adapter_config) = &adapter_config
     {
-        let ad = device.clone().autodiff();
+        let mut ad = device.clone().autodiff();
+        if args.gradient_checkpointing {
+            ad = ad.gradient_checkpointing();
+        }
         reset_peak_rss();
-        let base = config.init(&ad);
+        let base = cast_params(config.init(&ad), args.dtype.into());
         let adapter = init_adapter(adapter_config, &base);
         let model = PeftModel::new(base, adapter);
         let trainable = model.trainable_parameters().trainable;
+        let dtypes = trainable_dtypes(&model);
         let seconds = time_train(model, rows, args.reps)?;
         let tokens_per_s = (batch * seq_len) as f64 / seconds;
         record["trainable_params"] = json!(trainable);
+        record["trainable_dtypes"] = json!(dtypes);
         record["train_tokens_per_s"] = json!(tokens_per_s);
         record["train_step_s"] = json!(seconds);
         // Achieved FLOP/s of the 4 N FLOPs/token estimate, over the matmul peak.
@@ -282,7 +306,7 @@ fn bench_method(
     }
     if args.workloads.contains(&Workload::Forward) {
         reset_peak_rss();
-        let seconds = with_model(config, device, adapter_config.as_ref(), |model| {
+        let seconds = with_model(config, device, args, adapter_config.as_ref(), |model| {
             time_forward(model, rows, args.reps)
         })?;
         let tokens_per_s = (batch * seq_len) as f64 / seconds;
@@ -292,7 +316,7 @@ fn bench_method(
     }
     if args.workloads.contains(&Workload::Generate) {
         reset_peak_rss();
-        let (prefill, full) = with_model(config, device, adapter_config.as_ref(), |model| {
+        let (prefill, full) = with_model(config, device, args, adapter_config.as_ref(), |model| {
             time_generate(model, prompts, args.new_tokens, args.reps)
         })?;
         let gen_batch = prompts.len() as f64;
@@ -351,10 +375,11 @@ fn init_adapter(config: &AutoAdapterConfig, base: &AutoCausalLm) -> AutoAdapter 
 fn with_model<T>(
     config: &AutoConfig,
     device: &Device,
+    args: &BenchArgs,
     adapter: Option<&AutoAdapterConfig>,
     f: impl FnOnce(Inference<'_>) -> Result<T, String>,
 ) -> Result<T, String> {
-    let base = config.init(device);
+    let base = cast_params(config.init(device), args.dtype.into());
     match adapter {
         None => f(Inference::Base(&base)),
         Some(adapter) => {
@@ -390,15 +415,74 @@ fn matmul_params(config: &AutoConfig) -> usize {
     }
 }
 
-/// GFLOP/s of a 2048 x 2048 x 2048 f32 matmul on `device` (median of 3 after a warm-up): the
+/// The module with every float parameter converted to `dtype` (ids and gradient settings kept):
+/// random weights are drawn in f32.
+fn cast_params<M: Module>(module: M, dtype: DType) -> M {
+    struct Cast(DType);
+    impl ModuleMapper for Cast {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let dtype = self.0;
+            param.map(|tensor| {
+                if tensor.dtype() == dtype {
+                    return tensor;
+                }
+                // Cast outside autodiff, then back as a leaf with the same checkpointing
+                // strategy (a cast recorded in the graph would not be a parameter).
+                let autodiff = tensor.is_autodiff();
+                let require_grad = tensor.is_require_grad();
+                let strategy = tensor.gradient_checkpointing_strategy();
+                let mut cast = tensor.without_autodiff().cast(dtype);
+                if autodiff {
+                    cast = cast.autodiff();
+                    if let Some(strategy) = strategy {
+                        cast = cast.with_gradient_checkpointing_strategy(strategy);
+                    }
+                }
+                if require_grad {
+                    cast = cast.require_grad();
+                }
+                cast
+            })
+        }
+    }
+    module.map(&mut Cast(dtype))
+}
+
+/// The dtypes of `module`'s trainable parameters, lower case as torch names them (`["float32"]`).
+fn trainable_dtypes<M: Module>(module: &M) -> Vec<String> {
+    struct Dtypes(BTreeSet<String>);
+    impl ModuleVisitor for Dtypes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let value = param.val();
+            if value.is_require_grad() {
+                self.0.insert(torch_dtype_name(value.dtype()).to_string());
+            }
+        }
+    }
+    let mut visitor = Dtypes(BTreeSet::new());
+    module.visit(&mut visitor);
+    visitor.0.into_iter().collect()
+}
+
+/// torch's name of a float dtype.
+fn torch_dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
+    }
+}
+
+/// GFLOP/s of a 2048 x 2048 x 2048 matmul in `dtype` on `device` (median of 3 after a warm-up): the
 /// attainable peak that training fractions are quoted against.
-fn matmul_gflops(device: &Device) -> f64 {
+fn matmul_gflops(device: &Device, dtype: DType) -> f64 {
     let n = 2048;
-    let a = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, device);
-    let b = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, device);
+    let a = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, device).cast(dtype);
+    let b = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, device).cast(dtype);
     let seconds = timed(3, || {
         let c = a.clone().matmul(b.clone());
-        let _: f32 = c.slice([0..1, 0..1]).into_scalar();
+        let _ = c.slice([0..1, 0..1]).into_data();
         Ok(())
     })
     .expect("a matmul does not fail");
@@ -467,7 +551,7 @@ fn time_forward(model: Inference<'_>, rows: &[Vec<u32>], reps: usize) -> Result<
             }
         };
         // Reading one value waits for the whole computation on every backend.
-        let _: f32 = logits.slice([0..1, 0..1, 0..1]).into_scalar();
+        let _ = logits.slice([0..1, 0..1, 0..1]).into_data();
         Ok(())
     })
 }
@@ -582,6 +666,11 @@ fn run_torch(
         .args(["--reps", &args.reps.to_string()])
         .args(["--threads", &threads.to_string()])
         .args(["--device", device])
+        .args(["--dtype", torch_dtype_name(args.dtype.into())])
+        .args(
+            args.gradient_checkpointing
+                .then_some("--gradient-checkpointing"),
+        )
         .stderr(std::process::Stdio::inherit())
         .output()
         .map_err(|e| format!("{}: {e}", python.display()))?;
@@ -697,6 +786,14 @@ fn print_table(ours: &[Value], theirs: Option<&Value>) {
         println!();
     }
     println!("(ratio = burn / torch: above 1 is faster for tok/s, lighter below 1 for MiB)");
+    for other in &theirs {
+        if let (Some(method), Some(error)) = (
+            other["method"].as_str(),
+            other.get("train_error").and_then(Value::as_str),
+        ) {
+            println!("torch {method} train failed: {error}");
+        }
+    }
 }
 
 #[cfg(test)]
