@@ -117,6 +117,14 @@ fn configs(geometry: &peft::core::ModelGeometry) -> Vec<(&'static str, AutoAdapt
     ]
 }
 
+/// One epoch over [`rows`] (24) in batches of 8: three optimizer steps.
+fn one_epoch_of_three_steps() -> TrainingConfig {
+    TrainingConfig::new()
+        .with_lr(1e-2)
+        .with_batch_size(8)
+        .with_epochs(1)
+}
+
 fn run_config(output_dir: &Path, resume: bool) -> TrainingRun {
     TrainingRun {
         output_dir: output_dir.to_path_buf(),
@@ -372,10 +380,7 @@ fn the_loss_scores_target_tokens_only() {
 fn gradient_checkpointing_changes_memory_not_results() {
     let _rng = one_at_a_time();
     let rows = rows();
-    let config = TrainingConfig::new()
-        .with_lr(1e-2)
-        .with_batch_size(8)
-        .with_epochs(1);
+    let config = one_epoch_of_three_steps();
     let mut results = Vec::new();
     for checkpointed in [false, true] {
         let mut device = Device::default().autodiff();
@@ -418,10 +423,7 @@ fn gradient_checkpointing_changes_memory_not_results() {
 fn a_bf16_base_trains_f32_adapters_with_the_losses_of_an_f32_base() {
     let _rng = one_at_a_time();
     let rows = rows();
-    let config = TrainingConfig::new()
-        .with_lr(1e-2)
-        .with_batch_size(8)
-        .with_epochs(1);
+    let config = one_epoch_of_three_steps();
     let device = Device::default().autodiff();
     let geometry = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32)
         .unwrap()

@@ -575,8 +575,12 @@ pub fn composed_attention(
 ) -> Tensor<4> {
     let [_, heads, _, d] = query.dims();
     let n_rep = heads / key.dims()[1];
-    let scores = query.matmul(repeat_kv(key, n_rep).swap_dims(2, 3)) / (d as f64).sqrt() + bias;
-    burn::tensor::activation::softmax(scores, 3).matmul(repeat_kv(value, n_rep))
+    let dtype = query.dtype();
+    let scores = query.matmul(repeat_kv(key, n_rep).swap_dims(2, 3)) / (d as f64).sqrt();
+    // The softmax in f32, as `composed_biased_softmax` (a bf16 base: f32 mask, bf16 scores).
+    let probs =
+        burn::tensor::activation::softmax(scores.cast(DType::F32) + bias.cast(DType::F32), 3);
+    probs.cast(dtype).matmul(repeat_kv(value, n_rep))
 }
 
 #[cfg(all(test, feature = "flex"))]
@@ -714,6 +718,38 @@ mod tests {
     #[test]
     fn fused_attention_matches_composed_with_per_head_bias() {
         check(4, 4, 4);
+    }
+
+    #[test]
+    fn bf16_attention_takes_an_f32_bias_and_stays_bf16() {
+        // A bf16 base in training: bf16 queries, keys and values, the f32 mask of `layers`.
+        let device = Device::flex().autodiff();
+        let (q, k, v) = (
+            random([2, 4, 5, 8], &device),
+            random([2, 2, 7, 8], &device),
+            random([2, 2, 7, 8], &device),
+        );
+        let bias = causal_bias(2, 5, 2, &device);
+        let reference = composed_attention(q.clone(), k.clone(), v.clone(), bias.clone());
+        let [q, k, v] = [q, k, v].map(|t| {
+            t.without_autodiff()
+                .cast(DType::BF16)
+                .autodiff()
+                .require_grad()
+        });
+        for out in [
+            grouped_attention(q.clone(), k.clone(), v.clone(), bias.clone()),
+            composed_attention(q.clone(), k.clone(), v.clone(), bias.clone()),
+        ] {
+            assert_eq!(out.dtype(), DType::BF16);
+            // bf16 inputs and products: a relative step of 2^-8 on values of order 1.
+            out.clone()
+                .cast(DType::F32)
+                .into_data()
+                .assert_approx_eq::<f32>(&reference.clone().into_data(), Tolerance::absolute(0.05));
+            let grads = out.sum().backward();
+            assert_eq!(q.grad(&grads).unwrap().dtype(), DType::BF16);
+        }
     }
 
     #[test]
