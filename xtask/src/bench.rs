@@ -21,13 +21,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::DType;
 use clap::ValueEnum;
 use peft::bitfit::BitFitConfig;
 use peft::core::optim::{AdamWConfig, clip_coefficient, global_grad_norm};
+use peft::core::params::{cast_params, param_infos};
 use peft::core::{CausalLm, GenerationConfig, Injection, PeftModel, generate};
 use peft::models::{AutoCausalLm, AutoConfig};
 use peft::prefix::PrefixTuningConfig;
@@ -415,53 +415,14 @@ fn matmul_params(config: &AutoConfig) -> usize {
     }
 }
 
-/// The module with every float parameter converted to `dtype` (ids and gradient settings kept):
-/// random weights are drawn in f32.
-fn cast_params<M: Module>(module: M, dtype: DType) -> M {
-    struct Cast(DType);
-    impl ModuleMapper for Cast {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            let dtype = self.0;
-            param.map(|tensor| {
-                if tensor.dtype() == dtype {
-                    return tensor;
-                }
-                // Cast outside autodiff, then back as a leaf with the same checkpointing
-                // strategy (a cast recorded in the graph would not be a parameter).
-                let autodiff = tensor.is_autodiff();
-                let require_grad = tensor.is_require_grad();
-                let strategy = tensor.gradient_checkpointing_strategy();
-                let mut cast = tensor.without_autodiff().cast(dtype);
-                if autodiff {
-                    cast = cast.autodiff();
-                    if let Some(strategy) = strategy {
-                        cast = cast.with_gradient_checkpointing_strategy(strategy);
-                    }
-                }
-                if require_grad {
-                    cast = cast.require_grad();
-                }
-                cast
-            })
-        }
-    }
-    module.map(&mut Cast(dtype))
-}
-
-/// The dtypes of `module`'s trainable parameters, lower case as torch names them (`["float32"]`).
+/// The dtypes of `module`'s trainable parameters, as torch names them (`["float32"]`).
 fn trainable_dtypes<M: Module>(module: &M) -> Vec<String> {
-    struct Dtypes(BTreeSet<String>);
-    impl ModuleVisitor for Dtypes {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let value = param.val();
-            if value.is_require_grad() {
-                self.0.insert(torch_dtype_name(value.dtype()).to_string());
-            }
-        }
-    }
-    let mut visitor = Dtypes(BTreeSet::new());
-    module.visit(&mut visitor);
-    visitor.0.into_iter().collect()
+    let dtypes: BTreeSet<&str> = param_infos(module)
+        .into_iter()
+        .filter(|p| p.trainable)
+        .map(|p| torch_dtype_name(p.dtype))
+        .collect();
+    dtypes.into_iter().map(String::from).collect()
 }
 
 /// torch's name of a float dtype.

@@ -14,7 +14,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 
 use crate::adapter_file::{AdapterFileError, TensorFile, write_tensors};
-use crate::params::{HfPath, param_infos};
+use crate::params::{HfPath, LeafKind, param_infos};
 
 /// AdamW's settings. The defaults are PyTorch's (`torch.optim.AdamW`), not burn's (whose epsilon
 /// is 1e-5 and weight decay 1e-4).
@@ -206,8 +206,7 @@ impl ModuleMapper for Stepper<'_> {
         let config = self.config;
         let dims = tensor.dims();
         let n: usize = dims.iter().product();
-        let require_grad = tensor.is_require_grad();
-        let strategy = tensor.gradient_checkpointing_strategy();
+        let kind = LeafKind::of(&tensor);
         let dtype = tensor.dtype();
         let value = tensor.inner().cast(DType::F32).reshape([n]);
         let mut grad = grad.cast(DType::F32).reshape([n]);
@@ -244,13 +243,7 @@ impl ModuleMapper for Stepper<'_> {
                 exp_avg_sq,
             },
         );
-        let mut updated = Tensor::<D>::from_inner(value.reshape(dims).cast(dtype));
-        if let Some(strategy) = strategy {
-            updated = updated.with_gradient_checkpointing_strategy(strategy);
-        }
-        if require_grad {
-            updated = updated.require_grad();
-        }
+        let updated = kind.leaf(value.reshape(dims).cast(dtype));
         Param::from_mapped_value(id, updated, mapper)
     }
 }

@@ -9,7 +9,7 @@ use std::fmt;
 
 use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
-use burn::tensor::DType;
+use burn::tensor::{DType, GradientCheckpointingStrategy};
 
 /// Tracks the Hugging Face name of the parameter being visited.
 #[derive(Default)]
@@ -162,6 +162,62 @@ pub fn write_params<M: Module>(module: M, values: &mut HashMap<String, TensorDat
         values,
     };
     module.map(&mut writer)
+}
+
+/// How a parameter tensor takes part in autodiff (on an autodiff device or not, its
+/// checkpointing strategy, whether it requires grad), so that a value computed outside the graph
+/// can take its place as the same kind of leaf.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeafKind {
+    autodiff: bool,
+    strategy: Option<GradientCheckpointingStrategy>,
+    require_grad: bool,
+}
+
+impl LeafKind {
+    /// The kind of `tensor`.
+    pub(crate) fn of<const D: usize>(tensor: &Tensor<D>) -> Self {
+        Self {
+            autodiff: tensor.is_autodiff(),
+            strategy: tensor.gradient_checkpointing_strategy(),
+            require_grad: tensor.is_require_grad(),
+        }
+    }
+
+    /// `value` as a fresh leaf of this kind (a value recorded in a graph could not require grad).
+    pub(crate) fn leaf<const D: usize>(&self, value: Tensor<D>) -> Tensor<D> {
+        let mut leaf = value.without_autodiff();
+        if self.autodiff {
+            leaf = leaf.autodiff();
+            if let Some(strategy) = self.strategy {
+                leaf = leaf.with_gradient_checkpointing_strategy(strategy);
+            }
+        }
+        if self.require_grad {
+            leaf = leaf.require_grad();
+        }
+        leaf
+    }
+}
+
+/// `module` with every float parameter converted to `dtype`, keeping ids, gradient settings and
+/// checkpointing strategy: e.g. a randomly initialized (f32) base in bf16 before an adapter with
+/// f32 parameters is attached.
+pub fn cast_params<M: Module>(module: M, dtype: DType) -> M {
+    struct Cast(DType);
+    impl ModuleMapper for Cast {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let dtype = self.0;
+            param.map(|tensor| {
+                if tensor.dtype() == dtype {
+                    return tensor;
+                }
+                let kind = LeafKind::of(&tensor);
+                kind.leaf(tensor.without_autodiff().cast(dtype))
+            })
+        }
+    }
+    module.map(&mut Cast(dtype))
 }
 
 /// Makes the parameters whose Hugging Face name `select` accepts trainable (on an autodiff

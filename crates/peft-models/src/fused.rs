@@ -575,12 +575,11 @@ pub fn composed_attention(
 ) -> Tensor<4> {
     let [_, heads, _, d] = query.dims();
     let n_rep = heads / key.dims()[1];
-    let dtype = query.dtype();
     let scores = query.matmul(repeat_kv(key, n_rep).swap_dims(2, 3)) / (d as f64).sqrt();
-    // The softmax in f32, as `composed_biased_softmax` (a bf16 base: f32 mask, bf16 scores).
-    let probs =
-        burn::tensor::activation::softmax(scores.cast(DType::F32) + bias.cast(DType::F32), 3);
-    probs.cast(dtype).matmul(repeat_kv(value, n_rep))
+    // The fused op's own fallback: f32 softmax, result in the scores' dtype (a bf16 base meets
+    // the f32 mask here), recorded op by op under autodiff.
+    let probs = composed_biased_softmax::<Dispatch>(scores.into_dispatch(), bias.into_dispatch());
+    Tensor::<4>::from_dispatch(probs).matmul(repeat_kv(value, n_rep))
 }
 
 #[cfg(all(test, feature = "flex"))]
