@@ -1,8 +1,10 @@
 //! peft-burn: parameter-efficient fine-tuning of causal language models on burn.
 //!
 //! This facade re-exports the workspace's crates under one name and holds the `peft` command line
-//! ([`cli`]) with its parameter counting ([`info`]). The backend is chosen at compile time by this crate's features: `flex` (CPU, the
-//! default), `cuda` or `wgpu`; [`default_device`] returns the device of the compiled backend.
+//! ([`cli`]) with its parameter counting ([`info`]). The backend is chosen at compile time by this
+//! crate's features: `flex` (CPU, the default), `cuda` or `wgpu`, or `cubecl-cpu` (the GPU
+//! backends' code path on CubeCL's CPU runtime, for testing it without a GPU); [`default_device`]
+//! returns the device of the compiled backend.
 //!
 //! - [`core`]: the `CausalLm` / adapter contract, masks, generation.
 //! - [`models`]: Qwen2, Llama and BLOOM loading Hugging Face checkpoints.
@@ -27,7 +29,8 @@ pub use peft_prompt as prompt;
 pub use peft_ptuning as ptuning;
 
 /// The device of the backend this crate was compiled for: the first CUDA GPU with the `cuda`
-/// feature, the default wgpu adapter with `wgpu`, else the Flex CPU backend. The `BURN_DEVICE`
+/// feature, the default wgpu adapter with `wgpu`, CubeCL's CPU runtime with `cubecl-cpu`, else the
+/// Flex CPU backend. The `BURN_DEVICE`
 /// environment variable, when set, overrides the choice (see burn's docs).
 pub fn default_device() -> burn::prelude::Device {
     burn::prelude::Device::default()
@@ -58,6 +61,8 @@ pub fn backend_name() -> &'static str {
         "cuda"
     } else if cfg!(feature = "wgpu") {
         "wgpu"
+    } else if cfg!(feature = "cubecl-cpu") {
+        "cubecl-cpu"
     } else if cfg!(feature = "flex") {
         "flex"
     } else {

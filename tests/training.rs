@@ -480,6 +480,61 @@ fn a_bf16_base_trains_f32_adapters_with_the_losses_of_an_f32_base() {
     }
 }
 
+/// The CubeCL backend (CUDA's and wgpu's code path; here on CubeCL's CPU runtime) trains every
+/// method to Flex's losses: the same adapter weights (drawn on Flex, then moved), the same rows,
+/// three steps. Its fused attention and SwiGLU run as lazy Fusion operations instead of Flex's
+/// kernels. `cargo test --features cubecl-cpu --test training cubecl -- --ignored`
+#[cfg(feature = "cubecl-cpu")]
+#[test]
+#[ignore = "fails: on CubeCL's CPU runtime `train` logs step losses that differ from Flex's and \
+            from run to run (step 1 of prompt tuning: 6.80-7.23 against Flex's 7.665), with or \
+            without the fused ops, while `PeftModel::loss` on collated batches matches Flex to \
+            1e-6; not yet traced (docs/performance.md, GPU)"]
+fn every_method_trains_on_the_cubecl_backend_to_the_losses_of_flex() {
+    let _rng = one_at_a_time();
+    let rows = rows();
+    let config = one_epoch_of_three_steps();
+    let flex = Device::flex().autodiff();
+    let cube = Device::cpu().autodiff();
+    let geometry = AutoCausalLm::from_pretrained(model_dir(), &flex, DType::F32)
+        .unwrap()
+        .geometry();
+    for (name, adapter) in configs(&geometry) {
+        // Dropout masks are drawn on the device, by each backend's own generator.
+        let adapter = match adapter {
+            AutoAdapterConfig::PTuning(config) => {
+                AutoAdapterConfig::PTuning(config.with_encoder_dropout(0.0))
+            }
+            other => other,
+        };
+        let mut losses = Vec::new();
+        for device in [&flex, &cube] {
+            let model = fresh_model_in(&flex, &adapter, DType::F32).to_device(device);
+            let dir = temp_dir(&format!("cubecl-{name}-{}", losses.len()));
+            let outcome = train(
+                model,
+                &rows,
+                None,
+                &config,
+                &run_config(&dir, false),
+                &mut (),
+            )
+            .unwrap_or_else(|e| panic!("{name} on {device:?}: {e}"));
+            assert_eq!(outcome.model.devices(), vec![device.clone()], "{name}");
+            losses.push(train_losses(&dir));
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+        let (flex_losses, cube_losses) = (&losses[0], &losses[1]);
+        assert_eq!(flex_losses.len(), 3);
+        assert_eq!(flex_losses.len(), cube_losses.len());
+        for ((step, a), (_, b)) in flex_losses.iter().zip(cube_losses) {
+            eprintln!("{name} step {step}: flex {a:.6}, cubecl {b:.6}");
+            // f32 on both: the kernels sum in different orders, nothing more.
+            assert!((a - b).abs() <= 1e-4 * a, "{name} step {step}: {a} vs {b}");
+        }
+    }
+}
+
 #[test]
 fn a_diverging_run_stops_with_the_step_and_rows() {
     let _rng = one_at_a_time();

@@ -1,16 +1,23 @@
-//! Training kernels with hand-written backward passes, for the Flex (CPU) backend.
+//! Training operations with hand-written backward passes: grouped-query attention and SwiGLU's gate.
 //!
 //! burn's autodiff records every primitive of a composed operation and replays each one's
 //! backward: attention becomes a dozen nodes (the `[b, heads, s, t]` scores, mask, softmax and
 //! their gradients, plus a materialized repeat of the key/value heads for grouped-query
-//! attention), SwiGLU's `silu(gate) * up` five. Those passes are elementwise and, on Flex,
-//! single-threaded: about a third of a decoder layer's training step at Qwen2.5-0.5B's shape
-//! (docs/performance.md). The operations here are one autodiff node each, whose forward and
-//! backward use Flex's multi-threaded kernels (matmul, softmax) or a rayon loop of their own.
+//! attention), SwiGLU's `silu(gate) * up` five. Each operation here is one autodiff node that
+//! keeps only what its backward needs (attention: the probabilities, never the repeated keys and
+//! values, whose gradients it sums per key head in the same product).
+//!
+//! - On Flex (CPU) the kernels are multi-threaded: Flex's matmul and softmax, or a rayon loop of
+//!   their own. Flex runs the composed elementwise passes on one thread; they were about a third
+//!   of a decoder layer's training step at Qwen2.5-0.5B's shape (docs/performance.md).
+//! - On the CubeCL backend (CUDA, wgpu, CubeCL's CPU runtime) the kernels are the default bodies
+//!   of [`FusedKernels`], composed from lazy Fusion operations that burn's fusion compiles into
+//!   its own kernels; the gain there is the graph and the memory, not the kernels.
 //!
 //! They are reached through burn's backend-extension mechanism; [`grouped_attention`] and
-//! [`silu_gate`] decide at run time whether the tensor lives on Flex and otherwise compose the same
-//! result from ordinary tensor operations, so every backend computes the same function.
+//! [`silu_gate`] decide at run time whether the tensor lives on one of those backends and
+//! otherwise compose the same result from ordinary tensor operations, so every backend computes
+//! the same function.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -28,7 +35,8 @@ use crate::layers::repeat_kv;
 pub const MASKED_SCORE: f32 = f32::MIN;
 
 /// The kernels the fused operations are built from. The default bodies compose backend
-/// primitives; Flex overrides them with multi-threaded loops.
+/// primitives (the CubeCL backend's Fusion fuses them); Flex overrides them with multi-threaded
+/// loops.
 pub trait FusedKernels: Backend {
     /// `softmax(scores + bias)` over the last dimension of `scores` `[b, heads, s, t]`, `bias`
     /// `[b, 1 | heads, s, t]`.
@@ -100,19 +108,32 @@ fn composed_biased_softmax<B: Backend>(
     }
 }
 
+/// The softmax backward in f32, returned in `probs`' dtype: in bf16 the row sum of `probs ⊙ grad`
+/// over a few hundred keys would keep 8 bits. (transformers' eager attention keeps the f32
+/// softmax output for its backward.)
 fn composed_softmax_backward<B: Backend>(
     probs: FloatTensor<B>,
     grad: FloatTensor<B>,
 ) -> FloatTensor<B> {
+    let dtype = probs.dtype();
+    let f32 = |t: FloatTensor<B>| match t.dtype() {
+        DType::F32 => t,
+        _ => B::float_cast(t, FloatDType::F32),
+    };
+    let (probs, grad) = (f32(probs), f32(grad));
     let last = probs.shape().num_dims() - 1;
     let row_dot = B::float_sum_dim(B::float_mul(probs.clone(), grad.clone()), last);
-    B::float_mul(probs, B::float_sub(grad, row_dot))
+    let grad_scores = B::float_mul(probs, B::float_sub(grad, row_dot));
+    match dtype {
+        DType::F32 => grad_scores,
+        other => B::float_cast(grad_scores, other.into()),
+    }
 }
 
 impl FusedKernels for Dispatch {}
 
 /// Operations with a fused backward, selected per backend at run time.
-#[backend_extension(Flex: cfg(feature = "flex"), Autodiff)]
+#[backend_extension(Flex: cfg(feature = "flex"), Cube: cfg(feature = "cube"), Autodiff)]
 pub trait FusedOps: FusedKernels {
     /// Scaled dot-product attention of queries `[b, heads, s, d]` over keys and values
     /// `[b, kv_heads, t, d]` (`heads` a multiple of `kv_heads`, query head `i` reading key head
@@ -135,6 +156,14 @@ pub trait FusedOps: FusedKernels {
 
 #[cfg(feature = "flex")]
 impl FusedOps for burn::backend::Flex {}
+
+// The CubeCL backend is `Fusion<CubeBackend>` (the `cube` feature turns fusion on): the default
+// bodies record lazy operations, which Fusion fuses and runs as its own kernels.
+#[cfg(feature = "cube")]
+impl<B: burn::backend::fusion::FusionBackend> FusedKernels for burn::backend::fusion::Fusion<B> {}
+
+#[cfg(feature = "cube")]
+impl<B: burn::backend::fusion::FusionBackend> FusedOps for burn::backend::fusion::Fusion<B> {}
 
 impl<B: Backend, C: CheckpointStrategy> FusedKernels for Autodiff<B, C> {}
 
@@ -521,29 +550,27 @@ mod flex {
     }
 }
 
-/// Whether `device` runs on Flex, the backend these kernels are written for.
-fn is_flex(device: &Device) -> bool {
-    #[cfg(feature = "flex")]
-    return matches!(
-        device.clone().without_autodiff().as_dispatch(),
-        burn::backend::DispatchDevice::Flex(_)
-    );
-    #[cfg(not(feature = "flex"))]
-    {
-        let _ = device;
-        false
+/// Whether `device` runs on a backend [`FusedOps`] is implemented for: Flex or the CubeCL one.
+fn has_fused_ops(device: &Device) -> bool {
+    #[allow(unreachable_patterns)] // Flex and Cube may be the only backends compiled in.
+    match device.clone().without_autodiff().as_dispatch() {
+        #[cfg(feature = "flex")]
+        burn::backend::DispatchDevice::Flex(_) => true,
+        #[cfg(feature = "cube")]
+        burn::backend::DispatchDevice::Cube(_) => true,
+        _ => false,
     }
 }
 
-/// Attention as [`FusedOps::grouped_attention`] describes it: one autodiff node on Flex; on
-/// other backends the same function composed of tensor operations.
+/// Attention as [`FusedOps::grouped_attention`] describes it: one autodiff node on Flex and on
+/// the CubeCL backend; on other backends the same function composed of tensor operations.
 pub fn grouped_attention(
     query: Tensor<4>,
     key: Tensor<4>,
     value: Tensor<4>,
     bias: Tensor<4>,
 ) -> Tensor<4> {
-    if is_flex(&query.device()) {
+    if has_fused_ops(&query.device()) {
         let output = <Dispatch as FusedOps>::grouped_attention(
             query.into_dispatch(),
             key.into_dispatch(),
@@ -555,10 +582,11 @@ pub fn grouped_attention(
     composed_attention(query, key, value, bias)
 }
 
-/// `silu(gate) * up` as [`FusedOps::silu_gate`] describes it: one autodiff node and one
-/// multi-threaded pass on Flex; on other backends composed of tensor operations.
+/// `silu(gate) * up` as [`FusedOps::silu_gate`] describes it: one autodiff node on Flex (one
+/// multi-threaded pass) and on the CubeCL backend; on other backends composed of tensor
+/// operations.
 pub fn silu_gate<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
-    if is_flex(&gate.device()) {
+    if has_fused_ops(&gate.device()) {
         let output = <Dispatch as FusedOps>::silu_gate(gate.into_dispatch(), up.into_dispatch());
         return Tensor::from_dispatch(output);
     }
@@ -582,10 +610,24 @@ pub fn composed_attention(
     Tensor::<4>::from_dispatch(probs).matmul(repeat_kv(value, n_rep))
 }
 
-#[cfg(all(test, feature = "flex"))]
+#[cfg(all(test, any(feature = "flex", feature = "cubecl-cpu", feature = "cuda")))]
 mod tests {
     use super::*;
     use burn::tensor::{Distribution, Tolerance};
+
+    /// The autodiff devices of the backends with fused operations that this build has:
+    /// `cargo test -p peft-models --features flex,cubecl-cpu` runs every test on both, and
+    /// `--features cuda` on the first GPU.
+    fn devices() -> Vec<Device> {
+        let mut devices = Vec::new();
+        #[cfg(feature = "flex")]
+        devices.push(Device::flex().autodiff());
+        #[cfg(feature = "cubecl-cpu")]
+        devices.push(Device::cpu().autodiff());
+        #[cfg(feature = "cuda")]
+        devices.push(Device::cuda(0).autodiff());
+        devices
+    }
 
     fn random(shape: [usize; 4], device: &Device) -> Tensor<4> {
         Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
@@ -627,21 +669,26 @@ mod tests {
     }
 
     fn check(heads: usize, kv_heads: usize, bias_heads: usize) {
-        let device = Device::flex().autodiff();
+        for device in devices() {
+            check_on(heads, kv_heads, bias_heads, &device);
+        }
+    }
+
+    fn check_on(heads: usize, kv_heads: usize, bias_heads: usize, device: &Device) {
         // 3 x 6 x 7 = 126 score rows: more than one task of the Flex kernels.
         let (b, s, past, d) = (3, 7, 3, 8);
         let t = past + s;
-        let mut bias = causal_bias(b, s, past, &device);
+        let mut bias = causal_bias(b, s, past, device);
         if bias_heads > 1 {
-            bias = bias + random([b, bias_heads, s, t], &device);
+            bias = bias + random([b, bias_heads, s, t], device);
         }
         let inputs = [
-            random([b, heads, s, d], &device),
-            random([b, kv_heads, t, d], &device),
-            random([b, kv_heads, t, d], &device),
+            random([b, heads, s, d], device),
+            random([b, kv_heads, t, d], device),
+            random([b, kv_heads, t, d], device),
             bias,
         ];
-        let weights = random([b, heads, s, d], &device);
+        let weights = random([b, heads, s, d], device);
         let fused = run(grouped_attention, &inputs, &weights);
         let composed = run(composed_attention, &inputs, &weights);
         for (name, (a, e)) in ["output", "dq", "dk", "dv"]
@@ -657,10 +704,22 @@ mod tests {
                 .zip(&e)
                 .map(|(a, e)| (a - e).abs())
                 .fold(0.0, f32::max);
-            assert!(worst < 1e-5, "{name}: max difference {worst}");
+            assert!(worst < 1e-5, "{device:?} {name}: max difference {worst}");
         }
     }
 
+    #[test]
+    fn every_tested_backend_takes_the_fused_path() {
+        // Otherwise `grouped_attention` would be `composed_attention` and the comparisons below
+        // would compare a function with itself.
+        let devices = devices();
+        assert!(!devices.is_empty());
+        for device in devices {
+            assert!(has_fused_ops(&device), "{device:?}");
+        }
+    }
+
+    #[cfg(feature = "flex")]
     #[test]
     fn fast_exp_is_within_two_ulp() {
         let mut x = -87.0f32;
@@ -679,33 +738,38 @@ mod tests {
 
     #[test]
     fn fused_silu_gate_matches_composed() {
-        let device = Device::flex().autodiff();
-        // More elements than one task of the Flex kernel, and values where σ saturates.
-        let shape = [3, 70_000];
-        let gate = (Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device) * 8.0)
-            .require_grad();
-        let up = Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device).require_grad();
-        let weights = Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
-        let results = [true, false].map(|fused| {
-            let out = if fused {
-                silu_gate(gate.clone(), up.clone())
-            } else {
-                burn::tensor::activation::silu(gate.clone()) * up.clone()
-            };
-            let grads = (out.clone() * weights.clone()).sum().backward();
-            [out, gate.grad(&grads).unwrap(), up.grad(&grads).unwrap()]
-                .map(|x| x.into_data().try_to_vec_as::<f32>().unwrap())
-        });
-        for (name, (a, e)) in ["output", "d gate", "d up"]
-            .iter()
-            .zip(results[0].iter().zip(&results[1]))
-        {
-            let worst = a
+        for device in devices() {
+            // More elements than one task of the Flex kernel, and values where σ saturates.
+            let shape = [3, 70_000];
+            let gate = (Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device) * 8.0)
+                .require_grad();
+            let up =
+                Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device).require_grad();
+            let weights = Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let results = [true, false].map(|fused| {
+                let out = if fused {
+                    silu_gate(gate.clone(), up.clone())
+                } else {
+                    burn::tensor::activation::silu(gate.clone()) * up.clone()
+                };
+                let grads = (out.clone() * weights.clone()).sum().backward();
+                [out, gate.grad(&grads).unwrap(), up.grad(&grads).unwrap()]
+                    .map(|x| x.into_data().try_to_vec_as::<f32>().unwrap())
+            });
+            for (name, (a, e)) in ["output", "d gate", "d up"]
                 .iter()
-                .zip(e)
-                .map(|(a, e)| (a - e).abs() / (1.0 + e.abs()))
-                .fold(0.0, f32::max);
-            assert!(worst < 1e-5, "{name}: max relative difference {worst}");
+                .zip(results[0].iter().zip(&results[1]))
+            {
+                let worst = a
+                    .iter()
+                    .zip(e)
+                    .map(|(a, e)| (a - e).abs() / (1.0 + e.abs()))
+                    .fold(0.0, f32::max);
+                assert!(
+                    worst < 1e-5,
+                    "{device:?} {name}: max relative difference {worst}"
+                );
+            }
         }
     }
 
@@ -722,59 +786,69 @@ mod tests {
     #[test]
     fn bf16_attention_takes_an_f32_bias_and_stays_bf16() {
         // A bf16 base in training: bf16 queries, keys and values, the f32 mask of `layers`.
-        let device = Device::flex().autodiff();
-        let (q, k, v) = (
-            random([2, 4, 5, 8], &device),
-            random([2, 2, 7, 8], &device),
-            random([2, 2, 7, 8], &device),
-        );
-        let bias = causal_bias(2, 5, 2, &device);
-        let reference = composed_attention(q.clone(), k.clone(), v.clone(), bias.clone());
-        let [q, k, v] = [q, k, v].map(|t| {
-            t.without_autodiff()
-                .cast(DType::BF16)
-                .autodiff()
-                .require_grad()
-        });
-        for out in [
-            grouped_attention(q.clone(), k.clone(), v.clone(), bias.clone()),
-            composed_attention(q.clone(), k.clone(), v.clone(), bias.clone()),
-        ] {
-            assert_eq!(out.dtype(), DType::BF16);
-            // bf16 inputs and products: a relative step of 2^-8 on values of order 1.
-            out.clone()
-                .cast(DType::F32)
-                .into_data()
-                .assert_approx_eq::<f32>(&reference.clone().into_data(), Tolerance::absolute(0.05));
-            let grads = out.sum().backward();
-            assert_eq!(q.grad(&grads).unwrap().dtype(), DType::BF16);
+        for device in devices() {
+            let (q, k, v) = (
+                random([2, 4, 5, 8], &device),
+                random([2, 2, 7, 8], &device),
+                random([2, 2, 7, 8], &device),
+            );
+            let bias = causal_bias(2, 5, 2, &device);
+            let reference = composed_attention(q.clone(), k.clone(), v.clone(), bias.clone());
+            // CubeCL 0.11's CPU runtime claims bf16 but fails to build bf16 kernels ("kernel
+            // symbol not found"); f16 takes the same path there.
+            let half = match device.clone().without_autodiff().as_dispatch() {
+                #[cfg(feature = "cubecl-cpu")]
+                burn::backend::DispatchDevice::Cube(burn::backend::CubeDevice::Cpu(_)) => {
+                    DType::F16
+                }
+                _ => DType::BF16,
+            };
+            let [q, k, v] =
+                [q, k, v].map(|t| t.without_autodiff().cast(half).autodiff().require_grad());
+            for out in [
+                grouped_attention(q.clone(), k.clone(), v.clone(), bias.clone()),
+                composed_attention(q.clone(), k.clone(), v.clone(), bias.clone()),
+            ] {
+                assert_eq!(out.dtype(), half);
+                // bf16 inputs and products: a relative step of 2^-8 on values of order 1.
+                out.clone()
+                    .cast(DType::F32)
+                    .into_data()
+                    .assert_approx_eq::<f32>(
+                        &reference.clone().into_data(),
+                        Tolerance::absolute(0.05),
+                    );
+                let grads = out.sum().backward();
+                assert_eq!(q.grad(&grads).unwrap().dtype(), half);
+            }
         }
     }
 
     #[test]
     fn fully_masked_rows_get_the_uniform_softmax() {
         // A fully masked row (a left-padded query) averages the values, and its gradient is finite.
-        let device = Device::flex().autodiff();
-        let q = random([1, 2, 2, 4], &device).require_grad();
-        let k = random([1, 1, 2, 4], &device);
-        let v = random([1, 1, 2, 4], &device);
-        let bias = Tensor::<4>::from_data(
-            TensorData::new(vec![MASKED_SCORE, MASKED_SCORE, 0.0, 0.0], [1, 1, 2, 2]),
-            &device,
-        );
-        let out = grouped_attention(q.clone(), k, v.clone(), bias);
-        let mean = v.clone().slice([0..1, 0..1, 0..2, 0..4]).mean_dim(2);
-        out.clone()
-            .slice([0..1, 0..1, 0..1, 0..4])
-            .into_data()
-            .assert_approx_eq::<f32>(&mean.into_data(), Tolerance::absolute(1e-6));
-        let grads = out.sum().backward();
-        let dq: Vec<f32> = q
-            .grad(&grads)
-            .unwrap()
-            .into_data()
-            .try_to_vec_as::<f32>()
-            .unwrap();
-        assert!(dq.iter().all(|x| x.is_finite()));
+        for device in devices() {
+            let q = random([1, 2, 2, 4], &device).require_grad();
+            let k = random([1, 1, 2, 4], &device);
+            let v = random([1, 1, 2, 4], &device);
+            let bias = Tensor::<4>::from_data(
+                TensorData::new(vec![MASKED_SCORE, MASKED_SCORE, 0.0, 0.0], [1, 1, 2, 2]),
+                &device,
+            );
+            let out = grouped_attention(q.clone(), k, v.clone(), bias);
+            let mean = v.clone().slice([0..1, 0..1, 0..2, 0..4]).mean_dim(2);
+            out.clone()
+                .slice([0..1, 0..1, 0..1, 0..4])
+                .into_data()
+                .assert_approx_eq::<f32>(&mean.into_data(), Tolerance::absolute(1e-6));
+            let grads = out.sum().backward();
+            let dq: Vec<f32> = q
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .try_to_vec_as::<f32>()
+                .unwrap();
+            assert!(dq.iter().all(|x| x.is_finite()));
+        }
     }
 }
