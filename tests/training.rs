@@ -173,6 +173,23 @@ fn train_losses(dir: &Path) -> Vec<(usize, f64)> {
         .collect()
 }
 
+/// Trains `model` on `rows` in a fresh temporary directory named after `label` (which also names
+/// the run in a failure), removes the directory, and returns the trained model and its logged
+/// `(step, loss)` pairs.
+fn train_into_temp_dir(
+    model: PeftModel<AutoCausalLm, AutoAdapter>,
+    rows: &[TokenizedExample],
+    config: &TrainingConfig,
+    label: &str,
+) -> (PeftModel<AutoCausalLm, AutoAdapter>, Vec<(usize, f64)>) {
+    let dir = temp_dir(label);
+    let outcome = train(model, rows, None, config, &run_config(&dir, false), &mut ())
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let losses = train_losses(&dir);
+    std::fs::remove_dir_all(dir).unwrap();
+    (outcome.model, losses)
+}
+
 #[test]
 fn resuming_after_a_crash_ends_bit_identical_to_an_uninterrupted_run() {
     let _rng = one_at_a_time();
@@ -392,18 +409,13 @@ fn gradient_checkpointing_changes_memory_not_results() {
             .geometry();
         // Prefix tuning: the combination PEFT refuses.
         let adapter = configs(&geometry).remove(2).1;
-        let dir = temp_dir(&format!("ckpt-{checkpointed}"));
-        let outcome = train(
+        let (trained, losses) = train_into_temp_dir(
             fresh_model(&device, &adapter),
             &rows,
-            None,
             &config,
-            &run_config(&dir, false),
-            &mut (),
-        )
-        .unwrap();
-        results.push((trained_values(&outcome.model), train_losses(&dir)));
-        std::fs::remove_dir_all(dir).unwrap();
+            &format!("ckpt-{checkpointed}"),
+        );
+        results.push((trained_values(&trained), losses));
     }
     let ((values_a, losses_a), (values_b, losses_b)) = (&results[0], &results[1]);
     for ((_, a), (_, b)) in values_a.iter().zip(values_b) {
@@ -444,17 +456,9 @@ fn a_bf16_base_trains_f32_adapters_with_the_losses_of_an_f32_base() {
                 trainable_dtypes.iter().all(|&d| d == expected),
                 "{name} over {dtype:?}: trainable {trainable_dtypes:?}"
             );
-            let dir = temp_dir(&format!("dtype-{name}-{dtype:?}"));
-            let outcome = train(
-                model,
-                &rows,
-                None,
-                &config,
-                &run_config(&dir, false),
-                &mut (),
-            )
-            .unwrap_or_else(|e| panic!("{name} over {dtype:?}: {e}"));
-            let after: Vec<DType> = peft::core::params::param_infos(&outcome.model)
+            let (trained, step_losses) =
+                train_into_temp_dir(model, &rows, &config, &format!("dtype-{name}-{dtype:?}"));
+            let after: Vec<DType> = peft::core::params::param_infos(&trained)
                 .into_iter()
                 .filter(|p| p.trainable)
                 .map(|p| p.dtype)
@@ -463,8 +467,7 @@ fn a_bf16_base_trains_f32_adapters_with_the_losses_of_an_f32_base() {
                 after, trainable_dtypes,
                 "{name}: the optimizer kept the dtypes"
             );
-            losses.push(train_losses(&dir));
-            std::fs::remove_dir_all(dir).unwrap();
+            losses.push(step_losses);
         }
         let (f32_losses, bf16_losses) = (&losses[0], &losses[1]);
         assert_eq!(f32_losses.len(), bf16_losses.len());
@@ -510,19 +513,10 @@ fn every_method_trains_on_the_cubecl_backend_to_the_losses_of_flex() {
         let mut losses = Vec::new();
         for device in [&flex, &cube] {
             let model = fresh_model_in(&flex, &adapter, DType::F32).to_device(device);
-            let dir = temp_dir(&format!("cubecl-{name}-{}", losses.len()));
-            let outcome = train(
-                model,
-                &rows,
-                None,
-                &config,
-                &run_config(&dir, false),
-                &mut (),
-            )
-            .unwrap_or_else(|e| panic!("{name} on {device:?}: {e}"));
-            assert_eq!(outcome.model.devices(), vec![device.clone()], "{name}");
-            losses.push(train_losses(&dir));
-            std::fs::remove_dir_all(dir).unwrap();
+            let label = format!("cubecl-{name}-{}", losses.len());
+            let (trained, step_losses) = train_into_temp_dir(model, &rows, &config, &label);
+            assert_eq!(trained.devices(), vec![device.clone()], "{name}");
+            losses.push(step_losses);
         }
         let (flex_losses, cube_losses) = (&losses[0], &losses[1]);
         assert_eq!(flex_losses.len(), 3);

@@ -97,15 +97,8 @@ fn composed_biased_softmax<B: Backend>(
     bias: FloatTensor<B>,
 ) -> FloatTensor<B> {
     let dtype = scores.dtype();
-    let f32 = |t: FloatTensor<B>| match t.dtype() {
-        DType::F32 => t,
-        _ => B::float_cast(t, FloatDType::F32),
-    };
-    let probs = B::softmax(B::float_add(f32(scores), f32(bias)), 3);
-    match dtype {
-        DType::F32 => probs,
-        other => B::float_cast(probs, other.into()),
-    }
+    let scores = B::float_add(cast::<B>(scores, DType::F32), cast::<B>(bias, DType::F32));
+    cast::<B>(B::softmax(scores, 3), dtype)
 }
 
 /// The softmax backward in f32, returned in `probs`' dtype: in bf16 the row sum of `probs ⊙ grad`
@@ -116,18 +109,18 @@ fn composed_softmax_backward<B: Backend>(
     grad: FloatTensor<B>,
 ) -> FloatTensor<B> {
     let dtype = probs.dtype();
-    let f32 = |t: FloatTensor<B>| match t.dtype() {
-        DType::F32 => t,
-        _ => B::float_cast(t, FloatDType::F32),
-    };
-    let (probs, grad) = (f32(probs), f32(grad));
+    let (probs, grad) = (cast::<B>(probs, DType::F32), cast::<B>(grad, DType::F32));
     let last = probs.shape().num_dims() - 1;
     let row_dot = B::float_sum_dim(B::float_mul(probs.clone(), grad.clone()), last);
-    let grad_scores = B::float_mul(probs, B::float_sub(grad, row_dot));
-    match dtype {
-        DType::F32 => grad_scores,
-        other => B::float_cast(grad_scores, other.into()),
+    cast::<B>(B::float_mul(probs, B::float_sub(grad, row_dot)), dtype)
+}
+
+/// `tensor` in `dtype`, untouched when it already is.
+fn cast<B: Backend>(tensor: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
+    if tensor.dtype() == dtype {
+        return tensor;
     }
+    B::float_cast(tensor, FloatDType::from(dtype))
 }
 
 impl FusedKernels for Dispatch {}
@@ -619,14 +612,14 @@ mod tests {
     /// `cargo test -p peft-models --features flex,cubecl-cpu` runs every test on both, and
     /// `--features cuda` on the first GPU.
     fn devices() -> Vec<Device> {
-        let mut devices = Vec::new();
-        #[cfg(feature = "flex")]
-        devices.push(Device::flex().autodiff());
-        #[cfg(feature = "cubecl-cpu")]
-        devices.push(Device::cpu().autodiff());
-        #[cfg(feature = "cuda")]
-        devices.push(Device::cuda(0).autodiff());
-        devices
+        vec![
+            #[cfg(feature = "flex")]
+            Device::flex().autodiff(),
+            #[cfg(feature = "cubecl-cpu")]
+            Device::cpu().autodiff(),
+            #[cfg(feature = "cuda")]
+            Device::cuda(0).autodiff(),
+        ]
     }
 
     fn random(shape: [usize; 4], device: &Device) -> Tensor<4> {
