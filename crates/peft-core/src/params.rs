@@ -60,6 +60,25 @@ pub struct ParamInfo {
     pub dtype: DType,
 }
 
+/// Draws `module`'s lazily initialized parameters now, in visiting order, on the device each was
+/// built for.
+///
+/// burn's `Initializer` defers a parameter's draw to its first use. Left lazy, an adapter's
+/// initial values would come from whatever the device's generator holds at the first forward, so
+/// a seed set before `init` would not decide them, and a `to_device` before that first use would
+/// draw them from the other backend's generator. Adapter configs call this at the end of `init`.
+pub fn initialize_now<M: Module>(module: M) -> M {
+    struct Initialize;
+    impl ModuleVisitor for Initialize {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            // `val` runs the pending initializer; clones of a parameter share its state.
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Initialize);
+    module
+}
+
 /// Every float parameter of `module`, in visiting order (lazy parameters get initialized).
 pub fn param_infos<M: Module>(module: &M) -> Vec<ParamInfo> {
     struct Infos {

@@ -25,6 +25,7 @@ use peft_core::adapter_file::{
     read_prompt_embeddings,
 };
 use peft_core::json_config::JsonConfig;
+use peft_core::params::initialize_now;
 use peft_core::{Adapter, CausalLm, Injection, LayerKv, ModelGeometry};
 
 pub use peft_core::adapter_config::AdapterError;
@@ -77,7 +78,8 @@ impl PrefixTuningConfig {
     }
 
     /// A trainable encoder with PyTorch's initialization (embedding N(0, 1), Linears uniform),
-    /// zeroed as [`PrefixTuningConfig::zero_init`] asks, on `device`.
+    /// zeroed as [`PrefixTuningConfig::zero_init`] asks, on `device`, drawn now from the device's
+    /// generator.
     pub fn init(&self, device: &Device) -> PrefixEncoder {
         let n = self.num_virtual_tokens;
         let (embedding, transform) = if self.prefix_projection {
@@ -105,12 +107,12 @@ impl PrefixTuningConfig {
             }
             (embedding, None)
         };
-        PrefixEncoder {
+        initialize_now(PrefixEncoder {
             embedding,
             transform,
             dropout: DropoutConfig::new(self.prefix_dropout).init(),
             config: self.clone(),
-        }
+        })
     }
 
     /// Parameters of the trainable encoder, counted from the configuration alone.

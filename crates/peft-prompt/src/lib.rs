@@ -15,6 +15,7 @@ use burn::nn::{Embedding, EmbeddingConfig};
 use burn::prelude::*;
 use peft_core::adapter_config::{PeftType, PromptLearningConfig, write_adapter_dir};
 use peft_core::adapter_file::{PROMPT_EMBEDDINGS, read_prompt_embeddings};
+use peft_core::params::initialize_now;
 use peft_core::{Adapter, CausalLm, Injection, ModelGeometry};
 
 pub use peft_core::adapter_config::AdapterError;
@@ -72,12 +73,12 @@ pub struct PromptEmbedding {
 }
 
 impl PromptTuningConfig {
-    /// A `Random` prompt (N(0, 1)) on `device`.
+    /// A `Random` prompt (N(0, 1)) on `device`, drawn now from the device's generator.
     pub fn init(&self, device: &Device) -> PromptEmbedding {
-        PromptEmbedding {
+        initialize_now(PromptEmbedding {
             embedding: EmbeddingConfig::new(self.num_virtual_tokens, self.token_dim).init(device),
             config: self.clone(),
-        }
+        })
     }
 
     /// Parameters of the prompt: `num_virtual_tokens * token_dim`.

@@ -27,6 +27,7 @@ use peft_core::adapter_file::{
     read_prompt_embeddings,
 };
 use peft_core::json_config::JsonConfig;
+use peft_core::params::initialize_now;
 use peft_core::{Adapter, CausalLm, Injection, ModelGeometry};
 
 pub use lstm::{BiLstm, BiLstmConfig};
@@ -98,9 +99,9 @@ impl PTuningConfig {
     }
 
     /// A trainable encoder with PyTorch's initialization (embedding N(0, 1), Linears and LSTM
-    /// uniform), on `device`.
+    /// uniform), on `device`, drawn now from the device's generator.
     pub fn init(&self, device: &Device) -> PromptEncoder {
-        PromptEncoder {
+        initialize_now(PromptEncoder {
             embedding: EmbeddingConfig::new(self.num_virtual_tokens, self.token_dim).init(device),
             lstm_head: (self.encoder_reparameterization_type == EncoderType::Lstm)
                 .then(|| self.lstm_config().init(device)),
@@ -111,7 +112,7 @@ impl PTuningConfig {
                     .collect(),
             ),
             config: self.clone(),
-        }
+        })
     }
 
     /// Parameters of the trainable encoder, counted from the configuration alone (what PEFT's
