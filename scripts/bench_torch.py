@@ -10,8 +10,10 @@ way (xtask/src/bench.rs): one warm-up, then the median of --reps runs.
 - generate: greedy `generate` of 1 new token (prefill) and of N new tokens; decode rate =
   gen_batch * (N - 1) / (t(N) - t(1)).
 
-Peak memory: on the CPU the process's resident high-water mark (VmHWM), reset through
-/proc/self/clear_refs before each workload; on CUDA torch.cuda.max_memory_allocated.
+Peak memory: the process's resident high-water mark (VmHWM), reset through /proc/self/clear_refs
+before each workload (*_peak_rss_mib); on CUDA also what the caching allocator held at its peak,
+torch.cuda.max_memory_reserved (*_peak_device_mib), and the live bytes at their peak,
+torch.cuda.max_memory_allocated (*_peak_device_in_use_mib), as the Rust side reports its pools.
 Progress goes to stderr; one JSON object goes to stdout.
 """
 
@@ -30,19 +32,14 @@ def reset_peak(device):
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    else:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
-def peak_mib(device):
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
+def peak_rss_mib():
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -51,6 +48,16 @@ def peak_mib(device):
     except OSError:
         return None
     return None
+
+
+def record_peaks(record, workload, device):
+    """The workload's peaks since reset_peak, under the names the Rust side uses."""
+    import torch
+
+    record[f"{workload}_peak_rss_mib"] = peak_rss_mib()
+    if device.startswith("cuda"):
+        record[f"{workload}_peak_device_mib"] = torch.cuda.max_memory_reserved() / 2**20
+        record[f"{workload}_peak_device_in_use_mib"] = torch.cuda.max_memory_allocated() / 2**20
 
 
 def peft_config(method, n):
@@ -175,7 +182,7 @@ def main():
             else:
                 record["train_tokens_per_s"] = args.batch * args.seq_len / seconds
                 record["train_step_s"] = seconds
-                record["train_peak_rss_mib"] = peak_mib(args.device)
+                record_peaks(record, "train", args.device)
                 print(f" train {record['train_tokens_per_s']:.1f} tok/s", end="", file=sys.stderr, flush=True)
             del model, opt, params
         if "forward" in workloads:
@@ -188,7 +195,7 @@ def main():
 
             seconds = timed(forward)
             record["forward_tokens_per_s"] = args.batch * args.seq_len / seconds
-            record["forward_peak_rss_mib"] = peak_mib(args.device)
+            record_peaks(record, "forward", args.device)
             print(f" forward {record['forward_tokens_per_s']:.1f} tok/s", end="", file=sys.stderr, flush=True)
             del model
         if "generate" in workloads:
@@ -212,7 +219,7 @@ def main():
             record["decode_tokens_per_s"] = args.gen_batch * (args.new_tokens - 1) / (full - prefill) if full > prefill else None
             record["generate_tokens_per_s"] = args.gen_batch * args.new_tokens / full
             record["generate_s"] = full
-            record["generate_peak_rss_mib"] = peak_mib(args.device)
+            record_peaks(record, "generate", args.device)
             print(f" generate {record['generate_tokens_per_s']:.2f} tok/s", end="", file=sys.stderr, flush=True)
             del model
         print(file=sys.stderr, flush=True)

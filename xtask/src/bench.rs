@@ -12,8 +12,13 @@
 //! Each timing is the median of `--reps` runs after one warm-up; with `--rounds N` every method
 //! runs N times, alternating ours and torch's, and each side reports its best round. Peak memory
 //! is the process's resident high-water mark (`VmHWM`) over the workload, reset before it through
-//! `/proc/self/clear_refs`, so it holds the model too. `--compare` runs the same workloads through
-//! torch + transformers + peft (`scripts/bench_torch.py`) in the same invocation.
+//! `/proc/self/clear_refs`, so it holds the model too (`*_peak_rss_mib`). On a backend with device
+//! memory pools (CubeCL: CUDA, wgpu) the bench also reports what the pools held
+//! (`*_peak_device_mib`, reserved bytes, against torch's `max_memory_reserved`) and the live bytes
+//! (`*_peak_device_in_use_mib`, against `max_memory_allocated`). burn keeps no high-water mark of
+//! its own, so ours are the largest readings taken during the warm-up run (see [`DevicePeak`]).
+//! `--compare` runs the same workloads through torch + transformers + peft
+//! (`scripts/bench_torch.py`) in the same invocation.
 
 use std::collections::BTreeSet;
 use std::ops::ControlFlow;
@@ -287,12 +292,13 @@ fn bench_method(
             ad = ad.gradient_checkpointing();
         }
         reset_peak_rss();
+        let mut pools = DevicePeak::start(device);
         let base = cast_params(config.init(&ad), args.dtype.into());
         let adapter = init_adapter(adapter_config, &base);
         let model = PeftModel::new(base, adapter);
         let trainable = model.trainable_parameters().trainable;
         let dtypes = trainable_dtypes(&model);
-        let seconds = time_train(model, rows, args.reps)?;
+        let seconds = time_train(model, rows, args.reps, &mut pools)?;
         let tokens_per_s = (batch * seq_len) as f64 / seconds;
         record["trainable_params"] = json!(trainable);
         record["trainable_dtypes"] = json!(dtypes);
@@ -302,22 +308,30 @@ fn bench_method(
         record["train_fraction_of_matmul_peak"] =
             json!(4.0 * matmul_params as f64 * tokens_per_s / (peak * 1e9));
         record["train_peak_rss_mib"] = json!(peak_rss_mib());
+        pools.record(&mut record, "train");
         eprint!(" train {tokens_per_s:.1} tok/s");
     }
     if args.workloads.contains(&Workload::Forward) {
         reset_peak_rss();
+        let mut pools = DevicePeak::start(device);
         let seconds = with_model(config, device, args, adapter_config.as_ref(), |model| {
-            time_forward(model, rows, args.reps)
+            time_forward(model, rows, args.reps, &mut pools)
         })?;
         let tokens_per_s = (batch * seq_len) as f64 / seconds;
         record["forward_tokens_per_s"] = json!(tokens_per_s);
         record["forward_peak_rss_mib"] = json!(peak_rss_mib());
+        pools.record(&mut record, "forward");
         eprint!(" forward {tokens_per_s:.1} tok/s");
     }
     if args.workloads.contains(&Workload::Generate) {
         reset_peak_rss();
+        let mut pools = DevicePeak::start(device);
         let (prefill, full) = with_model(config, device, args, adapter_config.as_ref(), |model| {
-            time_generate(model, prompts, args.new_tokens, args.reps)
+            let timings = time_generate(model, prompts, args.new_tokens, args.reps);
+            // Pages stay reserved until a cleanup: what the pools hold now is what generation
+            // needed (the cache at its longest included); the model is still alive.
+            pools.sample();
+            timings
         })?;
         let gen_batch = prompts.len() as f64;
         record["prefill_tokens_per_s"] = json!(gen_batch * seq_len as f64 / prefill);
@@ -329,6 +343,7 @@ fn bench_method(
         record["generate_tokens_per_s"] = json!(tokens_per_s);
         record["generate_s"] = json!(full);
         record["generate_peak_rss_mib"] = json!(peak_rss_mib());
+        pools.record(&mut record, "generate");
         eprint!(" generate {tokens_per_s:.2} tok/s");
     }
     eprintln!();
@@ -475,31 +490,97 @@ fn batch_tensors(rows: &[Vec<u32>], device: &Device) -> (Tensor<2, Int>, Tensor<
     (input_ids, mask)
 }
 
+/// The peak of a device's memory pools over a workload, from readings at chosen points.
+///
+/// burn 0.22 reports what CubeCL's pools hold now (`Device::memory_pool_usage`) but keeps no
+/// high-water mark, and a reading waits for the queued work, so the bench reads only during the
+/// warm-up run, where the timing does not count: in a training step after the loss (the
+/// activations saved for backward are live), after backward (the gradients too) and after the
+/// optimizer step. Pages stay reserved until [`DevicePeak::start`]'s cleanup, except those an
+/// outgrowing allocation retires, so the reserved peak is close to exact; the live bytes between
+/// readings (inside backward) are not seen, so that one is a lower bound. `None` on backends
+/// without pools (Flex).
+struct DevicePeak {
+    device: Device,
+    reserved: Option<u64>,
+    in_use: Option<u64>,
+}
+
+impl DevicePeak {
+    /// Returns the pages earlier workloads left for reuse, then takes a first reading.
+    fn start(device: &Device) -> Self {
+        device.memory_cleanup();
+        let mut peak = Self {
+            device: device.clone(),
+            reserved: None,
+            in_use: None,
+        };
+        peak.sample();
+        peak
+    }
+
+    fn sample(&mut self) {
+        if let Some(usage) = self.device.memory_pool_usage() {
+            self.reserved = self.reserved.max(Some(usage.bytes_reserved));
+            self.in_use = self.in_use.max(Some(usage.bytes_in_use));
+        }
+    }
+
+    /// `{workload}_peak_device_mib` and `{workload}_peak_device_in_use_mib`, when measured.
+    fn record(&self, record: &mut Value, workload: &str) {
+        let mib = |bytes: Option<u64>| bytes.map(|b| b as f64 / (1u64 << 20) as f64);
+        if let Some(reserved) = mib(self.reserved) {
+            record[format!("{workload}_peak_device_mib")] = json!(reserved);
+        }
+        if let Some(in_use) = mib(self.in_use) {
+            record[format!("{workload}_peak_device_in_use_mib")] = json!(in_use);
+        }
+    }
+}
+
 fn time_train(
     model: PeftModel<AutoCausalLm, AutoAdapter>,
     rows: &[Vec<u32>],
     reps: usize,
+    pools: &mut DevicePeak,
 ) -> Result<f64, String> {
     let device = model.base.device();
     let mut optimizer = AdamWConfig::new().init();
     let mut model = Some(model);
+    let mut warm_up = true;
     timed(reps, || {
         let current = model.take().expect("the model is put back after each step");
         let (input_ids, mask) = batch_tensors(rows, &device);
         // Labels on every real token, as a causal-LM step on plain text (PEFT shifts them the
         // same way).
         let loss = current.loss(input_ids.clone(), Some(mask), input_ids);
+        if warm_up {
+            pools.sample();
+        }
         let grads = GradientsParams::from_grads(loss.backward(), &current);
+        if warm_up {
+            pools.sample();
+        }
         // Clipped as the training loop clips (torch's side calls clip_grad_norm_).
         let clip = clip_coefficient(global_grad_norm(&current, &grads), Some(1.0));
         let stepped = optimizer.step(current, grads, 1e-4, clip);
         device.sync().map_err(|e| format!("{e:?}"))?;
+        if warm_up {
+            pools.sample();
+            warm_up = false;
+        }
         model = Some(stepped);
         Ok(())
     })
 }
 
-fn time_forward(model: Inference<'_>, rows: &[Vec<u32>], reps: usize) -> Result<f64, String> {
+fn time_forward(
+    model: Inference<'_>,
+    rows: &[Vec<u32>],
+    reps: usize,
+    pools: &mut DevicePeak,
+) -> Result<f64, String> {
+    let mut warm_up = true;
     timed(reps, || {
         let logits = match model {
             Inference::Base(base) => {
@@ -512,7 +593,12 @@ fn time_forward(model: Inference<'_>, rows: &[Vec<u32>], reps: usize) -> Result<
             }
         };
         // Reading one value waits for the whole computation on every backend.
-        let _ = logits.slice([0..1, 0..1, 0..1]).into_data();
+        let _ = logits.clone().slice([0..1, 0..1, 0..1]).into_data();
+        if warm_up {
+            // The logits are still live.
+            pools.sample();
+            warm_up = false;
+        }
         Ok(())
     })
 }
@@ -699,9 +785,10 @@ fn best_of_rounds(rounds: Vec<Value>) -> Value {
     best
 }
 
-const COLUMNS: [(&str, &str); 6] = [
+const COLUMNS: [(&str, &str); 7] = [
     ("train_tokens_per_s", "train tok/s"),
     ("train_peak_rss_mib", "train MiB"),
+    ("train_peak_device_mib", "train dev MiB"),
     ("forward_tokens_per_s", "forward tok/s"),
     ("prefill_tokens_per_s", "prefill tok/s"),
     ("decode_tokens_per_s", "decode tok/s"),
@@ -760,6 +847,32 @@ fn print_table(ours: &[Value], theirs: Option<&Value>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_peak_reads_the_pools_of_cubecl_and_nothing_on_flex() {
+        let device = Device::default();
+        let mut pools = DevicePeak::start(&device);
+        // 4 MiB of f32, live while sampled.
+        let tensor = Tensor::<2>::ones([1024, 1024], &device) * 2.0;
+        let _ = tensor.clone().slice([0..1, 0..1]).into_data();
+        pools.sample();
+        let mut record = json!({});
+        pools.record(&mut record, "train");
+        if peft::backend_name() == "flex" {
+            assert_eq!(record, json!({}));
+            return;
+        }
+        let reserved = record["train_peak_device_mib"].as_f64().unwrap();
+        let in_use = record["train_peak_device_in_use_mib"].as_f64().unwrap();
+        assert!(in_use >= 4.0, "{record}");
+        assert!(reserved >= in_use, "{record}");
+        drop(tensor);
+        // The peak stays when the tensor goes.
+        pools.sample();
+        let mut after = json!({});
+        pools.record(&mut after, "train");
+        assert_eq!(after, record);
+    }
 
     #[test]
     fn best_of_rounds_takes_each_sides_best_and_keeps_every_round() {
