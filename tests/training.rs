@@ -529,7 +529,7 @@ fn the_seed_set_before_init_decides_an_adapters_initial_values() {
 /// The CubeCL backend (CUDA's and wgpu's code path; here on CubeCL's CPU runtime) trains every
 /// method to Flex's losses: the same adapter weights (drawn on Flex, then forked), the same rows,
 /// three steps. Its fused attention and SwiGLU run as lazy Fusion operations instead of Flex's
-/// kernels. `cargo test --features cubecl-cpu --test training cubecl` (5 minutes)
+/// kernels. `cargo test --features cubecl-cpu --test training cubecl` (9 minutes on 2 cores)
 ///
 /// Not P-tuning's LSTM encoder: its backward multiplies `[h, 1]` by `[1, 4h]`, and CubeCL's
 /// matmul fails on that runtime (see the test below).
