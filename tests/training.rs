@@ -88,6 +88,13 @@ fn fresh_model_in(
     PeftModel::new(base, adapter)
 }
 
+/// The fixture model's sizes, which adapters shape themselves by.
+fn fixture_geometry() -> peft::core::ModelGeometry {
+    AutoCausalLm::from_pretrained(model_dir(), &Device::default(), DType::F32)
+        .unwrap()
+        .geometry()
+}
+
 fn configs(geometry: &peft::core::ModelGeometry) -> Vec<(&'static str, AutoAdapterConfig)> {
     vec![
         (
@@ -218,9 +225,7 @@ fn resuming_after_a_crash_ends_bit_identical_to_an_uninterrupted_run() {
         .with_warmup_steps(2)
         .with_save_steps(Some(2))
         .with_seed(3);
-    let geometry = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32)
-        .unwrap()
-        .geometry();
+    let geometry = fixture_geometry();
     for (name, adapter) in configs(&geometry) {
         let whole = temp_dir(&format!("{name}-whole"));
         let outcome = train(
@@ -316,9 +321,7 @@ fn resuming_with_other_data_or_batch_settings_is_refused() {
     let _rng = one_at_a_time();
     let device = Device::default().autodiff();
     let rows = rows();
-    let geometry = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32)
-        .unwrap()
-        .geometry();
+    let geometry = fixture_geometry();
     let adapter = &configs(&geometry)[0].1;
     let config = TrainingConfig::new().with_batch_size(8);
     let dir = temp_dir("refuse");
@@ -355,9 +358,7 @@ fn the_loss_scores_target_tokens_only() {
     let _rng = one_at_a_time();
     let device = Device::default();
     let rows = rows();
-    let geometry = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32)
-        .unwrap()
-        .geometry();
+    let geometry = fixture_geometry();
     for (name, adapter) in configs(&geometry) {
         let model = fresh_model(&device, &adapter);
         let refs: Vec<&TokenizedExample> = rows[..3].iter().collect();
@@ -418,9 +419,7 @@ fn gradient_checkpointing_changes_memory_not_results() {
         if checkpointed {
             device = device.gradient_checkpointing();
         }
-        let geometry = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32)
-            .unwrap()
-            .geometry();
+        let geometry = fixture_geometry();
         // Prefix tuning: the combination PEFT refuses.
         let adapter = configs(&geometry).remove(2).1;
         let (trained, losses) = train_into_temp_dir(
@@ -451,9 +450,7 @@ fn a_bf16_base_trains_f32_adapters_with_the_losses_of_an_f32_base() {
     let rows = rows();
     let config = one_epoch_of_three_steps();
     let device = Device::default().autodiff();
-    let geometry = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32)
-        .unwrap()
-        .geometry();
+    let geometry = fixture_geometry();
     for (name, adapter) in configs(&geometry) {
         let mut losses = Vec::new();
         for dtype in [DType::F32, DType::BF16] {
@@ -505,9 +502,7 @@ fn a_bf16_base_trains_f32_adapters_with_the_losses_of_an_f32_base() {
 fn the_seed_set_before_init_decides_an_adapters_initial_values() {
     let _rng = one_at_a_time();
     let device = Device::default().autodiff();
-    let geometry = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32)
-        .unwrap()
-        .geometry();
+    let geometry = fixture_geometry();
     // BitFit draws nothing: its trainable parameters are the base model's biases.
     let adapters = every_method(&geometry)
         .into_iter()
@@ -541,9 +536,7 @@ fn every_method_trains_on_the_cubecl_backend_to_the_losses_of_flex() {
     let config = one_epoch_of_three_steps();
     let flex = Device::flex().autodiff();
     let cube = Device::cpu().autodiff();
-    let geometry = AutoCausalLm::from_pretrained(model_dir(), &flex, DType::F32)
-        .unwrap()
-        .geometry();
+    let geometry = fixture_geometry();
     let methods = every_method(&geometry)
         .into_iter()
         .filter(|(name, _)| *name != "p-tuning-lstm");
@@ -601,9 +594,7 @@ fn a_diverging_run_stops_with_the_step_and_rows() {
     let _rng = one_at_a_time();
     let device = Device::default().autodiff();
     let rows = rows();
-    let geometry = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32)
-        .unwrap()
-        .geometry();
+    let geometry = fixture_geometry();
     let adapter = &configs(&geometry)[0].1;
     let config = TrainingConfig::new()
         .with_lr(1e30)
