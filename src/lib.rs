@@ -30,8 +30,8 @@ pub use peft_ptuning as ptuning;
 
 /// The device of the backend this crate was compiled for: the first CUDA GPU with the `cuda`
 /// feature, the default wgpu adapter with `wgpu`, CubeCL's CPU runtime with `cubecl-cpu`, else the
-/// Flex CPU backend. The `BURN_DEVICE`
-/// environment variable, when set, overrides the choice (see burn's docs).
+/// Flex CPU backend. The `BURN_DEVICE` environment variable, when set, overrides the choice (see
+/// burn's docs).
 pub fn default_device() -> burn::prelude::Device {
     burn::prelude::Device::default()
 }
