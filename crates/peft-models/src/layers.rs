@@ -72,19 +72,54 @@ pub fn causal_attention(
         }
         return grouped_attention(query, key, value, mask);
     }
+    let options = |is_causal| AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal,
+    };
+    let n_rep = heads / kv_heads;
+    if seq == 1 && n_rep > 1 {
+        // Decoding: the `n_rep` query heads of a key head become the rows of one head
+        // (`[b, kv_heads, n_rep, d]`, a view), so the cache is read as stored instead of copied
+        // `n_rep` times every step, on every backend. One query sees every key: only padding is
+        // masked. One layer on Flex, 14 heads over 2, 138 and 522 keys: 2.2-2.4x faster than
+        // over repeated heads and 1.3-1.4x faster than Flex's kernel given the unrepeated heads.
+        let [batch, _, _, head_dim] = query.dims();
+        let keys = key.dims()[2];
+        let shape = [batch, kv_heads, n_rep, keys];
+        let mask = key_mask.map(|mask| {
+            mask.equal_elem(0)
+                .reshape([batch, 1, 1, keys])
+                .expand(shape)
+        });
+        let bias = bias.map(|bias| bias.reshape(shape));
+        let query = query.reshape([batch, kv_heads, n_rep, head_dim]);
+        return attention(query, key, value, mask, bias, options(false))
+            .reshape([batch, heads, 1, head_dim]);
+    }
+    // Several queries: causal. Flex's kernel takes fewer key/value heads than query heads as they
+    // are. Grouping the rows as above would need an explicit causal mask instead of `is_causal`:
+    // measured 0-17% slower at 138 and 522 tokens. CubeCL's flash kernel indexes keys by the
+    // query's head and its fallback multiplies head by head, so there the heads are repeated (once
+    // per forward, not per decoding step).
+    let (key, value) = if attention_takes_grouped_heads(&query.device()) {
+        (key, value)
+    } else {
+        (repeat_kv(key, n_rep), repeat_kv(value, n_rep))
+    };
     let mask = padding_attention_mask(key_mask, heads, seq);
-    attention(
-        query,
-        repeat_kv(key, heads / kv_heads),
-        repeat_kv(value, heads / kv_heads),
-        mask,
-        bias,
-        AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
-        },
-    )
+    attention(query, key, value, mask, bias, options(true))
+}
+
+/// Whether burn's `attention` on `device`'s backend accepts fewer key/value heads than query
+/// heads (Flex's kernel maps each query head to its key head).
+fn attention_takes_grouped_heads(device: &Device) -> bool {
+    #[allow(unreachable_patterns)] // Flex may be the only backend compiled in.
+    match device.as_dispatch() {
+        #[cfg(feature = "flex")]
+        burn::backend::DispatchDevice::Flex(_) => true,
+        _ => false,
+    }
 }
 
 /// The additive attention bias of queries `[b, _, s, _]` that are the last `s` of keys
@@ -332,6 +367,64 @@ mod tests {
         training
             .into_data()
             .assert_approx_eq::<f32>(&inference.into_data(), Tolerance::absolute(1e-5));
+    }
+
+    #[test]
+    fn grouped_inference_attention_matches_attention_over_repeated_heads() {
+        // The inference path groups query heads when decoding and, on Flex, passes unrepeated
+        // keys and values otherwise; it must agree with burn's attention over repeated heads for
+        // prefill (causal), decoding (one query), padding, a past (cache or prefix) and an
+        // additive bias.
+        let device = Device::default();
+        let (b, heads, kv_heads, d) = (2, 6, 2, 8);
+        let random = |shape: [usize; 4]| {
+            Tensor::<4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device)
+        };
+        for (seq, past, padded, biased) in [
+            (5, 3, true, false),
+            (5, 0, false, true),
+            (4, 3, false, false),
+            (1, 7, false, false),
+            (1, 7, true, true),
+        ] {
+            let keys = past + seq;
+            let (q, k, v) = (
+                random([b, heads, seq, d]),
+                random([b, kv_heads, keys, d]),
+                random([b, kv_heads, keys, d]),
+            );
+            // Row 1 starts with two padding keys (left padding, as generation pads).
+            let key_mask = padded.then(|| {
+                let mut mask = vec![1i64; b * keys];
+                mask[keys] = 0;
+                mask[keys + 1] = 0;
+                Tensor::<2, Int>::from_data(TensorData::new(mask, [b, keys]), &device)
+            });
+            let bias = biased.then(|| random([b, heads, seq, keys]));
+            let grouped = causal_attention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                key_mask.clone(),
+                bias.clone(),
+            );
+            let repeated = attention(
+                q,
+                repeat_kv(k, heads / kv_heads),
+                repeat_kv(v, heads / kv_heads),
+                padding_attention_mask(key_mask, heads, seq),
+                bias,
+                AttentionModuleOptions {
+                    scale: None,
+                    softcap: None,
+                    is_causal: true,
+                },
+            );
+            assert_eq!(grouped.dims(), [b, heads, seq, d]);
+            grouped
+                .into_data()
+                .assert_approx_eq::<f32>(&repeated.into_data(), Tolerance::absolute(1e-5));
+        }
     }
 
     #[test]
