@@ -543,15 +543,25 @@ mod flex {
     }
 }
 
-/// Whether `device` runs on a backend [`FusedOps`] is implemented for: Flex or the CubeCL one.
-fn has_fused_ops(device: &Device) -> bool {
+/// A backend [`FusedOps`] is implemented for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(dead_code)] // A backend's variant is never built when its feature is off.
+pub(crate) enum FusedBackend {
+    /// Flex (CPU).
+    Flex,
+    /// The CubeCL backend (CUDA, wgpu, CubeCL's CPU runtime).
+    Cube,
+}
+
+/// The backend with fused operations that `device` (autodiff or not) runs on, if any.
+pub(crate) fn fused_backend(device: &Device) -> Option<FusedBackend> {
     #[allow(unreachable_patterns)] // Flex and Cube may be the only backends compiled in.
     match device.clone().without_autodiff().as_dispatch() {
         #[cfg(feature = "flex")]
-        burn::backend::DispatchDevice::Flex(_) => true,
+        burn::backend::DispatchDevice::Flex(_) => Some(FusedBackend::Flex),
         #[cfg(feature = "cube")]
-        burn::backend::DispatchDevice::Cube(_) => true,
-        _ => false,
+        burn::backend::DispatchDevice::Cube(_) => Some(FusedBackend::Cube),
+        _ => None,
     }
 }
 
@@ -563,7 +573,7 @@ pub fn grouped_attention(
     value: Tensor<4>,
     bias: Tensor<4>,
 ) -> Tensor<4> {
-    if has_fused_ops(&query.device()) {
+    if fused_backend(&query.device()).is_some() {
         let output = <Dispatch as FusedOps>::grouped_attention(
             query.into_dispatch(),
             key.into_dispatch(),
@@ -579,7 +589,7 @@ pub fn grouped_attention(
 /// multi-threaded pass) and on the CubeCL backend; on other backends composed of tensor
 /// operations.
 pub fn silu_gate<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
-    if has_fused_ops(&gate.device()) {
+    if fused_backend(&gate.device()).is_some() {
         let output = <Dispatch as FusedOps>::silu_gate(gate.into_dispatch(), up.into_dispatch());
         return Tensor::from_dispatch(output);
     }
@@ -708,7 +718,7 @@ mod tests {
         let devices = devices();
         assert!(!devices.is_empty());
         for device in devices {
-            assert!(has_fused_ops(&device), "{device:?}");
+            assert!(fused_backend(&device).is_some(), "{device:?}");
         }
     }
 

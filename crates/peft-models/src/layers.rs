@@ -1,7 +1,7 @@
 //! Pieces shared by the model files: rotate-half RoPE, grouped-query attention over a padding
 //! mask, the tied head, and `Past` (prefix / cache / mask / positions of one forward).
 
-use crate::fused::{MASKED_SCORE, grouped_attention};
+use crate::fused::{FusedBackend, MASKED_SCORE, fused_backend, grouped_attention};
 use burn::nn::{Embedding, Linear};
 use burn::prelude::*;
 use burn::tensor::module::attention;
@@ -86,13 +86,9 @@ pub fn causal_attention(
         // over repeated heads and 1.3-1.4x faster than Flex's kernel given the unrepeated heads.
         let [batch, _, _, head_dim] = query.dims();
         let keys = key.dims()[2];
-        let shape = [batch, kv_heads, n_rep, keys];
-        let mask = key_mask.map(|mask| {
-            mask.equal_elem(0)
-                .reshape([batch, 1, 1, keys])
-                .expand(shape)
-        });
-        let bias = bias.map(|bias| bias.reshape(shape));
+        // The grouped rows stand where the queries were: `[b, kv_heads, n_rep, keys]`.
+        let mask = padding_attention_mask(key_mask, kv_heads, n_rep);
+        let bias = bias.map(|bias| bias.reshape([batch, kv_heads, n_rep, keys]));
         let query = query.reshape([batch, kv_heads, n_rep, head_dim]);
         return attention(query, key, value, mask, bias, options(false))
             .reshape([batch, heads, 1, head_dim]);
@@ -114,12 +110,7 @@ pub fn causal_attention(
 /// Whether burn's `attention` on `device`'s backend accepts fewer key/value heads than query
 /// heads (Flex's kernel maps each query head to its key head).
 fn attention_takes_grouped_heads(device: &Device) -> bool {
-    #[allow(unreachable_patterns)] // Flex may be the only backend compiled in.
-    match device.as_dispatch() {
-        #[cfg(feature = "flex")]
-        burn::backend::DispatchDevice::Flex(_) => true,
-        _ => false,
-    }
+    fused_backend(device) == Some(FusedBackend::Flex)
 }
 
 /// The additive attention bias of queries `[b, _, s, _]` that are the last `s` of keys
