@@ -22,8 +22,12 @@ import json
 import os
 import sys
 import time
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# PEFT 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` when it wraps a model;
+# the FutureWarning would otherwise break the progress line of every method.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def reset_peak(device):
