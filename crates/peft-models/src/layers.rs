@@ -72,11 +72,6 @@ pub fn causal_attention(
         }
         return grouped_attention(query, key, value, mask);
     }
-    let options = |is_causal| AttentionModuleOptions {
-        scale: None,
-        softcap: None,
-        is_causal,
-    };
     let n_rep = heads / kv_heads;
     if seq == 1 && n_rep > 1 {
         // Decoding: the `n_rep` query heads of a key head become the rows of one head
@@ -90,7 +85,7 @@ pub fn causal_attention(
         let mask = padding_attention_mask(key_mask, kv_heads, n_rep);
         let bias = bias.map(|bias| bias.reshape([batch, kv_heads, n_rep, keys]));
         let query = query.reshape([batch, kv_heads, n_rep, head_dim]);
-        return attention(query, key, value, mask, bias, options(false))
+        return attention(query, key, value, mask, bias, attention_options(false))
             .reshape([batch, heads, 1, head_dim]);
     }
     // Several queries: causal. Flex's kernel takes fewer key/value heads than query heads as they
@@ -104,7 +99,16 @@ pub fn causal_attention(
         (repeat_kv(key, n_rep), repeat_kv(value, n_rep))
     };
     let mask = padding_attention_mask(key_mask, heads, seq);
-    attention(query, key, value, mask, bias, options(true))
+    attention(query, key, value, mask, bias, attention_options(true))
+}
+
+/// burn's attention options as every call here sets them: the default `1/√d` scale, no softcap.
+fn attention_options(is_causal: bool) -> AttentionModuleOptions {
+    AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal,
+    }
 }
 
 /// Whether burn's `attention` on `device`'s backend accepts fewer key/value heads than query
@@ -405,11 +409,7 @@ mod tests {
                 repeat_kv(v, heads / kv_heads),
                 padding_attention_mask(key_mask, heads, seq),
                 bias,
-                AttentionModuleOptions {
-                    scale: None,
-                    softcap: None,
-                    is_causal: true,
-                },
+                attention_options(true),
             );
             assert_eq!(grouped.dims(), [b, heads, seq, d]);
             grouped
