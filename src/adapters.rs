@@ -25,23 +25,37 @@ pub enum AutoAdapterConfig {
     BitFit(BitFitConfig),
 }
 
+/// Why an adapter could not be initialized from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterInitError {
+    /// BitFit's `bias_pattern` is not a valid regular expression or selects nothing.
+    #[error(transparent)]
+    Pattern(#[from] PatternError),
+    /// An initialization the configuration asks for cannot be done (a prefix from text).
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+}
+
 impl AutoAdapterConfig {
     /// A fresh adapter for `base`, on its device. Random parameters draw from the device's
-    /// generator (seed it for a reproducible start). Prompt tuning's `Text` init takes the rows
-    /// of `init_text_ids` (the tokenized init text) from the base's word embeddings.
+    /// generator (seed it for a reproducible start). `init_text_ids` are the token ids of the
+    /// configuration's init text, if it has one: prompt tuning's `Text` init takes their rows of
+    /// the base's word embeddings; a prefix with `init_text` starts as the base model's keys and
+    /// values for them (see [`PrefixTuningConfig::init_from_text`]).
     ///
     /// # Errors
     ///
-    /// A BitFit bias pattern that is not a valid regular expression.
+    /// A BitFit bias pattern that is not a valid regular expression; a prefix from text that
+    /// cannot be built (projection, too few tokens).
     ///
     /// # Panics
     ///
-    /// `Text` init with no ids.
+    /// Prompt tuning's `Text` init with no ids.
     pub fn init<M: CausalLm>(
         &self,
         base: &M,
         init_text_ids: &[u32],
-    ) -> Result<AutoAdapter, PatternError> {
+    ) -> Result<AutoAdapter, AdapterInitError> {
         let device = base.device();
         Ok(match self {
             Self::PromptTuning(config) => AutoAdapter::PromptTuning(
@@ -52,7 +66,10 @@ impl AutoAdapterConfig {
                 },
             ),
             Self::PTuning(config) => AutoAdapter::PTuning(config.init(&device)),
-            Self::PrefixTuning(config) => AutoAdapter::PrefixTuning(config.init(&device)),
+            Self::PrefixTuning(config) => AutoAdapter::PrefixTuning(match config.init_text {
+                Some(_) => config.init_from_text(base, init_text_ids)?,
+                None => config.init(&device),
+            }),
             Self::BitFit(config) => AutoAdapter::BitFit(config.init()?),
         })
     }

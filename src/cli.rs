@@ -198,6 +198,15 @@ pub struct MethodArgs {
     /// output. Random prefixes can swamp a pretrained model's attention (docs/smollm2.md).
     #[arg(long)]
     pub prefix_zero_init: bool,
+    /// P-tuning v2: start the prefix from the base model's own keys and values for this text
+    /// (PEFT's `initialize_kv_prefix_from_text`): rendered as a system message through the
+    /// model's chat template when it has one, and at least --num-virtual-tokens tokens long.
+    #[arg(long)]
+    pub prefix_init_text: Option<String>,
+    /// With --prefix-init-text: tokenize the text as it is, without the chat template (PEFT's
+    /// `use_chat_template=False`).
+    #[arg(long)]
+    pub prefix_init_plain: bool,
     /// BitFit: a regular expression over Hugging Face names narrowing which biases train.
     #[arg(long)]
     pub bias_pattern: Option<String>,
@@ -218,6 +227,34 @@ impl MethodArgs {
                 flag: "--encoder-dropout",
                 message: format!("must be in [0, 1), found {}", self.encoder_dropout),
             });
+        }
+        if self.prefix_init_plain && self.prefix_init_text.is_none() {
+            return Err(CliError::Argument {
+                flag: "--prefix-init-plain",
+                message: "needs --prefix-init-text".into(),
+            });
+        }
+        if let Some(text) = &self.prefix_init_text {
+            let projection = self
+                .prefix_projection
+                .unwrap_or(self.method == Method::PrefixTuning);
+            let problem = if !matches!(self.method, Method::PrefixTuning | Method::PTuningV2) {
+                Some("applies to p-tuning-v2 only")
+            } else if projection {
+                Some("needs a prefix without projection (p-tuning-v2), as in PEFT")
+            } else if self.prefix_zero_init {
+                Some("contradicts --prefix-zero-init")
+            } else if text.is_empty() {
+                Some("is empty")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(CliError::Argument {
+                    flag: "--prefix-init-text",
+                    message: problem.into(),
+                });
+            }
         }
         let init = match self.prompt_tuning_init {
             InitArg::Random => PromptTuningInit::Random,
@@ -267,7 +304,8 @@ impl MethodArgs {
                             .unwrap_or(self.method == Method::PrefixTuning),
                     )
                     .with_encoder_hidden_size(self.encoder_hidden_size)
-                    .with_zero_init(self.prefix_zero_init),
+                    .with_zero_init(self.prefix_zero_init)
+                    .with_init_text(self.prefix_init_text.clone()),
             ),
             Method::Bitfit => AutoAdapterConfig::BitFit(
                 BitFitConfig::new().with_bias_pattern(self.bias_pattern.clone()),

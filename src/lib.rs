@@ -19,7 +19,7 @@ pub mod quickstart;
 pub mod tasks;
 pub mod training;
 
-pub use adapters::{AutoAdapter, AutoAdapterConfig};
+pub use adapters::{AdapterInitError, AutoAdapter, AutoAdapterConfig};
 
 pub use peft_bitfit as bitfit;
 pub use peft_core as core;

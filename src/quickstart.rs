@@ -95,6 +95,8 @@ fn method_args(method: Method) -> MethodArgs {
         encoder_dropout: 0.0,
         prefix_projection: None,
         prefix_zero_init: false,
+        prefix_init_text: None,
+        prefix_init_plain: false,
         bias_pattern: None,
     }
 }

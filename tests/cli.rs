@@ -709,3 +709,75 @@ fn train_writes_adapter_metrics_and_curve_and_eval_reads_them_back() {
     assert!(stdout.contains(&expected), "{stdout} vs {expected}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn train_starts_p_tuning_v2_from_text_as_peft_does_and_refuses_contradictions() {
+    let dir = scratch("prefix-text");
+    let rows = "{\"prompt\": \"ab\", \"completion\": \"ba\"}\n{\"prompt\": \"abc\", \"completion\": \"cba\"}\n";
+    // The text of scripts/make_prefix_text_fixtures.py; the fixture model has no chat template, so
+    // it is tokenized plainly. At lr 0 the saved prefix is the initial one: PEFT's.
+    let text = "  You sort the letters of a word.  ";
+    let (out, adapter) = train_on(
+        &dir,
+        "p-tuning-v2",
+        rows,
+        &[
+            "--prefix-init-text",
+            text,
+            "--lr",
+            "0",
+            "--weight-decay",
+            "0",
+            "--epochs",
+            "1",
+            "--group-by-length",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_, ours) = read_f32(
+        &adapter.join("adapter_model.safetensors"),
+        "prompt_embeddings",
+    );
+    let (_, peft_prefix) = read_f32(
+        &root().join("fixtures/expected/prefix-init-text/qwen2-gqa-tied.safetensors"),
+        "plain_prompt_embeddings",
+    );
+    assert_eq!(ours.len(), peft_prefix.len());
+    let diff = max_abs_diff(ours.iter().zip(&peft_prefix));
+    assert!(diff < 1e-5, "prefix differs from PEFT's by {diff}");
+    std::fs::remove_dir_all(&adapter).unwrap();
+
+    for (method, extra, message) in [
+        (
+            "prefix-tuning",
+            vec!["--prefix-init-text", text],
+            "--prefix-init-text: needs a prefix without projection",
+        ),
+        (
+            "p-tuning-v2",
+            vec!["--prefix-init-text", text, "--prefix-zero-init"],
+            "--prefix-init-text: contradicts --prefix-zero-init",
+        ),
+        (
+            "prompt-tuning",
+            vec!["--prefix-init-text", text],
+            "--prefix-init-text: applies to p-tuning-v2 only",
+        ),
+        (
+            "p-tuning-v2",
+            vec!["--prefix-init-text", "ab"],
+            "--prefix-init-text: init_text: the text encodes to",
+        ),
+        (
+            "p-tuning-v2",
+            vec!["--prefix-init-plain"],
+            "--prefix-init-plain: needs --prefix-init-text",
+        ),
+    ] {
+        let (out, adapter) = train_on(&dir, method, rows, &extra);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(message), "{}", stderr(&out));
+        assert!(!adapter.join("metrics.jsonl").exists());
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

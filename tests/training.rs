@@ -194,6 +194,18 @@ fn train_losses(dir: &Path) -> Vec<(usize, f64)> {
         .collect()
 }
 
+/// The data lines of each logged training step.
+fn train_lines(dir: &Path) -> Vec<Vec<usize>> {
+    read_metrics(&dir.join(METRICS_FILE))
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            MetricsLine::Train(t) => Some(t.lines),
+            MetricsLine::Eval(_) => None,
+        })
+        .collect()
+}
+
 /// Trains `model` on `rows` in a fresh temporary directory named after `label` (which also names
 /// the run in a failure), removes the directory, and returns the trained model and its logged
 /// `(step, loss)` pairs.
@@ -226,7 +238,25 @@ fn resuming_after_a_crash_ends_bit_identical_to_an_uninterrupted_run() {
         .with_save_steps(Some(2))
         .with_seed(3);
     let geometry = fixture_geometry();
-    for (name, adapter) in configs(&geometry) {
+    // Every method with the seeded shuffle, and one with the length-grouped sampler.
+    let grouped = config.clone().with_group_by_length(true);
+    let cases = configs(&geometry)
+        .into_iter()
+        .map(|(name, adapter)| (name, adapter, &config))
+        .chain(
+            configs(&geometry)
+                .into_iter()
+                .take(1)
+                .map(|(name, adapter)| (name, adapter, &grouped)),
+        );
+    let mut orders = Vec::new();
+    for (name, adapter, config) in cases {
+        let name = if config.group_by_length {
+            format!("{name}-grouped")
+        } else {
+            name.to_string()
+        };
+        let name = name.as_str();
         let whole = temp_dir(&format!("{name}-whole"));
         let outcome = train(
             fresh_model(&device, &adapter),
@@ -276,8 +306,10 @@ fn resuming_after_a_crash_ends_bit_identical_to_an_uninterrupted_run() {
             assert_eq!(n1, n2);
             assert_eq!(v1, v2, "{name}: {n1} differs after resuming");
         }
-        // The metrics file tells one story: steps 1..=9 once each, the same losses.
+        // The metrics file tells one story: steps 1..=9 once each, the same losses and rows.
         assert_eq!(train_losses(&whole), train_losses(&crashed), "{name}");
+        assert_eq!(train_lines(&whole), train_lines(&crashed), "{name}");
+        orders.push((config.group_by_length, train_lines(&whole)));
         let losses = train_losses(&whole);
         assert_eq!(
             losses.iter().map(|l| l.0).collect::<Vec<_>>(),
@@ -297,7 +329,7 @@ fn resuming_after_a_crash_ends_bit_identical_to_an_uninterrupted_run() {
             "optimizer.safetensors",
             "trainer_state.json",
         ];
-        if name == "p-tuning-lstm" || name == "prefix-tuning" {
+        if name.starts_with("p-tuning-lstm") || name.starts_with("prefix-tuning") {
             expected_files.insert(1, "adapter_encoder.safetensors");
         }
         assert_eq!(files, expected_files, "{name}");
@@ -314,6 +346,10 @@ fn resuming_after_a_crash_ends_bit_identical_to_an_uninterrupted_run() {
         std::fs::remove_dir_all(whole).unwrap();
         std::fs::remove_dir_all(crashed).unwrap();
     }
+    // The sampler is what changed the order: every plain run visited the same rows.
+    let (plain, grouped): (Vec<_>, Vec<_>) = orders.into_iter().partition(|(g, _)| !g);
+    assert!(plain.windows(2).all(|w| w[0].1 == w[1].1));
+    assert_ne!(plain[0].1, grouped[0].1);
 }
 
 #[test]
@@ -348,6 +384,12 @@ fn resuming_with_other_data_or_batch_settings_is_refused() {
     let err = attempt(&rows, &config.clone().with_batch_size(4), true)
         .expect("resumed with another batch size");
     assert!(err.contains("--batch-size 8, this run has 4"), "{err}");
+    let err = attempt(&rows, &config.clone().with_group_by_length(true), true)
+        .expect("resumed with another sampler");
+    assert!(
+        err.contains("--group-by-length false, this run has true"),
+        "{err}"
+    );
     let err = attempt(&rows[1..], &config, true).expect("resumed on other data");
     assert!(err.contains("training data 24 rows"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();

@@ -61,7 +61,7 @@ pub enum BenchMethod {
 }
 
 impl BenchMethod {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Base => "base",
             Self::PromptTuning => "prompt-tuning",
@@ -83,6 +83,9 @@ pub enum Workload {
     Forward,
     /// Greedy generation (prefill + decode).
     Generate,
+    /// `peft train` end to end on a real model and JSONL file (--model, --data) against a plain
+    /// torch + PEFT loop on the same file (`scripts/peft_train.py`): seconds per epoch.
+    Epoch,
 }
 
 impl Workload {
@@ -91,6 +94,7 @@ impl Workload {
             Self::Train => "train",
             Self::Forward => "forward",
             Self::Generate => "generate",
+            Self::Epoch => "epoch",
         }
     }
 }
@@ -156,6 +160,19 @@ pub struct BenchArgs {
     /// Where to write the results.
     #[arg(long, default_value = "bench-results/bench.json")]
     json: PathBuf,
+    /// Epoch workload: the Hugging Face model directory to train on (e.g. SmolLM2-135M,
+    /// docs/smollm2.md).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Epoch workload: the training rows (prompt/completion JSONL).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Epoch workload: epochs per run.
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Epoch workload: peak learning rate (default: `peft train`'s for the method).
+    #[arg(long)]
+    lr: Option<f64>,
 }
 
 pub fn bench(args: &BenchArgs) -> Result<(), String> {
@@ -168,9 +185,10 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         || args.reps == 0
         || args.rounds == 0
         || args.gen_batch == 0
+        || args.epochs == 0
     {
         return Err(
-            "--new-tokens must be >= 2, --seq-len >= 2; --batch, --gen-batch, --reps and --rounds >= 1"
+            "--new-tokens must be >= 2, --seq-len >= 2; --batch, --gen-batch, --reps, --rounds and --epochs >= 1"
                 .into(),
         );
     }
@@ -208,9 +226,10 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     if args.compare && python.is_none() {
         println!("--compare: no Python with torch, transformers and peft found; skipping");
     }
+    let shape_workloads = args.workloads.iter().any(|w| *w != Workload::Epoch);
     let mut ours = Vec::new();
     let mut torch_runs = Vec::new();
-    for &method in &args.methods {
+    for &method in args.methods.iter().filter(|_| shape_workloads) {
         // Rounds alternate ours and torch, so that this machine's speed drift (it moves by tens of
         // percent over minutes on a shared host) lands on both sides; each keeps its best round.
         let mut our_rounds = Vec::with_capacity(args.rounds);
@@ -237,7 +256,29 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         }
         None => None,
     };
-    print_table(&ours, theirs.as_ref());
+    if shape_workloads {
+        print_table(&ours, theirs.as_ref());
+    }
+    let epoch = if args.workloads.contains(&Workload::Epoch) {
+        let (model, data) = crate::epoch::epoch_inputs(args.model.as_ref(), args.data.as_ref())?;
+        let records = crate::epoch::bench_epoch(
+            &crate::epoch::EpochSettings {
+                model: &model,
+                data: &data,
+                epochs: args.epochs,
+                batch: args.batch.unwrap_or(8),
+                num_virtual_tokens: args.num_virtual_tokens,
+                lr: args.lr,
+                rounds: args.rounds,
+                threads,
+                python: python.as_deref(),
+            },
+            &args.methods,
+        )?;
+        Some(json!({ "model": model, "data": data, "epochs": args.epochs, "methods": records }))
+    } else {
+        None
+    };
 
     let record = json!({
         "commit": commit,
@@ -257,6 +298,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         "matmul_gflops": peak,
         "ours": ours,
         "torch": theirs,
+        "epoch": epoch,
     });
     if let Some(dir) = args.json.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -703,7 +745,13 @@ fn run_torch(
         .args(["--methods", method.name()])
         .args([
             "--workloads",
-            &join(args.workloads.iter().map(|w| w.name()).collect()),
+            &join(
+                args.workloads
+                    .iter()
+                    .filter(|w| **w != Workload::Epoch)
+                    .map(|w| w.name())
+                    .collect(),
+            ),
         ])
         .args(["--batch", &batch.to_string()])
         .args(["--seq-len", &seq_len.to_string()])

@@ -7,6 +7,7 @@
 //! `cargo run -p xtask --no-default-features --features cuda -- bench`.
 
 mod bench;
+mod epoch;
 mod pretrain;
 
 use clap::{Parser, Subcommand};

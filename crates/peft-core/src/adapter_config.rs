@@ -33,6 +33,14 @@ pub enum AdapterError {
         /// The method asked for.
         expected: &'static str,
     },
+    /// An initialization the configuration asks for cannot be done (names the config field).
+    #[error("{field}: {message}")]
+    Init {
+        /// The configuration field (e.g. `init_text`).
+        field: &'static str,
+        /// Why.
+        message: String,
+    },
 }
 
 /// The methods of this workspace, by PEFT's `peft_type`.

@@ -31,6 +31,9 @@ pub struct TrainerState {
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub gradient_accumulation_steps: usize,
+    /// Rows batched by length ([`crate::data::length_grouped_order`]).
+    #[serde(default)]
+    pub group_by_length: bool,
     /// Training rows.
     pub train_rows: usize,
     /// Hash of the training rows' tokens and labels, to refuse resuming on other data.
@@ -160,6 +163,7 @@ mod tests {
             seed: 1,
             batch_size: 2,
             gradient_accumulation_steps: 1,
+            group_by_length: false,
             train_rows: 4,
             train_fingerprint: "0".into(),
         }

@@ -410,6 +410,42 @@ pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
+/// Rows per sorting window of [`length_grouped_order`], in batches (transformers'
+/// `LengthGroupedSampler` sorts megabatches of 50 batches).
+pub const LENGTH_GROUP_BATCHES: usize = 50;
+
+/// The order in which epoch `epoch` visits rows of `lengths`, grouped by length so that a batch
+/// pads little: the epoch's seeded permutation ([`epoch_order`]) is cut into windows of
+/// [`LENGTH_GROUP_BATCHES`] batches, each window sorted by length (longest first, ties in
+/// permutation order) and cut into batches of `batch_size`, and the full batches are then
+/// shuffled (seeded by `seed` and `epoch` alone), so batches are homogeneous in length but not
+/// visited from longest to shortest. A last, partial batch stays last, so that the order still
+/// splits into whole batches from the start. Like [`epoch_order`] it depends on its arguments
+/// alone: a resumed run replays it.
+pub fn length_grouped_order(
+    lengths: &[usize],
+    batch_size: usize,
+    seed: u64,
+    epoch: usize,
+) -> Vec<usize> {
+    let batch_size = batch_size.max(1);
+    let mut order = epoch_order(lengths.len(), seed, epoch);
+    for window in order.chunks_mut(batch_size * LENGTH_GROUP_BATCHES) {
+        // Stable: equal lengths keep the permutation's order.
+        window.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    }
+    let full = order.len() / batch_size * batch_size;
+    let mut batches: Vec<&[usize]> = order[..full].chunks(batch_size).collect();
+    let mut rng = StdRng::seed_from_u64(
+        (seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .wrapping_add(0x6C62_272E_07BB_0142),
+    );
+    batches.shuffle(&mut rng);
+    let mut grouped: Vec<usize> = batches.concat();
+    grouped.extend_from_slice(&order[full..]);
+    grouped
+}
+
 /// A padded batch (right padding: row `i`'s real tokens first).
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -635,6 +671,41 @@ mod tests {
         // Text keeps its beginning.
         assert_eq!(rows[1].input_ids, [1, 97, 98, 99]);
         assert!(rows[1].truncated);
+    }
+
+    #[test]
+    fn length_grouped_order_is_a_seeded_permutation_of_homogeneous_batches() {
+        // 203 rows of lengths 1..=40 in a scrambled pattern, batches of 8 (a partial one of 3).
+        let lengths: Vec<usize> = (0..203).map(|i| (i * 37) % 40 + 1).collect();
+        let order = length_grouped_order(&lengths, 8, 5, 2);
+        assert_eq!(order, length_grouped_order(&lengths, 8, 5, 2));
+        assert_ne!(order, length_grouped_order(&lengths, 8, 5, 3));
+        assert_ne!(order, length_grouped_order(&lengths, 8, 6, 2));
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..203).collect::<Vec<_>>());
+        // Padding to the longest row of each batch: far less than with the plain order.
+        let padding = |order: &[usize]| -> usize {
+            order
+                .chunks(8)
+                .map(|b| {
+                    let max = b.iter().map(|&i| lengths[i]).max().unwrap();
+                    b.iter().map(|&i| max - lengths[i]).sum::<usize>()
+                })
+                .sum()
+        };
+        let plain = padding(&epoch_order(203, 5, 2));
+        assert!(
+            padding(&order) * 4 < plain,
+            "{} vs {plain}",
+            padding(&order)
+        );
+        // The partial batch is last (here one window holds every row: the shortest three);
+        // batches are not visited longest first.
+        let shortest_full = order[..200].iter().map(|&i| lengths[i]).min().unwrap();
+        assert!(order[200..].iter().all(|&i| lengths[i] <= shortest_full));
+        let firsts: Vec<usize> = order[..200].chunks(8).map(|b| lengths[b[0]]).collect();
+        assert!(firsts.windows(2).any(|w| w[0] < w[1]), "{firsts:?}");
     }
 
     #[test]

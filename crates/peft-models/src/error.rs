@@ -87,6 +87,14 @@ pub enum ModelError {
         /// The tokenizers crate's message.
         message: String,
     },
+    /// A chat template that cannot be read, parsed or rendered (a `raise_exception` included).
+    #[error("{path}: chat template: {message}")]
+    ChatTemplate {
+        /// The template's file (`chat_template.jinja` or `tokenizer_config.json`).
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// The input does not fit the model (ids, mask, length).
     #[error(transparent)]
     Input(#[from] peft_core::CoreError),

@@ -17,6 +17,7 @@
 
 pub mod auto;
 pub mod bloom;
+pub mod chat;
 pub mod checkpoint;
 pub mod error;
 pub mod fused;
@@ -27,6 +28,7 @@ pub mod weights;
 
 pub use auto::{AutoCausalLm, AutoConfig, SpecialTokens, TokenizerEncoder, load_tokenizer};
 pub use bloom::{BloomConfig, BloomForCausalLM};
+pub use chat::{ChatMessage, ChatTemplate};
 pub use checkpoint::Checkpoint;
 pub use error::{ModelError, Result};
 pub use hf_config::HfConfig;

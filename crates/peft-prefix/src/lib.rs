@@ -26,7 +26,7 @@ use peft_core::adapter_file::{
 };
 use peft_core::json_config::JsonConfig;
 use peft_core::params::initialize_now;
-use peft_core::{Adapter, CausalLm, Injection, LayerKv, ModelGeometry};
+use peft_core::{Adapter, CausalLm, Injection, LayerKv, ModelGeometry, ModelInput};
 
 pub use peft_core::adapter_config::AdapterError;
 
@@ -53,6 +53,11 @@ pub struct PrefixTuningConfig {
     /// Dropout on the prefix key/values while training (not in PEFT; 0 keeps PEFT's result).
     #[config(default = 0.0)]
     pub prefix_dropout: f64,
+    /// Start the prefix from the base model's own keys and values for this text (PEFT's
+    /// `initialize_kv_prefix_from_text`), built by [`PrefixTuningConfig::init_from_text`] from
+    /// the text's token ids. Without projection only, as in PEFT. Not saved: the trained prefix
+    /// is.
+    pub init_text: Option<String>,
 }
 
 impl PrefixTuningConfig {
@@ -113,6 +118,112 @@ impl PrefixTuningConfig {
             dropout: DropoutConfig::new(self.prefix_dropout).init(),
             config: self.clone(),
         })
+    }
+
+    /// A trainable prefix (no projection) that starts as the base model's own cached keys and
+    /// values of the first `num_virtual_tokens` tokens of `text_ids`, keys as cached (rotated
+    /// by their positions `0..n`, as RoPE models cache them): PEFT 0.21's
+    /// `initialize_kv_prefix_from_text`, which prefills the text (by default rendered as a system
+    /// message through the model's chat template) and copies the cache. The prefix then makes the
+    /// model see the text's beginning before every input, so training starts near the base
+    /// model's loss instead of from a random or zero prefix that swamps attention.
+    ///
+    /// # Errors
+    ///
+    /// `prefix_projection` set (PEFT refuses it too: the projection's output cannot be set),
+    /// fewer than `num_virtual_tokens` text tokens, a token id outside the base's vocabulary, or a
+    /// base whose geometry differs from this configuration's; each names `init_text`.
+    pub fn init_from_text<M: CausalLm>(
+        &self,
+        base: &M,
+        text_ids: &[u32],
+    ) -> Result<PrefixEncoder, AdapterError> {
+        let n = self.num_virtual_tokens;
+        if self.prefix_projection {
+            return Err(AdapterError::Init {
+                field: "init_text",
+                message: "a prefix from text needs prefix_projection false (P-tuning v2): a \
+                          projection's output cannot be set to given key/values"
+                    .into(),
+            });
+        }
+        if text_ids.len() < n {
+            return Err(AdapterError::Init {
+                field: "init_text",
+                message: format!(
+                    "the text encodes to {} tokens, fewer than num_virtual_tokens {n}",
+                    text_ids.len()
+                ),
+            });
+        }
+        let geometry = base.geometry();
+        let expected = Self::for_model(n, &geometry);
+        if (self.num_layers, self.token_dim, self.num_attention_heads)
+            != (
+                expected.num_layers,
+                expected.token_dim,
+                expected.num_attention_heads,
+            )
+        {
+            return Err(AdapterError::Init {
+                field: "init_text",
+                message: format!(
+                    "the base model has {} layers and key/values of {} x {}, the configuration \
+                     {} layers of {} x {}",
+                    expected.num_layers,
+                    expected.num_attention_heads,
+                    expected.token_dim / expected.num_attention_heads.max(1),
+                    self.num_layers,
+                    self.num_attention_heads,
+                    self.token_dim / self.num_attention_heads.max(1)
+                ),
+            });
+        }
+        if let Some(&id) = text_ids[..n]
+            .iter()
+            .find(|&&id| id as usize >= geometry.vocab_size)
+        {
+            return Err(AdapterError::Init {
+                field: "init_text",
+                message: format!(
+                    "token id {id} is outside the base model's vocabulary of {}",
+                    geometry.vocab_size
+                ),
+            });
+        }
+        let device = base.device();
+        // Only the first n positions reach the prefix, and causal attention makes them
+        // independent of what follows: prefill just those.
+        let ids: Vec<i64> = text_ids[..n].iter().map(|&t| i64::from(t)).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+        let cache = base
+            .forward_hidden(ModelInput::new(base.embed_tokens(ids)))
+            .cache;
+        let (heads, head_dim) = (
+            self.num_attention_heads,
+            self.token_dim / self.num_attention_heads,
+        );
+        // PEFT's packing: row t of the prefix is [k_0, v_0, k_1, v_1, ...] of position t, each
+        // [heads, head_dim].
+        let chunks: Vec<Tensor<4>> = cache
+            .layers
+            .into_iter()
+            .flat_map(|kv| [kv.key, kv.value])
+            .map(|t| {
+                t.slice([0..1, 0..heads, 0..n, 0..head_dim])
+                    .reshape([heads, n, head_dim])
+                    .swap_dims(0, 1)
+                    .unsqueeze_dim::<4>(1)
+                    .cast(burn::tensor::DType::F32)
+            })
+            .collect();
+        let prefix = Tensor::cat(chunks, 1)
+            .reshape([n, self.prefix_width()])
+            .detach();
+        Ok(initialize_now(PrefixEncoder::from_prompt_embeddings(
+            prefix,
+            self.clone(),
+        )))
     }
 
     /// Parameters of the trainable encoder, counted from the configuration alone.

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Ours against torch + PEFT on the SmolLM2 topic task, several seeds: the comparison of
+# docs/smollm2.md. Each run trains 4 epochs (batch 8, 16 virtual tokens, AdamW lr 3e-2 without
+# weight decay or clipping, linear decay) and evaluates before the first step and after the last.
+#
+#   scripts/smollm2_compare.sh OUT_DIR CASE SEED...
+#
+# CASE: ptv2 (P-tuning v2, random prefix), ptv2text (prefix from text), ptv2zero (zero prefix,
+# ours only), pt (prompt tuning, TEXT init), ptmlp (P-tuning, MLP encoder of 256).
+# Environment: PEFT (default target/debug/peft), PYTHON (default .venv/bin/python), MODEL
+# (default models/smollm2-135m), DATA (default models/smollm2-topics).
+# Writes OUT_DIR/CASE-ours-sSEED/ (metrics.jsonl, adapter) and OUT_DIR/CASE-peft-sSEED.json.
+set -euo pipefail
+out=$1 case=$2
+shift 2
+PEFT=${PEFT:-target/debug/peft}
+PYTHON=${PYTHON:-.venv/bin/python}
+MODEL=${MODEL:-models/smollm2-135m}
+DATA=${DATA:-models/smollm2-topics}
+PREFIX_TEXT="Name the topic of the text in one word: ai, coding, emotion, humor, literature, money, psychology, science, sports or trivia."
+PROMPT_TEXT="Classify the topic of the text in one word:"
+common=(--num-virtual-tokens 16 --lr 3e-2 --weight-decay 0 --max-grad-norm 0 --epochs 4 --batch-size 8
+    --train "$DATA/train.jsonl" --eval "$DATA/eval.jsonl")
+case $case in
+    ptv2) ours=(--method p-tuning-v2); theirs=("${ours[@]}") ;;
+    ptv2text) ours=(--method p-tuning-v2 --prefix-init-text "$PREFIX_TEXT")
+        theirs=(--method p-tuning-v2 --prefix-init text --prefix-init-text "$PREFIX_TEXT") ;;
+    ptv2zero) ours=(--method p-tuning-v2 --prefix-zero-init); theirs=() ;;
+    pt) ours=(--method prompt-tuning --prompt-tuning-init text --prompt-tuning-init-text "$PROMPT_TEXT")
+        theirs=("${ours[@]}") ;;
+    ptmlp) ours=(--method p-tuning --encoder-hidden-size 256); theirs=("${ours[@]}") ;;
+    *) echo "unknown case $case" >&2; exit 2 ;;
+esac
+mkdir -p "$out"
+for seed in "$@"; do
+    rm -rf "$out/$case-ours-s$seed"
+    # --eval-steps past the last step: evaluate before the first step and after the last only.
+    "$PEFT" train --model "$MODEL" "${ours[@]}" "${common[@]}" --seed "$seed" \
+        --output "$out/$case-ours-s$seed" --eval-steps 1000000 > "$out/$case-ours-s$seed.log" 2>&1
+    if [ ${#theirs[@]} -gt 0 ]; then
+        OMP_NUM_THREADS=2 "$PYTHON" scripts/peft_train.py --model "$MODEL" "${theirs[@]}" "${common[@]}" \
+            --seed "$seed" --final-eval-only --output "$out/$case-peft-s$seed.json" > "$out/$case-peft-s$seed.log" 2>&1
+    fi
+done
