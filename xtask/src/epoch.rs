@@ -70,6 +70,31 @@ fn our_epoch_seconds(output: &Path) -> Result<Vec<f64>, String> {
     Ok(epochs)
 }
 
+/// The flags both trainers take alike (`scripts/peft_train.py` mirrors `peft train`'s names):
+/// the method, the data, the output and the hyper-parameters of the comparison.
+fn shared_flags(settings: &EpochSettings, method: &str, lr: f64, output: &Path) -> Vec<String> {
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    [
+        ("--model", path(settings.model)),
+        ("--method", method.to_string()),
+        ("--train", path(settings.data)),
+        ("--output", path(output)),
+        ("--epochs", settings.epochs.to_string()),
+        ("--batch-size", settings.batch.to_string()),
+        (
+            "--num-virtual-tokens",
+            settings.num_virtual_tokens.to_string(),
+        ),
+        ("--lr", lr.to_string()),
+        ("--weight-decay", "0".into()),
+        ("--max-grad-norm", "0".into()),
+        ("--seed", "0".into()),
+    ]
+    .into_iter()
+    .flat_map(|(flag, value)| [flag.to_string(), value])
+    .collect()
+}
+
 fn ours(
     settings: &EpochSettings,
     method: &str,
@@ -82,33 +107,8 @@ fn ours(
         if grouped { "grouped" } else { "padded" }
     ));
     let _ = std::fs::remove_dir_all(&output);
-    let mut argv: Vec<String> = ["peft", "train", "--model"]
-        .into_iter()
-        .map(String::from)
-        .collect();
-    argv.push(settings.model.to_string_lossy().into_owned());
-    argv.extend([
-        "--method".into(),
-        method.into(),
-        "--train".into(),
-        settings.data.to_string_lossy().into_owned(),
-        "--output".into(),
-        output.to_string_lossy().into_owned(),
-        "--epochs".into(),
-        settings.epochs.to_string(),
-        "--batch-size".into(),
-        settings.batch.to_string(),
-        "--num-virtual-tokens".into(),
-        settings.num_virtual_tokens.to_string(),
-        "--lr".into(),
-        lr.to_string(),
-        "--weight-decay".into(),
-        "0".into(),
-        "--max-grad-norm".into(),
-        "0".into(),
-        "--seed".into(),
-        "0".into(),
-    ]);
+    let mut argv = vec!["peft".to_string(), "train".to_string()];
+    argv.extend(shared_flags(settings, method, lr, &output));
     if grouped {
         argv.push("--group-by-length".into());
     }
@@ -129,26 +129,13 @@ fn torch(
 ) -> Result<Vec<f64>, String> {
     let script = Path::new("scripts/peft_train.py");
     let output = scratch.join("peft.json");
-    let mut command = Command::new(python);
-    command
+    let status = Command::new(python)
         .arg(script)
-        .args(["--model", &settings.model.to_string_lossy()])
-        .args(["--method", method])
-        .args(["--train", &settings.data.to_string_lossy()])
-        .args(["--output", &output.to_string_lossy()])
-        .args(["--epochs", &settings.epochs.to_string()])
-        .args(["--batch-size", &settings.batch.to_string()])
-        .args([
-            "--num-virtual-tokens",
-            &settings.num_virtual_tokens.to_string(),
-        ])
-        .args(["--lr", &lr.to_string()])
-        .args(["--weight-decay", "0", "--max-grad-norm", "0", "--seed", "0"])
+        .args(shared_flags(settings, method, lr, &output))
         .args(["--threads", &settings.threads.to_string()])
         .arg("--no-eval-at-start")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let status = command
+        .stderr(std::process::Stdio::null())
         .status()
         .map_err(|e| format!("{}: {e}", python.display()))?;
     if !status.success() {

@@ -401,11 +401,16 @@ fn tokenize_example(
     })
 }
 
+/// The generator seed of epoch `epoch` of a run seeded with `seed`.
+fn epoch_seed(seed: u64, epoch: usize) -> u64 {
+    seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// The order in which epoch `epoch` visits `len` rows: a permutation drawn from `seed` and
 /// `epoch` alone, so a resumed run replays the same order.
 pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..len).collect();
-    let mut rng = StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = StdRng::seed_from_u64(epoch_seed(seed, epoch));
     order.shuffle(&mut rng);
     order
 }
@@ -436,10 +441,9 @@ pub fn length_grouped_order(
     }
     let full = order.len() / batch_size * batch_size;
     let mut batches: Vec<&[usize]> = order[..full].chunks(batch_size).collect();
-    let mut rng = StdRng::seed_from_u64(
-        (seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
-            .wrapping_add(0x6C62_272E_07BB_0142),
-    );
+    // Another stream than the permutation's, from the same seed and epoch.
+    let mut rng =
+        StdRng::seed_from_u64(epoch_seed(seed, epoch).wrapping_add(0x6C62_272E_07BB_0142));
     batches.shuffle(&mut rng);
     let mut grouped: Vec<usize> = batches.concat();
     grouped.extend_from_slice(&order[full..]);

@@ -422,9 +422,9 @@ where
         observer.on_eval(&result);
         last_eval = Some(result);
     }
+    let lengths: Vec<usize> = train.iter().map(|row| row.input_ids.len()).collect();
     while state.epoch < config.epochs {
         let order = if config.group_by_length {
-            let lengths: Vec<usize> = train.iter().map(|row| row.input_ids.len()).collect();
             length_grouped_order(&lengths, micro_batch, config.seed, state.epoch)
         } else {
             epoch_order(train.len(), config.seed, state.epoch)
