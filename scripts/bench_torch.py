@@ -5,7 +5,9 @@ Builds the same model shape with random weights (from a config.json, nothing dow
 with each PEFT method as the Rust side builds its adapters, and times the same workloads the same
 way (xtask/src/bench.rs): one warm-up, then the median of --reps runs.
 
-- train: forward with labels = input_ids, backward, clip_grad_norm_(1.0), AdamW step.
+- train: forward with labels = input_ids, backward, clip_grad_norm_(1.0), AdamW step. With
+  --row-lengths, rows of those lengths right-padded to the longest, the loss on each row's last
+  third only (a prompt/completion batch as `peft train` builds it); tokens/s counts real tokens.
 - forward: logits without gradients.
 - generate: greedy `generate` of 1 new token (prefill) and of N new tokens; decode rate =
   gen_batch * (N - 1) / (t(N) - t(1)).
@@ -114,6 +116,10 @@ def main():
     p.add_argument("--dtype", default="float32", help="dtype of the base model (PEFT's adapter parameters stay float32)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant activation checkpointing in training")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--row-lengths",
+        help="train on rows of these lengths (comma separated), right-padded to the longest, the loss on each row's last third only (as the Rust side's --row-lengths)",
+    )
     args = p.parse_args()
 
     import peft
@@ -126,6 +132,20 @@ def main():
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=gen).to(args.device)
     mask = torch.ones_like(ids)
+    train_ids, train_mask, train_labels = ids, mask, ids
+    train_tokens = args.batch * args.seq_len
+    if args.row_lengths:
+        lengths = [int(n) for n in args.row_lengths.split(",")]
+        longest = max(lengths)
+        train_ids = torch.randint(0, config.vocab_size, (len(lengths), longest), generator=gen)
+        train_mask = torch.zeros_like(train_ids)
+        train_labels = torch.full_like(train_ids, -100)
+        for i, n in enumerate(lengths):
+            prompt = n - max(1, n // 3)
+            train_mask[i, :n] = 1
+            train_labels[i, prompt:n] = train_ids[i, prompt:n]
+        train_ids, train_mask, train_labels = (t.to(args.device) for t in (train_ids, train_mask, train_labels))
+        train_tokens = sum(lengths)
     prompts = torch.randint(0, config.vocab_size, (args.gen_batch, args.seq_len), generator=gen).to(args.device)
     prompt_mask = torch.ones_like(prompts)
     workloads = args.workloads.split(",")
@@ -169,7 +189,7 @@ def main():
             opt = torch.optim.AdamW(params, lr=1e-4)
 
             def step():
-                out = model(input_ids=ids, attention_mask=mask, labels=ids)
+                out = model(input_ids=train_ids, attention_mask=train_mask, labels=train_labels)
                 out.loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
@@ -184,7 +204,7 @@ def main():
                 record["train_error"] = str(e).splitlines()[0][:300]
                 print(f" train failed: {record['train_error']}", end="", file=sys.stderr, flush=True)
             else:
-                record["train_tokens_per_s"] = args.batch * args.seq_len / seconds
+                record["train_tokens_per_s"] = train_tokens / seconds
                 record["train_step_s"] = seconds
                 record_peaks(record, "train", args.device)
                 print(f" train {record['train_tokens_per_s']:.1f} tok/s", end="", file=sys.stderr, flush=True)

@@ -110,6 +110,9 @@ pub struct TrainArgs {
     /// Checkpoint every N steps instead of after each epoch.
     #[arg(long)]
     pub save_steps: Option<usize>,
+    /// Keep the newest N checkpoints (0: keep every one); resuming needs only the newest.
+    #[arg(long, default_value_t = 1)]
+    pub save_total_limit: usize,
     /// Write a training line to metrics.jsonl every N steps.
     #[arg(long, default_value_t = 1)]
     pub logging_steps: usize,
@@ -405,6 +408,7 @@ pub fn train_command(
         .with_group_by_length(args.group_by_length)
         .with_eval_steps(args.eval_steps)
         .with_save_steps(args.save_steps)
+        .with_save_total_limit((args.save_total_limit > 0).then_some(args.save_total_limit))
         .with_logging_steps(args.logging_steps)
         .with_eval_batch_size(args.eval_batch_size)
         .with_eval_exact_match(!args.no_exact_match);

@@ -3,7 +3,8 @@
 //! Workloads, per method (and the base model without adapter for the inference ones):
 //! - **train**: one optimizer step (forward, loss on every real token, backward, global-norm
 //!   clipping, AdamW on the trainable parameters) on `batch x seq-len` tokens; tokens/s and peak
-//!   memory.
+//!   memory. With `--row-lengths MIN-MAX`, on rows of mixed lengths padded as `peft train` pads,
+//!   the loss on each row's completion (last third) only; tokens/s counts the real tokens.
 //! - **forward**: logits of `batch x seq-len` tokens without gradients; tokens/s.
 //! - **generate**: greedy generation with the adapter, `gen-batch` prompts of `seq-len` tokens:
 //!   prefill tokens/s (time of 1 new token) and decode tokens/s (`gen-batch * (N - 1)` over the time
@@ -33,7 +34,7 @@ use clap::ValueEnum;
 use peft::bitfit::BitFitConfig;
 use peft::core::optim::{AdamWConfig, clip_coefficient, global_grad_norm};
 use peft::core::params::{cast_params, param_infos};
-use peft::core::{CausalLm, GenerationConfig, Injection, PeftModel, generate};
+use peft::core::{CausalLm, GenerationConfig, IGNORE_INDEX, Injection, PeftModel, generate};
 use peft::models::{AutoCausalLm, AutoConfig};
 use peft::prefix::PrefixTuningConfig;
 use peft::prompt::PromptTuningConfig;
@@ -122,6 +123,12 @@ pub struct BenchArgs {
     /// Tokens per row, and the generation prompts' length (default: 128 on the CPU, 512 on a GPU).
     #[arg(long)]
     seq_len: Option<usize>,
+    /// Train workload on rows of mixed lengths, as a real fine-tuning batch: `MIN-MAX` tokens
+    /// (e.g. `10-80`), drawn per row (the same on every run and on both sides), padded on the
+    /// right to the longest row as `peft train` pads, the loss on each row's last third only
+    /// (its completion). Without it every row has --seq-len tokens, all scored.
+    #[arg(long, value_parser = parse_row_lengths)]
+    row_lengths: Option<(usize, usize)>,
     /// Prompts per generation batch.
     #[arg(long, default_value_t = 1)]
     gen_batch: usize,
@@ -220,6 +227,23 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         "matmul parameters {matmul_params} (a frozen-base train step costs ~4 x that in FLOPs per token); {peak:.0} GFLOP/s on a 2048^3 {dtype:?} matmul"
     );
     let rows = pseudo_random_rows(batch, seq_len, geometry.vocab_size);
+    let train_rows = match args.row_lengths {
+        Some((min, max)) => TrainRows::ragged(batch, min, max, geometry.vocab_size),
+        None => TrainRows::uniform(rows.clone()),
+    };
+    if args.row_lengths.is_some() {
+        println!(
+            "train rows of {} tokens ({} real, {} scored, padded to {})",
+            train_rows
+                .lengths()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            train_rows.real_tokens(),
+            train_rows.scored_tokens(),
+            train_rows.padded_len(),
+        );
+    }
     let prompts = pseudo_random_rows(args.gen_batch, seq_len, geometry.vocab_size);
 
     let python = args.compare.then(|| find_python(args)).flatten();
@@ -236,12 +260,29 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         let mut torch_rounds = Vec::with_capacity(args.rounds);
         for _ in 0..args.rounds {
             our_rounds.push(bench_method(
-                method, args, &config, &device, &rows, &prompts, peak,
+                method,
+                args,
+                &config,
+                &device,
+                &Rows {
+                    train: &train_rows,
+                    forward: &rows,
+                    prompts: &prompts,
+                },
+                peak,
             )?);
             // Torch runs each method right after ours, in a fresh process: a Python process
             // keeps the memory earlier models freed.
             if let Some(python) = &python {
-                torch_rounds.push(run_torch(python, args, method, batch, seq_len, threads)?);
+                torch_rounds.push(run_torch(
+                    python,
+                    args,
+                    method,
+                    batch,
+                    seq_len,
+                    &train_rows,
+                    threads,
+                )?);
             }
         }
         ours.push(best_of_rounds(our_rounds));
@@ -288,6 +329,8 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         "config": args.config,
         "batch": batch,
         "seq_len": seq_len,
+        "train_row_lengths": args.row_lengths.map(|_| train_rows.lengths().collect::<Vec<_>>()),
+        "train_scored_tokens": train_rows.scored_tokens(),
         "gen_batch": args.gen_batch,
         "new_tokens": args.new_tokens,
         "num_virtual_tokens": args.num_virtual_tokens,
@@ -309,17 +352,26 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// The inputs of the workloads.
+struct Rows<'a> {
+    train: &'a TrainRows,
+    /// `batch` rows of `seq_len` tokens.
+    forward: &'a [Vec<u32>],
+    /// Generation prompts.
+    prompts: &'a [Vec<u32>],
+}
+
 /// Every workload of one method, ours: one record of the JSON.
 fn bench_method(
     method: BenchMethod,
     args: &BenchArgs,
     config: &AutoConfig,
     device: &Device,
-    rows: &[Vec<u32>],
-    prompts: &[Vec<u32>],
+    inputs: &Rows<'_>,
     peak: f64,
 ) -> Result<Value, String> {
     let geometry = config.geometry();
+    let (rows, prompts) = (inputs.forward, inputs.prompts);
     let (batch, seq_len) = (rows.len(), rows[0].len());
     let matmul_params = matmul_params(config);
     let adapter_config = adapter_config(method, args.num_virtual_tokens, &geometry);
@@ -340,8 +392,9 @@ fn bench_method(
         let model = PeftModel::new(base, adapter);
         let trainable = model.trainable_parameters().trainable;
         let dtypes = trainable_dtypes(&model);
-        let seconds = time_train(model, rows, args.reps, &mut pools)?;
-        let tokens_per_s = (batch * seq_len) as f64 / seconds;
+        let seconds = time_train(model, inputs.train, args.reps, &mut pools)?;
+        // Real tokens: padding is work done, not work asked for.
+        let tokens_per_s = inputs.train.real_tokens() as f64 / seconds;
         record["trainable_params"] = json!(trainable);
         record["trainable_dtypes"] = json!(dtypes);
         record["train_tokens_per_s"] = json!(tokens_per_s);
@@ -582,7 +635,7 @@ impl DevicePeak {
 
 fn time_train(
     model: PeftModel<AutoCausalLm, AutoAdapter>,
-    rows: &[Vec<u32>],
+    rows: &TrainRows,
     reps: usize,
     pools: &mut DevicePeak,
 ) -> Result<f64, String> {
@@ -592,10 +645,8 @@ fn time_train(
     let mut warm_up = true;
     timed(reps, || {
         let current = model.take().expect("the model is put back after each step");
-        let (input_ids, mask) = batch_tensors(rows, &device);
-        // Labels on every real token, as a causal-LM step on plain text (PEFT shifts them the
-        // same way).
-        let loss = current.loss(input_ids.clone(), Some(mask), input_ids);
+        let (input_ids, mask, labels) = rows.tensors(&device);
+        let loss = current.loss(input_ids, Some(mask), labels);
         if warm_up {
             pools.sample();
         }
@@ -669,6 +720,107 @@ fn time_generate(
     Ok((prefill, full))
 }
 
+/// The train workload's batch: token rows, right-padded to the longest when their lengths differ,
+/// and the position in each row from which the loss scores it.
+struct TrainRows {
+    rows: Vec<Vec<u32>>,
+    scored_from: Vec<usize>,
+}
+
+impl TrainRows {
+    /// Rows of one length, every token scored: a causal-LM step on plain text (PEFT shifts the
+    /// labels the same way).
+    fn uniform(rows: Vec<Vec<u32>>) -> Self {
+        let scored_from = vec![0; rows.len()];
+        Self { rows, scored_from }
+    }
+
+    /// `batch` rows of `min..=max` tokens (pseudo-random, the same on every run), each a prompt
+    /// and a completion of its last third (at least one token), which alone is scored.
+    fn ragged(batch: usize, min: usize, max: usize, vocab: usize) -> Self {
+        let lengths = pseudo_random_rows(1, batch, max - min + 1)
+            .remove(0)
+            .into_iter()
+            .map(|offset| min + offset as usize);
+        let tokens = pseudo_random_rows(batch, max, vocab);
+        let (rows, scored_from) = tokens
+            .into_iter()
+            .zip(lengths)
+            .map(|(mut row, len)| {
+                row.truncate(len);
+                (row, prompt_len(len))
+            })
+            .unzip();
+        Self { rows, scored_from }
+    }
+
+    fn lengths(&self) -> impl Iterator<Item = usize> + '_ {
+        self.rows.iter().map(Vec::len)
+    }
+
+    fn padded_len(&self) -> usize {
+        self.lengths().max().unwrap_or(0)
+    }
+
+    fn real_tokens(&self) -> usize {
+        self.lengths().sum()
+    }
+
+    /// Tokens the loss scores (a row's first token predicts nothing).
+    fn scored_tokens(&self) -> usize {
+        self.lengths()
+            .zip(&self.scored_from)
+            .map(|(len, &from)| len - from.max(1))
+            .sum()
+    }
+
+    /// `input_ids`, `attention_mask` and `labels`, `[batch, longest]`: padding is token 0,
+    /// mask 0 and label [`IGNORE_INDEX`]; so are the labels of each row's prompt.
+    fn tensors(&self, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>, Tensor<2, Int>) {
+        let (b, s) = (self.rows.len(), self.padded_len());
+        let mut ids = vec![0i64; b * s];
+        let mut mask = vec![0i64; b * s];
+        let mut labels = vec![IGNORE_INDEX; b * s];
+        for (i, (row, &from)) in self.rows.iter().zip(&self.scored_from).enumerate() {
+            for (j, &token) in row.iter().enumerate() {
+                ids[i * s + j] = i64::from(token);
+                mask[i * s + j] = 1;
+                if j >= from {
+                    labels[i * s + j] = i64::from(token);
+                }
+            }
+        }
+        let tensor =
+            |data: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(data, [b, s]), device);
+        (tensor(ids), tensor(mask), tensor(labels))
+    }
+}
+
+/// Where the scored completion of a ragged row of `len` tokens starts: its last third, at least
+/// one token (`scripts/bench_torch.py` splits rows the same way).
+fn prompt_len(len: usize) -> usize {
+    len - (len / 3).max(1)
+}
+
+/// `--row-lengths MIN-MAX`.
+fn parse_row_lengths(text: &str) -> Result<(usize, usize), String> {
+    let (min, max) = text
+        .split_once('-')
+        .ok_or_else(|| format!("expected MIN-MAX (e.g. 10-80), got {text:?}"))?;
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|e| format!("--row-lengths {text:?}: {v:?}: {e}"))
+    };
+    let (min, max) = (parse(min)?, parse(max)?);
+    if min < 2 || max < min || max > 1 << 20 {
+        return Err(format!(
+            "--row-lengths {text:?}: need 2 <= MIN <= MAX <= 1048576 (a row scores at least one token after its first)"
+        ));
+    }
+    Ok((min, max))
+}
+
 /// Deterministic pseudo-random token rows (xorshift), the same on every run.
 fn pseudo_random_rows(rows: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
     let mut state = 0x2545F4914F6CDD1Du64;
@@ -730,9 +882,17 @@ fn run_torch(
     method: BenchMethod,
     batch: usize,
     seq_len: usize,
+    train_rows: &TrainRows,
     threads: usize,
 ) -> Result<Value, String> {
     let script = Path::new("scripts/bench_torch.py");
+    let lengths = args.row_lengths.map(|_| {
+        train_rows
+            .lengths()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    });
     let device = if peft::backend_name() == "cuda" {
         "cuda"
     } else {
@@ -766,6 +926,7 @@ fn run_torch(
             args.gradient_checkpointing
                 .then_some("--gradient-checkpointing"),
         )
+        .args(lengths.iter().flat_map(|l| ["--row-lengths", l.as_str()]))
         .stderr(std::process::Stdio::inherit())
         .output()
         .map_err(|e| format!("{}: {e}", python.display()))?;
@@ -895,6 +1056,49 @@ fn print_table(ours: &[Value], theirs: Option<&Value>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ragged_rows_are_padded_on_the_right_and_score_their_completions_only() {
+        let device = Device::default();
+        let rows = TrainRows::ragged(8, 10, 80, 1000);
+        let lengths: Vec<usize> = rows.lengths().collect();
+        assert!(lengths.iter().all(|n| (10..=80).contains(n)), "{lengths:?}");
+        assert!(lengths.iter().any(|&n| n != lengths[0]), "{lengths:?}");
+        // The same rows on every run (the torch side gets these lengths).
+        assert_eq!(TrainRows::ragged(8, 10, 80, 1000).rows, rows.rows);
+
+        let (ids, mask, labels) = rows.tensors(&device);
+        let s = rows.padded_len();
+        assert_eq!(ids.dims(), [8, s]);
+        let mask: Vec<i64> = mask.into_data().convert::<i64>().try_to_vec().unwrap();
+        let labels: Vec<i64> = labels.into_data().convert::<i64>().try_to_vec().unwrap();
+        let ids: Vec<i64> = ids.into_data().convert::<i64>().try_to_vec().unwrap();
+        let mut scored = 0;
+        for (i, &n) in lengths.iter().enumerate() {
+            let prompt = n - (n / 3).max(1);
+            for j in 0..s {
+                let at = i * s + j;
+                assert_eq!(mask[at], i64::from(j < n));
+                let expected = if (prompt..n).contains(&j) {
+                    ids[at]
+                } else {
+                    IGNORE_INDEX
+                };
+                assert_eq!(labels[at], expected, "row {i} position {j}");
+                scored += usize::from(expected != IGNORE_INDEX);
+            }
+        }
+        assert_eq!(rows.scored_tokens(), scored);
+        assert_eq!(rows.real_tokens(), lengths.iter().sum::<usize>());
+    }
+
+    #[test]
+    fn row_lengths_must_be_an_ordered_range_of_at_least_two_tokens() {
+        assert_eq!(parse_row_lengths("10-80"), Ok((10, 80)));
+        for bad in ["80-10", "1-5", "10", "a-b", "10-99999999"] {
+            assert!(parse_row_lengths(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn device_peak_reads_the_pools_of_cubecl_and_nothing_on_flex() {

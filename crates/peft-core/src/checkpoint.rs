@@ -98,12 +98,14 @@ fn checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>, CheckpointErr
 
 /// Writes checkpoint `step` under `output_dir`: `fill` writes the files into a fresh hidden
 /// directory, which is then renamed to `checkpoint-{step}`; the trainer state goes in last.
-/// Older checkpoints are removed once the new one is in place. If `fill` fails, nothing changes
-/// but the hidden directory being removed.
+/// Once the new one is in place, the oldest others are removed so that `keep` remain, the new
+/// one included (`None`: none are removed). If `fill` fails, nothing changes but the hidden
+/// directory being removed.
 pub fn write_checkpoint<E: From<CheckpointError>>(
     output_dir: &Path,
     step: usize,
     state: &TrainerState,
+    keep: Option<usize>,
     fill: impl FnOnce(&Path) -> Result<(), E>,
 ) -> Result<PathBuf, E> {
     let partial = output_dir.join(format!(".{PREFIX}{step}.partial"));
@@ -133,8 +135,13 @@ pub fn write_checkpoint<E: From<CheckpointError>>(
     } else {
         std::fs::rename(&partial, &target).map_err(io(&target))?;
     }
-    for (old, dir) in checkpoints(output_dir)? {
-        if old != step {
+    if let Some(keep) = keep {
+        let mut others: Vec<(usize, PathBuf)> = checkpoints(output_dir)?
+            .into_iter()
+            .filter(|(old, _)| *old != step)
+            .collect();
+        others.sort_by_key(|(old, _)| std::cmp::Reverse(*old));
+        for (_, dir) in others.into_iter().skip(keep.saturating_sub(1)) {
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         }
     }
@@ -176,7 +183,7 @@ mod tests {
         let write = |dir: &Path| -> Result<(), CheckpointError> {
             std::fs::write(dir.join("weights"), b"step").map_err(io(dir))
         };
-        write_checkpoint(&out, 2, &state(2), write).unwrap();
+        write_checkpoint(&out, 2, &state(2), Some(1), write).unwrap();
         let (step, dir) = latest_checkpoint(&out).unwrap().unwrap();
         assert_eq!(step, 2);
         assert_eq!(read_trainer_state(&dir).unwrap(), state(2));
@@ -186,7 +193,7 @@ mod tests {
             std::fs::write(dir.join("weights"), b"half").map_err(io(dir))?;
             Err(io(dir)(std::io::Error::other("disk full")))
         };
-        assert!(write_checkpoint(&out, 4, &state(4), failing).is_err());
+        assert!(write_checkpoint(&out, 4, &state(4), Some(1), failing).is_err());
         let (step, dir) = latest_checkpoint(&out).unwrap().unwrap();
         assert_eq!(step, 2);
         assert_eq!(std::fs::read(dir.join("weights")).unwrap(), b"step");
@@ -199,13 +206,41 @@ mod tests {
 
         // The next good checkpoint replaces the old one.
         std::fs::remove_dir_all(out.join("checkpoint-8")).unwrap();
-        write_checkpoint(&out, 6, &state(6), write).unwrap();
+        write_checkpoint(&out, 6, &state(6), Some(1), write).unwrap();
         assert_eq!(latest_checkpoint(&out).unwrap().unwrap().0, 6);
         assert!(!out.join("checkpoint-2").exists());
         assert!(!out.join(".checkpoint-6.partial").exists());
         // Rewriting the same step keeps one complete copy.
-        write_checkpoint(&out, 6, &state(6), write).unwrap();
+        write_checkpoint(&out, 6, &state(6), Some(1), write).unwrap();
         assert_eq!(latest_checkpoint(&out).unwrap().unwrap().0, 6);
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+
+    #[test]
+    fn checkpoints_beyond_the_limit_go_oldest_first() {
+        let out = std::env::temp_dir().join(format!("peft-core-keep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let write = |dir: &Path| -> Result<(), CheckpointError> {
+            std::fs::write(dir.join("weights"), b"step").map_err(io(dir))
+        };
+        let steps = |out: &Path| {
+            let mut found: Vec<usize> = checkpoints(out)
+                .unwrap()
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect();
+            found.sort();
+            found
+        };
+        for step in [1, 2, 3, 4] {
+            write_checkpoint(&out, step, &state(step), Some(2), write).unwrap();
+        }
+        assert_eq!(steps(&out), [3, 4]);
+        // Without a limit nothing is removed.
+        for step in [5, 6] {
+            write_checkpoint(&out, step, &state(step), None, write).unwrap();
+        }
+        assert_eq!(steps(&out), [3, 4, 5, 6]);
         std::fs::remove_dir_all(&out).unwrap();
     }
 }

@@ -97,12 +97,25 @@ fn projected_cross_entropy_in_chunks(
         // however improbable the target. Backends with a fused softmax (Flex: one row-parallel
         // pass) run it that way outside autodiff; it is the whole elementwise cost of the loss.
         let probs = softmax(logits.clone(), 1);
-        let log_sum_exp = logits.clone().max_dim(1) - probs.clone().max_dim(1).log();
+        // Flex's fused softmax adds a row's exponentials one after the other in f32: once the
+        // running sum nears 1 (a confident prediction), every later term under half an ulp
+        // (3e-8) is dropped, so over a 49,152-token vocabulary the sum comes out low by up to
+        // 1.5e-3 and the loss low by as much, on every row, always in the same direction
+        // (SmolLM2 training: 1.4e-4 of the loss at every step, against PEFT's). The row sums of
+        // `probs`, a blocked reduction (128 partial sums on AVX-512), measure that error:
+        // `Σ probs = true sum / computed sum`. So `ln Σ probs` completes lse and dividing by it
+        // completes the softmax (on the `[rows, d]` product, not the `[rows, vocab]` probs).
+        // Backends that sum exactly get `Σ probs = 1` and lose nothing.
+        let mass = probs.clone().sum_dim(1); // [rows, 1]
+        let log_sum_exp =
+            logits.clone().max_dim(1) - probs.clone().max_dim(1).log() + mass.clone().log();
         let picked = logits.gather(1, t.clone().reshape([rows, 1]));
         loss_sum = loss_sum + (log_sum_exp - picked).sum();
         if needs_grad {
             let target_rows = embeddings.clone().select(0, t);
-            grad_chunks.push(probs.cast(head_dtype).matmul(embeddings.clone()) - target_rows);
+            let expected_rows =
+                probs.cast(head_dtype).matmul(embeddings.clone()) / mass.cast(head_dtype);
+            grad_chunks.push(expected_rows - target_rows);
         }
     }
     let loss = loss_sum / n as f64;
@@ -208,6 +221,52 @@ mod tests {
         // to force such chunks through the public function would sum millions of f32 terms per
         // row, whose rounding, in both computations, swamps what this test checks.)
         check_against_reference(5, 3, 13, vec![0, 12, 5, 3, 5], 2);
+    }
+
+    #[test]
+    fn projected_cross_entropy_keeps_the_tail_of_a_confident_prediction() {
+        // SmolLM2's vocabulary; one logit at 0, all others at -20. Each tail term, e^-20 = 2e-9,
+        // is under half an ulp of a running sum near 1, so a sum taken one term after the other
+        // in f32 drops all of them: lse would come out 0 instead of ln(1 + 49,151 e^-20) = 1e-4,
+        // and the loss low by as much.
+        let vocab = 49_152;
+        let tail_logit = -20.0f64;
+        let device = Device::default().autodiff();
+        let hidden = Tensor::<2>::from_data(TensorData::new(vec![1.0f32; 2], [2, 1]), &device);
+        let mut head = vec![tail_logit as f32; vocab];
+        head[0] = 0.0;
+        let embeddings = Tensor::<2>::from_data(TensorData::new(head, [vocab, 1]), &device);
+        // The confident target, then a tail one.
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 7], [2]), &device);
+
+        let tail_mass = (vocab - 1) as f64 * tail_logit.exp();
+        let lse = tail_mass.ln_1p();
+        let expected_loss = (lse + (lse - tail_logit)) / 2.0;
+        // ∂/∂h of each row's loss: Σ p_i E_i - E_t; the tail holds probability tail/(1 + tail).
+        let expected_row = tail_logit * tail_mass / (1.0 + tail_mass);
+        let expected_grad = [expected_row / 2.0, (expected_row - tail_logit) / 2.0];
+
+        let tracked = hidden.require_grad();
+        let loss = projected_cross_entropy(tracked.clone(), embeddings, targets);
+        let grads = loss.backward();
+        let grad: Vec<f32> = tracked
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        let loss = f64::from(loss.into_scalar::<f32>());
+        // The dropped tail would be an error of 1e-4; what remains is the rounding of f32 sums.
+        assert!(
+            (loss - expected_loss).abs() < 1e-5,
+            "{loss} vs {expected_loss}"
+        );
+        for (got, want) in grad.iter().zip(expected_grad) {
+            assert!(
+                (f64::from(*got) - want).abs() < 1e-5 * want.abs(),
+                "{got} vs {want}"
+            );
+        }
     }
 
     #[test]

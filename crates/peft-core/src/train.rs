@@ -68,6 +68,10 @@ pub struct TrainingConfig {
     pub eval_steps: Option<usize>,
     /// Checkpoint every this many optimizer steps; `None`: at the end of each epoch.
     pub save_steps: Option<usize>,
+    /// Keep at most this many checkpoints, the newest (`None`: keep them all, as Hugging Face's
+    /// `save_total_limit` does by default; ours keeps one, all that resuming needs).
+    #[config(default = "Some(1)")]
+    pub save_total_limit: Option<usize>,
     /// Append a training line to the metrics file every this many steps.
     #[config(default = 1)]
     pub logging_steps: usize,
@@ -293,6 +297,7 @@ impl TrainingConfig {
         positive("--eval-batch-size", self.eval_batch_size)?;
         positive("--eval-steps", self.eval_steps.unwrap_or(1))?;
         positive("--save-steps", self.save_steps.unwrap_or(1))?;
+        positive("--save-total-limit", self.save_total_limit.unwrap_or(1))?;
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return Err(TrainError::Config {
                 key: "--lr",
@@ -531,7 +536,8 @@ where
                 last_eval = Some(result);
             }
             if due(config.save_steps) {
-                let dir = save_checkpoint(&model, &optimizer, &state, run)?;
+                let dir =
+                    save_checkpoint(&model, &optimizer, &state, run, config.save_total_limit)?;
                 observer.on_checkpoint(&dir);
             }
             if stop {
@@ -604,8 +610,9 @@ fn save_checkpoint<M: CausalLm, A: Adapter>(
     optimizer: &AdamW,
     state: &TrainerState,
     run: &TrainingRun,
+    keep: Option<usize>,
 ) -> Result<PathBuf, TrainError> {
-    write_checkpoint(&run.output_dir, state.global_step, state, |dir| {
+    write_checkpoint(&run.output_dir, state.global_step, state, keep, |dir| {
         model.save_pretrained(dir, run.base_model_name_or_path.as_deref())?;
         optimizer.save(&dir.join(OPTIMIZER_STATE))?;
         Ok::<(), TrainError>(())
