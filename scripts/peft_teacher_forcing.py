@@ -80,26 +80,30 @@ def main():
     weight = model.prompt_encoder["default"].embedding.weight
     weight.requires_grad_(True)
 
-    def tensor(path, suffix=None):
-        values = load_file(path)
-        names = [n for n in values if suffix is None or n.endswith(suffix)]
+    def tensor(path, values, suffix=""):
+        names = [n for n in values if n.endswith(suffix)]
         if len(names) != 1:
-            sys.exit(f"{path}: expected one tensor{'' if suffix is None else ' *' + suffix}, found {sorted(values)}")
+            sys.exit(f"{path}: expected one tensor{' *' + suffix if suffix else ''}, found {sorted(values)}")
         return values[names[0]]
+
+    def adapter(k):
+        path = os.path.join(args.run, f"checkpoint-{k}", "adapter_model.safetensors")
+        return tensor(path, load_file(path))
 
     results = []
     for k in pairs:
-        here = os.path.join(args.run, f"checkpoint-{k}")
-        ours_next = tensor(os.path.join(args.run, f"checkpoint-{k + 1}", "adapter_model.safetensors"))
-        start = tensor(os.path.join(here, "adapter_model.safetensors"))
+        ours_next = adapter(k + 1)
+        start = adapter(k)
+        moments_path = os.path.join(args.run, f"checkpoint-{k}", "optimizer.safetensors")
+        moments = load_file(moments_path)
         with torch.no_grad():
             weight.copy_(start)
         step = logged[k + 1]
         optimizer = torch.optim.AdamW([weight], lr=step["lr"], weight_decay=args.weight_decay, eps=args.adam_epsilon)
         optimizer.state[weight] = {
             "step": torch.tensor(float(k)),
-            "exp_avg": tensor(os.path.join(here, "optimizer.safetensors"), ".exp_avg").clone(),
-            "exp_avg_sq": tensor(os.path.join(here, "optimizer.safetensors"), ".exp_avg_sq").clone(),
+            "exp_avg": tensor(moments_path, moments, ".exp_avg").clone(),
+            "exp_avg_sq": tensor(moments_path, moments, ".exp_avg_sq").clone(),
         }
         ids, mask, labels = peft_train.collate([rows[line] for line in step["lines"]], pad_id)
         model.train()

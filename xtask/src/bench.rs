@@ -32,6 +32,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use clap::ValueEnum;
 use peft::bitfit::BitFitConfig;
+use peft::core::data::{Batch, TokenizedExample};
 use peft::core::optim::{AdamWConfig, clip_coefficient, global_grad_norm};
 use peft::core::params::{cast_params, param_infos};
 use peft::core::{CausalLm, GenerationConfig, IGNORE_INDEX, Injection, PeftModel, generate};
@@ -720,19 +721,19 @@ fn time_generate(
     Ok((prefill, full))
 }
 
-/// The train workload's batch: token rows, right-padded to the longest when their lengths differ,
-/// and the position in each row from which the loss scores it.
+/// The train workload's batch: rows as `peft train` tokenizes them (ids, and labels that score
+/// the completion only), padded into tensors by the trainer's own [`Batch::collate`].
 struct TrainRows {
-    rows: Vec<Vec<u32>>,
-    scored_from: Vec<usize>,
+    rows: Vec<TokenizedExample>,
 }
 
 impl TrainRows {
     /// Rows of one length, every token scored: a causal-LM step on plain text (PEFT shifts the
     /// labels the same way).
     fn uniform(rows: Vec<Vec<u32>>) -> Self {
-        let scored_from = vec![0; rows.len()];
-        Self { rows, scored_from }
+        Self {
+            rows: rows.into_iter().map(|ids| example(ids, 0)).collect(),
+        }
     }
 
     /// `batch` rows of `min..=max` tokens (pseudo-random, the same on every run), each a prompt
@@ -742,20 +743,19 @@ impl TrainRows {
             .remove(0)
             .into_iter()
             .map(|offset| min + offset as usize);
-        let tokens = pseudo_random_rows(batch, max, vocab);
-        let (rows, scored_from) = tokens
+        let rows = pseudo_random_rows(batch, max, vocab)
             .into_iter()
             .zip(lengths)
-            .map(|(mut row, len)| {
-                row.truncate(len);
-                (row, prompt_len(len))
+            .map(|(mut ids, len)| {
+                ids.truncate(len);
+                example(ids, prompt_len(len))
             })
-            .unzip();
-        Self { rows, scored_from }
+            .collect();
+        Self { rows }
     }
 
     fn lengths(&self) -> impl Iterator<Item = usize> + '_ {
-        self.rows.iter().map(Vec::len)
+        self.rows.iter().map(|row| row.input_ids.len())
     }
 
     fn padded_len(&self) -> usize {
@@ -766,33 +766,40 @@ impl TrainRows {
         self.lengths().sum()
     }
 
-    /// Tokens the loss scores (a row's first token predicts nothing).
+    /// Tokens the loss scores without virtual tokens (a row's first token predicts nothing).
     fn scored_tokens(&self) -> usize {
-        self.lengths()
-            .zip(&self.scored_from)
-            .map(|(len, &from)| len - from.max(1))
-            .sum()
+        Batch::scored_labels(&self.rows.iter().collect::<Vec<_>>(), 0)
     }
 
-    /// `input_ids`, `attention_mask` and `labels`, `[batch, longest]`: padding is token 0,
-    /// mask 0 and label [`IGNORE_INDEX`]; so are the labels of each row's prompt.
+    /// `input_ids`, `attention_mask` and `labels`, `[batch, longest]`, padded on the right with
+    /// token 0 as the trainer pads a batch.
     fn tensors(&self, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>, Tensor<2, Int>) {
-        let (b, s) = (self.rows.len(), self.padded_len());
-        let mut ids = vec![0i64; b * s];
-        let mut mask = vec![0i64; b * s];
-        let mut labels = vec![IGNORE_INDEX; b * s];
-        for (i, (row, &from)) in self.rows.iter().zip(&self.scored_from).enumerate() {
-            for (j, &token) in row.iter().enumerate() {
-                ids[i * s + j] = i64::from(token);
-                mask[i * s + j] = 1;
-                if j >= from {
-                    labels[i * s + j] = i64::from(token);
-                }
+        // The virtual-token count only sets `Batch::scored`, which the bench does not read.
+        let batch = Batch::collate(&self.rows.iter().collect::<Vec<_>>(), 0, 0, device);
+        (batch.input_ids, batch.attention_mask, batch.labels)
+    }
+}
+
+/// A training row of `ids` whose first `prompt_len` tokens are not scored.
+fn example(ids: Vec<u32>, prompt_len: usize) -> TokenizedExample {
+    let labels = ids
+        .iter()
+        .enumerate()
+        .map(|(j, &t)| {
+            if j < prompt_len {
+                IGNORE_INDEX
+            } else {
+                i64::from(t)
             }
-        }
-        let tensor =
-            |data: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(data, [b, s]), device);
-        (tensor(ids), tensor(mask), tensor(labels))
+        })
+        .collect();
+    TokenizedExample {
+        line: 0,
+        input_ids: ids,
+        labels,
+        prompt_len,
+        is_text: prompt_len == 0,
+        truncated: false,
     }
 }
 
