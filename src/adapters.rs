@@ -7,7 +7,7 @@ use burn::prelude::*;
 use peft_bitfit::{BitFit, BitFitConfig, PatternError};
 use peft_core::adapter_config::{ADAPTER_CONFIG, AdapterError, PeftType};
 use peft_core::json_config::JsonConfig;
-use peft_core::{Adapter, CausalLm, Injection};
+use peft_core::{Adapter, CausalLm, Injection, ModelGeometry};
 use peft_prefix::{PrefixEncoder, PrefixTuningConfig};
 use peft_prompt::{PromptEmbedding, PromptTuningConfig, PromptTuningInit};
 use peft_ptuning::{PTuningConfig, PromptEncoder};
@@ -37,6 +37,22 @@ pub enum AdapterInitError {
 }
 
 impl AutoAdapterConfig {
+    /// Checks the configuration fits a base model of `geometry` before anything is allocated
+    /// (each method's `validate`; BitFit's pattern is checked against the base in
+    /// [`AutoAdapterConfig::init`]).
+    ///
+    /// # Errors
+    ///
+    /// [`AdapterError::Init`] naming the configuration field.
+    pub fn validate(&self, geometry: &ModelGeometry) -> Result<(), AdapterError> {
+        match self {
+            Self::PromptTuning(config) => config.validate(geometry),
+            Self::PTuning(config) => config.validate(geometry),
+            Self::PrefixTuning(config) => config.validate(geometry),
+            Self::BitFit(_) => Ok(()),
+        }
+    }
+
     /// A fresh adapter for `base`, on its device. Random parameters draw from the device's
     /// generator (seed it for a reproducible start). `init_text_ids` are the token ids of the
     /// configuration's init text, if it has one: prompt tuning's `Text` init takes their rows of
@@ -45,17 +61,25 @@ impl AutoAdapterConfig {
     ///
     /// # Errors
     ///
-    /// A BitFit bias pattern that is not a valid regular expression; a prefix from text that
-    /// cannot be built (projection, too few tokens).
-    ///
-    /// # Panics
-    ///
-    /// Prompt tuning's `Text` init with no ids.
+    /// A configuration [`AutoAdapterConfig::validate`] refuses; a BitFit bias pattern that is not
+    /// a valid regular expression or selects no bias of `base`; a prefix from text that cannot be
+    /// built (projection, too few tokens); prompt tuning's `Text` init with no ids.
     pub fn init<M: CausalLm>(
         &self,
         base: &M,
         init_text_ids: &[u32],
     ) -> Result<AutoAdapter, AdapterInitError> {
+        self.validate(&base.geometry())?;
+        if let Self::PromptTuning(config) = self
+            && config.prompt_tuning_init == PromptTuningInit::Text
+            && init_text_ids.is_empty()
+        {
+            return Err(AdapterError::Init {
+                field: "prompt_tuning_init_text",
+                message: "encodes to no tokens".into(),
+            }
+            .into());
+        }
         let device = base.device();
         Ok(match self {
             Self::PromptTuning(config) => AutoAdapter::PromptTuning(
@@ -70,7 +94,11 @@ impl AutoAdapterConfig {
                 Some(_) => config.init_from_text(base, init_text_ids)?,
                 None => config.init(&device),
             }),
-            Self::BitFit(config) => AutoAdapter::BitFit(config.init()?),
+            Self::BitFit(config) => {
+                let bitfit = config.init()?;
+                bitfit.check_base(base)?;
+                AutoAdapter::BitFit(bitfit)
+            }
         })
     }
 }

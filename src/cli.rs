@@ -16,8 +16,8 @@ use peft_core::adapter_config::{ADAPTER_CONFIG, AdapterError, PeftType};
 use peft_core::adapter_file::{ADAPTER_WEIGHTS, write_atomic, write_tensors};
 use peft_core::json_config::JsonConfig;
 use peft_core::{
-    Adapter, CausalLm, GenerationConfig, GenerationStep, Injection, ModelGeometry, PeftModel,
-    generate,
+    Adapter, CausalLm, CoreError, GenerationConfig, GenerationStep, Injection, ModelGeometry,
+    PeftModel, generate,
 };
 use peft_models::{AutoCausalLm, AutoConfig, ModelError, SpecialTokens, load_tokenizer};
 use peft_prefix::{PrefixEncoder, PrefixTuningConfig};
@@ -25,7 +25,7 @@ use peft_prompt::{PromptEmbedding, PromptTuningConfig, PromptTuningInit};
 use peft_ptuning::{EncoderType, PTuningConfig, PromptEncoder};
 
 use crate::info::trainable_parameters;
-use crate::{AutoAdapter, AutoAdapterConfig};
+use crate::{AdapterInitError, AutoAdapter, AutoAdapterConfig};
 
 /// Errors of the command line, each naming the file (and field) at fault.
 #[derive(Debug, thiserror::Error)]
@@ -59,10 +59,10 @@ pub enum CliError {
     #[error("generate: {0}")]
     Generate(peft_core::CoreError),
     /// A data file has a bad row, or none.
-    #[error(transparent)]
+    #[error("{}", data_message(.0))]
     Data(#[from] peft_core::data::DataError),
     /// Training stopped with an error.
-    #[error(transparent)]
+    #[error("{}", train_message(.0))]
     Train(#[from] peft_core::train::TrainError),
     /// Evaluation failed.
     #[error("evaluation: {0}")]
@@ -279,7 +279,7 @@ impl MethodArgs {
             }
             _ => {}
         }
-        Ok(match self.method {
+        let config = match self.method {
             Method::PromptTuning => AutoAdapterConfig::PromptTuning(
                 PromptTuningConfig::new(n, geometry.hidden_size)
                     .with_prompt_tuning_init(init)
@@ -310,7 +310,115 @@ impl MethodArgs {
             Method::Bitfit => AutoAdapterConfig::BitFit(
                 BitFitConfig::new().with_bias_pattern(self.bias_pattern.clone()),
             ),
-        })
+        };
+        config.validate(geometry).map_err(adapter_init_error)?;
+        Ok(config)
+    }
+}
+
+/// The flag of a training setting (a [`peft_core::train::TrainingConfig`] or `TrainingRun` field,
+/// as the library's errors name them).
+pub fn flag_of_training_field(field: &str) -> &'static str {
+    match field {
+        "epochs" => "--epochs",
+        "batch_size" => "--batch-size",
+        "gradient_accumulation_steps" => "--gradient-accumulation-steps",
+        "logging_steps" => "--logging-steps",
+        "eval_batch_size" => "--eval-batch-size",
+        "eval_steps" => "--eval-steps",
+        "save_steps" => "--save-steps",
+        "save_total_limit" => "--save-total-limit",
+        "lr" => "--lr",
+        "max_grad_norm" => "--max-grad-norm",
+        "optimizer.beta_1" => "--adam-beta1",
+        "optimizer.beta_2" => "--adam-beta2",
+        "optimizer.epsilon" => "--adam-epsilon",
+        "optimizer.weight_decay" => "--weight-decay",
+        "seed" => "--seed",
+        "group_by_length" => "--group-by-length",
+        "output_dir" => "--output",
+        "resume" => "--resume",
+        "train" => "--train",
+        _ => "--method",
+    }
+}
+
+/// A training error in the CLI's words: the library names config fields, the CLI its flags.
+fn train_message(error: &peft_core::train::TrainError) -> String {
+    use peft_core::train::TrainError;
+    match error {
+        TrainError::Config { key, message } => {
+            format!("{}: {message}", flag_of_training_field(key))
+        }
+        TrainError::DifferentRun { path, key, was, is } => {
+            let flag = if *key == "train" {
+                "training data"
+            } else {
+                flag_of_training_field(key)
+            };
+            format!(
+                "{}: the checkpoint was made with {flag} {was}, this run has {is}; resuming would \
+                 change the data order (use the same settings, or another --output)",
+                path.display()
+            )
+        }
+        TrainError::NonFinite {
+            step,
+            what,
+            value,
+            lines,
+        } => format!(
+            "step {step}: {what} is {value}; training stopped (lower --lr, or check the rows at \
+             lines {lines:?})"
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// A data error in the CLI's words (its flags for the library's `max_length` and `skip_bad_rows`).
+fn data_message(error: &peft_core::data::DataError) -> String {
+    use peft_core::data::DataError;
+    match error {
+        DataError::Row {
+            path,
+            line,
+            message,
+        } => format!(
+            "{}:{line}: {} (pass --skip-bad-rows to skip such rows)",
+            path.display(),
+            // The library's own phrase for a target past `TokenizeOptions::max_length`.
+            message.replace("more than max_length ", "more than --max-length ")
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// The flag of an adapter configuration field, for the CLI's messages (library errors name the
+/// field).
+pub fn flag_of_adapter_field(field: &str) -> &'static str {
+    match field {
+        "num_virtual_tokens" => "--num-virtual-tokens",
+        "encoder_hidden_size" => "--encoder-hidden-size",
+        "encoder_num_layers" => "--encoder-num-layers",
+        "encoder_dropout" => "--encoder-dropout",
+        "prompt_tuning_init_text" => "--prompt-tuning-init-text",
+        "init_text" => "--prefix-init-text",
+        "bias_pattern" => "--bias-pattern",
+        _ => "--method",
+    }
+}
+
+/// An adapter that cannot be built from the flags, as the flag's error.
+pub fn adapter_init_error(error: impl Into<AdapterInitError>) -> CliError {
+    let error = error.into();
+    let flag = match &error {
+        AdapterInitError::Pattern(_) => "--bias-pattern",
+        AdapterInitError::Adapter(AdapterError::Init { field, .. }) => flag_of_adapter_field(field),
+        AdapterInitError::Adapter(_) => "--method",
+    };
+    CliError::Argument {
+        flag,
+        message: error.to_string(),
     }
 }
 
@@ -602,6 +710,12 @@ pub fn forward(args: &ForwardArgs, device: &Device) -> Result<(), CliError> {
             path: args.input.clone(),
             message: e.to_string(),
         })?;
+    check_logits_fit(
+        &args.input,
+        &input,
+        virtual_tokens,
+        model.geometry().vocab_size,
+    )?;
     let ids = int_tensor(&input.input_ids, device);
     let mask = input.attention_mask.as_ref().map(|m| int_tensor(m, device));
     let logits = match adapter {
@@ -609,6 +723,54 @@ pub fn forward(args: &ForwardArgs, device: &Device) -> Result<(), CliError> {
         None => model.forward_ids(ids, mask),
     };
     write_logits(&args.output, logits.cast(DType::F32))
+}
+
+/// Refuses an input whose logits (`rows x (virtual tokens + length) x vocab_size` f32 values,
+/// held in memory before they are written) cannot fit in the memory the system has available,
+/// before the model allocates them: an allocation that large aborts the process instead of
+/// returning an error.
+fn check_logits_fit(
+    path: &Path,
+    input: &ForwardInput,
+    virtual_tokens: usize,
+    vocab_size: usize,
+) -> Result<(), CliError> {
+    let rows = input.input_ids.len();
+    let length = input.input_ids.first().map_or(0, Vec::len) + virtual_tokens;
+    let bytes = [rows, length, vocab_size, 4]
+        .into_iter()
+        .try_fold(1u128, |n, d| n.checked_mul(d as u128));
+    let available = available_memory();
+    let fits = match (bytes, available) {
+        (Some(bytes), Some(available)) => bytes <= u128::from(available),
+        (Some(bytes), None) => bytes <= isize::MAX as u128,
+        (None, _) => false,
+    };
+    if fits {
+        return Ok(());
+    }
+    let gib = |b: u128| b as f64 / (1u128 << 30) as f64;
+    Err(CliError::Input {
+        path: path.to_path_buf(),
+        message: format!(
+            "`input_ids` of {rows} rows x {length} positions make logits of {rows} x {length} x \
+             vocab_size {vocab_size} f32 values ({:.1} GiB){}; send fewer or shorter rows",
+            bytes.map_or(f64::INFINITY, gib),
+            available.map_or(String::new(), |a| format!(
+                ", more than the {:.1} GiB of memory available",
+                gib(u128::from(a))
+            )),
+        ),
+    })
+}
+
+/// Memory the system can still give this process (`MemAvailable` of /proc/meminfo, Linux), in
+/// bytes; `None` elsewhere. One number from one file: no crate is worth it.
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// Writes `logits` as the single F32 tensor `logits` of a safetensors file, atomically.
@@ -673,7 +835,16 @@ pub fn generate_text(
     let row: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
     model
         .check_input(&[row], None, virtual_tokens + args.max_new_tokens)
-        .map_err(CliError::Generate)?;
+        .map_err(|e| match e {
+            CoreError::TokenOutOfRange { id, vocab_size, .. } => CliError::Input {
+                path: tokenizer_path.clone(),
+                message: format!(
+                    "--prompt encodes to token id {id}, but the model has vocab_size {vocab_size}: \
+                     is the tokenizer from another model?"
+                ),
+            },
+            other => CliError::Generate(other),
+        })?;
 
     write!(out, "{}", args.prompt).map_err(|source| CliError::Io {
         path: "<stdout>".into(),
@@ -767,5 +938,27 @@ mod tests {
         assert!(!zero.prefix_projection && zero.zero_init);
         // Per-head key/value width, as PEFT shapes it for grouped-query attention.
         assert_eq!(zero.token_dim, 8);
+    }
+
+    #[test]
+    fn logits_that_cannot_fit_in_memory_are_refused_before_the_forward() {
+        let input = ForwardInput {
+            input_ids: vec![vec![1; 4]; 2],
+            attention_mask: None,
+        };
+        let path = Path::new("input.json");
+        assert!(check_logits_fit(path, &input, 0, 512).is_ok());
+        // 2 rows x 14 positions x 2^40 values: 112 TiB of f32.
+        let err = check_logits_fit(path, &input, 10, 1 << 40)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "input.json: `input_ids` of 2 rows x 14 positions make logits of 2 x 14 x \
+                 vocab_size 1099511627776 f32 values (114688.0 GiB)"
+            ),
+            "{err}"
+        );
+        assert!(err.ends_with("; send fewer or shorter rows"), "{err}");
     }
 }

@@ -154,6 +154,16 @@ fn make_rows(
     Ok((rows, eval))
 }
 
+/// The hyper-parameters of one method's run.
+fn training_config(args: &QuickstartArgs, method: Method) -> TrainingConfig {
+    TrainingConfig::new()
+        .with_lr(args.lr.unwrap_or(learning_rate(method)))
+        .with_epochs(args.epochs)
+        .with_batch_size(16)
+        .with_eval_batch_size(50)
+        .with_seed(args.seed)
+}
+
 /// Runs the quickstart, printing progress and the final table to `out`.
 pub fn quickstart(
     args: &QuickstartArgs,
@@ -180,6 +190,13 @@ pub fn quickstart(
     };
     let (train_rows, eval_rows) =
         make_rows(&args.task, args.train_rows, args.eval_rows, args.seed)?;
+    // Everything the flags and the model can get wrong is checked before a file is written.
+    let text = ModelText::read(&model_dir)?;
+    let geometry = peft_models::AutoConfig::from_file(model_dir.join("config.json"))?.geometry();
+    for &method in &methods {
+        method_args(method).config(&geometry)?;
+        training_config(args, method).validate()?;
+    }
     std::fs::create_dir_all(&args.output).map_err(|source| CliError::Io {
         path: args.output.clone(),
         source,
@@ -191,7 +208,6 @@ pub fn quickstart(
     write_rows(&train_path, &train_rows)?;
     write_rows(&eval_path, &eval_rows)?;
 
-    let text = ModelText::read(&model_dir)?;
     let special = &text.special;
     let rows = DataArgs {
         max_length: 64,
@@ -225,15 +241,10 @@ pub fn quickstart(
         train_device.seed(args.seed);
         let adapter = adapter_config
             .init(&base, &[])
-            .expect("the quickstart's BitFit has no pattern");
+            .map_err(crate::cli::adapter_init_error)?;
         let model = PeftModel::new(base, adapter);
         let parameters = model.trainable_parameters();
-        let config = TrainingConfig::new()
-            .with_lr(args.lr.unwrap_or(learning_rate(method)))
-            .with_epochs(args.epochs)
-            .with_batch_size(16)
-            .with_eval_batch_size(50)
-            .with_seed(args.seed);
+        let config = training_config(args, method);
         let dir = args.output.join(method_name(method));
         // A rerun starts over rather than resuming an older run.
         if dir.exists() {

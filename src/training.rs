@@ -18,13 +18,13 @@ use peft_core::train::{
 };
 use peft_core::{Adapter, CausalLm, PeftModel};
 use peft_models::{
-    AutoCausalLm, ChatMessage, ChatTemplate, ModelError, SpecialTokens, Tokenizer,
+    AutoCausalLm, AutoConfig, ChatMessage, ChatTemplate, ModelError, SpecialTokens, Tokenizer,
     TokenizerEncoder, load_tokenizer,
 };
 
-use crate::cli::{CliError, Dtype, Method, MethodArgs};
+use crate::cli::{CliError, Dtype, Method, MethodArgs, adapter_init_error};
 use crate::plot::write_loss_curve;
-use crate::{AdapterInitError, AutoAdapter, AutoAdapterConfig};
+use crate::{AutoAdapter, AutoAdapterConfig};
 
 /// Loss-curve image written beside the adapter.
 pub const LOSS_CURVE: &str = "loss_curve.png";
@@ -175,6 +175,8 @@ impl Method {
 pub(crate) struct ModelText {
     dir: PathBuf,
     tokenizer: Tokenizer,
+    /// Rows of the model's embedding matrix (`vocab_size`): ids the tokenizer makes must be below.
+    vocab_size: usize,
     /// EOS and pad ids.
     pub(crate) special: SpecialTokens,
 }
@@ -182,11 +184,31 @@ pub(crate) struct ModelText {
 impl ModelText {
     /// Reads `model_dir/tokenizer.json` and the special ids of its config.
     pub(crate) fn read(model_dir: &Path) -> Result<Self, CliError> {
+        let config = AutoConfig::from_file(model_dir.join("config.json"))?;
         Ok(Self {
             dir: model_dir.to_path_buf(),
             tokenizer: load_tokenizer(model_dir)?,
             special: SpecialTokens::from_dir(model_dir)?,
+            vocab_size: config.geometry().vocab_size,
         })
+    }
+
+    /// Refuses an id the model has no embedding for: a tokenizer.json of another model would
+    /// otherwise fail deep inside the embedding lookup. `what` says what was encoded.
+    fn check_in_vocab(&self, ids: &[u32], what: impl FnOnce() -> String) -> Result<(), CliError> {
+        match ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            None => Ok(()),
+            Some(id) => Err(CliError::Input {
+                path: self.dir.join("tokenizer.json"),
+                message: format!(
+                    "{} encodes to token id {id}, but the model ({}) has vocab_size {}: is the \
+                     tokenizer from another model?",
+                    what(),
+                    self.dir.join("config.json").display(),
+                    self.vocab_size
+                ),
+            }),
+        }
     }
 
     /// Ids of `text` with the tokenizer's special tokens.
@@ -214,15 +236,17 @@ impl ModelText {
     }
 
     fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, CliError> {
-        TokenizerEncoder(&self.tokenizer)
+        let ids = TokenizerEncoder(&self.tokenizer)
             .encode(text, add_special_tokens)
-            .map_err(|message| {
+            .map_err(|message| -> CliError {
                 ModelError::Tokenizer {
                     path: self.dir.join("tokenizer.json"),
                     message,
                 }
                 .into()
-            })
+            })?;
+        self.check_in_vocab(&ids, || format!("the text {text:?}"))?;
+        Ok(ids)
     }
 }
 
@@ -245,7 +269,7 @@ pub(crate) fn read_data(
             skip_bad_rows: args.skip_bad_rows,
         },
     )?;
-    Ok(TokenizedDataset::new(
+    let data = TokenizedDataset::new(
         dataset,
         &TokenizerEncoder(&text.tokenizer),
         &TokenizeOptions {
@@ -253,7 +277,13 @@ pub(crate) fn read_data(
             eos_token_id: text.special.eos_token_ids.first().copied(),
             skip_bad_rows: args.skip_bad_rows,
         },
-    )?)
+    )?;
+    for row in &data.examples {
+        text.check_in_vocab(&row.input_ids, || {
+            format!("line {} of {}", row.line, path.display())
+        })?;
+    }
+    Ok(data)
 }
 
 pub(crate) fn io_error(source: std::io::Error) -> CliError {
@@ -396,7 +426,9 @@ pub fn train_command(
         .with_batch_size(args.batch_size)
         .with_gradient_accumulation_steps(args.gradient_accumulation_steps)
         .with_warmup_steps(args.warmup_steps)
-        .with_max_grad_norm((args.max_grad_norm > 0.0).then_some(args.max_grad_norm))
+        // 0 turns clipping off, as `max_grad_norm=0` does in Hugging Face's Trainer; a negative
+        // or NaN value stays, for `validate` to refuse.
+        .with_max_grad_norm((args.max_grad_norm != 0.0).then_some(args.max_grad_norm))
         .with_optimizer(
             AdamWConfig::new()
                 .with_beta_1(args.adam_beta1)
@@ -412,6 +444,7 @@ pub fn train_command(
         .with_logging_steps(args.logging_steps)
         .with_eval_batch_size(args.eval_batch_size)
         .with_eval_exact_match(!args.no_exact_match);
+    config.validate()?;
 
     let mut train_device = device.clone().autodiff();
     if args.gradient_checkpointing {
@@ -433,13 +466,7 @@ pub fn train_command(
     train_device.seed(args.seed);
     let adapter = adapter_config
         .init(&base, &init_text_ids)
-        .map_err(|e| CliError::Argument {
-            flag: match e {
-                AdapterInitError::Pattern(_) => "--bias-pattern",
-                AdapterInitError::Adapter(_) => "--prefix-init-text",
-            },
-            message: e.to_string(),
-        })?;
+        .map_err(adapter_init_error)?;
     let model = PeftModel::new(base, adapter);
     writeln!(out, "{}", model.trainable_parameters()).map_err(io_error)?;
 

@@ -207,3 +207,60 @@ fn tensors_missing_or_of_the_wrong_shape_are_named() {
         &["tensor `transformer.ln_f.bias` has shape [40], expected [48]"],
     );
 }
+
+#[test]
+fn unknown_init_values_extra_tensors_and_non_finite_values_are_refused() {
+    // An unknown prompt_tuning_init was once read as RANDOM.
+    let init = edited("qwen2-gqa-tied", "prompt-tuning", |c| {
+        c["prompt_tuning_init"] = "GAUSSIAN".into()
+    });
+    assert_names(
+        &error("qwen2-gqa-tied", init.path()),
+        &[
+            "adapter_config.json",
+            "key `prompt_tuning_init` must be \"RANDOM\", \"TEXT\" or \"SAMPLE_VOCAB\", found \"GAUSSIAN\"",
+        ],
+    );
+    // A prompt-learning file with a tensor PEFT never writes there.
+    for method in ["prompt-tuning", "p-tuning-v2"] {
+        let dir = edited("qwen2-gqa-tied", method, |_| {});
+        let weights = dir.path().join("adapter_model.safetensors");
+        let file = peft::core::adapter_file::TensorFile::open(&weights).unwrap();
+        let shape = {
+            let bytes = std::fs::read(&weights).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            st.tensor("prompt_embeddings").unwrap().shape().to_vec()
+        };
+        let values = file.data("prompt_embeddings", &shape, "").unwrap();
+        write_tensors(
+            &weights,
+            vec![
+                ("prompt_embeddings", values.clone()),
+                ("lm_head.weight", TensorData::new(vec![0.0f32; 4], [2, 2])),
+            ],
+        )
+        .unwrap();
+        assert_names(
+            &error("qwen2-gqa-tied", dir.path()),
+            &[
+                "adapter_model.safetensors",
+                "tensor `lm_head.weight` is not part of a prompt-learning adapter",
+            ],
+        );
+        // NaN in the prompt: every logit would be NaN.
+        let mut poisoned = values.try_to_vec::<f32>().unwrap();
+        poisoned[5] = f32::NAN;
+        write_tensors(
+            &weights,
+            vec![(
+                "prompt_embeddings",
+                TensorData::new(poisoned, shape.clone()),
+            )],
+        )
+        .unwrap();
+        assert_names(
+            &error("qwen2-gqa-tied", dir.path()),
+            &["tensor `prompt_embeddings` holds NaN or infinity (element 5)"],
+        );
+    }
+}

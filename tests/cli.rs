@@ -781,3 +781,200 @@ fn train_starts_p_tuning_v2_from_text_as_peft_does_and_refuses_contradictions() 
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn train_refuses_absurd_settings_before_loading_and_writes_nothing() {
+    // Each of these once panicked, aborted on a huge allocation, or was silently accepted
+    // (issue 19's bad-input findings); each now names its flag and leaves no output.
+    let dir = scratch("absurd");
+    let rows = "{\"prompt\": \"a\", \"completion\": \"b\"}\n";
+    let cases: [(&str, &[&str], &str); 10] = [
+        (
+            "p-tuning",
+            &["--encoder-hidden-size", "0"],
+            "--encoder-hidden-size: encoder_hidden_size: must be at least 1",
+        ),
+        (
+            "prefix-tuning",
+            &["--encoder-hidden-size", "0"],
+            "--encoder-hidden-size:",
+        ),
+        (
+            "p-tuning",
+            &[
+                "--encoder-reparameterization-type",
+                "lstm",
+                "--encoder-num-layers",
+                "0",
+            ],
+            "--encoder-num-layers:",
+        ),
+        (
+            "prompt-tuning",
+            &["--num-virtual-tokens", "1000000000"],
+            "takes at most 128 positions (max_position_embeddings)",
+        ),
+        (
+            "prompt-tuning",
+            &["--max-grad-norm=-1"],
+            "--max-grad-norm: must be a finite number > 0, found -1",
+        ),
+        (
+            "prompt-tuning",
+            &["--adam-beta1", "1"],
+            "--adam-beta1: must be in [0, 1), found 1",
+        ),
+        (
+            "prompt-tuning",
+            &["--weight-decay", "nan"],
+            "--weight-decay: must be a finite number >= 0, found NaN",
+        ),
+        (
+            "prompt-tuning",
+            &["--adam-epsilon", "0"],
+            "--adam-epsilon: must be a finite number > 0",
+        ),
+        (
+            "bitfit",
+            &["--bias-pattern", "no_such_module"],
+            "--bias-pattern: bias_pattern: \"no_such_module\" matches none of the base model's",
+        ),
+        ("prompt-tuning", &["--resume"], "--resume: "),
+    ];
+    for (method, extra, message) in cases {
+        let (out, adapter) = train_on(&dir, method, rows, extra);
+        assert!(!out.status.success(), "{method} {extra:?} trained");
+        let err = stderr(&out);
+        assert!(err.contains(message), "{method} {extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            !adapter.exists(),
+            "{method} {extra:?} left {}",
+            adapter.display()
+        );
+    }
+    let (out, _) = train_on(&dir, "prompt-tuning", rows, &["--resume"]);
+    assert!(
+        stderr(&out).contains("holds no checkpoint to resume from"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn info_refuses_an_encoder_of_width_zero() {
+    let model = model("qwen2-gqa-tied");
+    for method in ["p-tuning", "prefix-tuning"] {
+        let out = peft(&[
+            "info",
+            "--model",
+            model.to_str().unwrap(),
+            "--method",
+            method,
+            "--encoder-hidden-size",
+            "0",
+        ]);
+        assert!(!out.status.success(), "{method}");
+        assert!(
+            stderr(&out).contains("--encoder-hidden-size:"),
+            "{method}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn train_reads_a_byte_order_mark_and_names_the_line_of_invalid_utf8() {
+    let dir = scratch("utf8");
+    let row = "{\"prompt\": \"a\", \"completion\": \"b\"}\n";
+    let (out, adapter) = train_on(
+        &dir,
+        "prompt-tuning",
+        &format!("\u{feff}{row}{row}"),
+        &["--epochs", "1", "--eval-steps", "1000"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    std::fs::remove_dir_all(&adapter).unwrap();
+
+    let train = dir.join("train.jsonl");
+    let mut bytes = row.as_bytes().to_vec();
+    bytes.extend_from_slice(b"{\"prompt\": \"a\xff\", \"completion\": \"b\"}\n");
+    std::fs::write(&train, bytes).unwrap();
+    let model = model("qwen2-gqa-tied");
+    let out = peft(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--method",
+        "prompt-tuning",
+        "--train",
+        train.to_str().unwrap(),
+        "--output",
+        adapter.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("train.jsonl:2: not valid UTF-8 (byte 14 of the line)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!adapter.exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_tokenizer_that_makes_ids_past_the_vocabulary_is_named() {
+    // The fixture's config with a smaller vocabulary than its tokenizer: the rows' ids have no
+    // embedding. Training stops before loading weights, naming the tokenizer and the row.
+    let dir = scratch("vocab");
+    let model_dir = dir.join("model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    for entry in std::fs::read_dir(model("qwen2-gqa-tied")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model_dir.join(entry.file_name())).unwrap();
+    }
+    let config_path = model_dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["vocab_size"] = 40.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let train = dir.join("train.jsonl");
+    std::fs::write(
+        &train,
+        "{\"prompt\": \"Reverse cat\", \"completion\": \"tac\"}\n",
+    )
+    .unwrap();
+    let output = dir.join("adapter");
+    let out = peft(&[
+        "train",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--method",
+        "prompt-tuning",
+        "--train",
+        train.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("tokenizer.json: line 1 of"), "{err}");
+    assert!(
+        err.contains("has vocab_size 40: is the tokenizer from another model?"),
+        "{err}"
+    );
+    assert!(!output.exists());
+    let out = peft(&[
+        "generate",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--prompt",
+        "Reverse cat",
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -57,3 +57,36 @@ fn every_method_learns_the_quickstart_task() {
 
 /// The gain every method must show (fraction of held-out rows).
 const MIN_GAIN: f64 = 0.25;
+
+#[test]
+fn bad_flags_or_a_bad_model_leave_no_files() {
+    let output = std::env::temp_dir().join(format!("peft-quickstart-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&output);
+    let args = QuickstartArgs {
+        model: None,
+        task: "sort".into(),
+        output: output.clone(),
+        methods: Vec::new(),
+        train_rows: 16,
+        eval_rows: 4,
+        epochs: 1,
+        seed: 0,
+        lr: Some(f64::NAN),
+    };
+    let device = burn::prelude::Device::default();
+    let err = quickstart(&args, &device, &mut Vec::new()).err().unwrap();
+    assert_eq!(
+        err.to_string(),
+        "--lr: must be a finite number >= 0, found NaN"
+    );
+    assert!(!output.exists(), "{} was written", output.display());
+    let missing = std::env::temp_dir().join("peft-quickstart-no-such-model");
+    let args = QuickstartArgs {
+        model: Some(missing.clone()),
+        lr: None,
+        ..args
+    };
+    let err = quickstart(&args, &device, &mut Vec::new()).err().unwrap();
+    assert!(err.to_string().contains("no-such-model"), "{err}");
+    assert!(!output.exists(), "{} was written", output.display());
+}

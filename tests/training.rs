@@ -10,6 +10,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::activation::log_softmax;
 use peft::core::data::{DataOptions, Dataset, TokenizeOptions, TokenizedDataset, TokenizedExample};
+use peft::core::optim::AdamWConfig;
 use peft::core::params::read_params;
 use peft::core::train::{
     METRICS_FILE, MetricsLine, StepMetrics, TrainError, TrainingConfig, TrainingObserver,
@@ -383,15 +384,15 @@ fn resuming_with_other_data_or_batch_settings_is_refused() {
     );
     let err = attempt(&rows, &config.clone().with_batch_size(4), true)
         .expect("resumed with another batch size");
-    assert!(err.contains("--batch-size 8, this run has 4"), "{err}");
+    assert!(err.contains("batch_size 8, this run has 4"), "{err}");
     let err = attempt(&rows, &config.clone().with_group_by_length(true), true)
         .expect("resumed with another sampler");
     assert!(
-        err.contains("--group-by-length false, this run has true"),
+        err.contains("group_by_length false, this run has true"),
         "{err}"
     );
     let err = attempt(&rows[1..], &config, true).expect("resumed on other data");
-    assert!(err.contains("training data 24 rows"), "{err}");
+    assert!(err.contains("train 24 rows"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -659,8 +660,112 @@ fn a_diverging_run_stops_with_the_step_and_rows() {
     );
     let message = err.to_string();
     assert!(
-        message.contains("training stopped (lower --lr, or check the rows at lines"),
+        message.contains("training stopped (lower the learning rate, or check the rows at lines"),
         "{message}"
     );
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn settings_out_of_their_domain_name_the_config_field_and_write_nothing() {
+    let _rng = one_at_a_time();
+    let device = Device::default().autodiff();
+    let rows = rows();
+    let geometry = fixture_geometry();
+    let adapter = &configs(&geometry)[0].1;
+    let dir = temp_dir("domain");
+    let base = one_epoch_of_three_steps();
+    let adam = |edit: fn(AdamWConfig) -> AdamWConfig| {
+        base.clone().with_optimizer(edit(AdamWConfig::new()))
+    };
+    let cases: Vec<(TrainingConfig, bool, &str)> = vec![
+        (
+            base.clone().with_lr(f64::NAN),
+            false,
+            "lr: must be a finite number >= 0, found NaN",
+        ),
+        (
+            base.clone().with_max_grad_norm(Some(-1.0)),
+            false,
+            "max_grad_norm: must be a finite number > 0, found -1",
+        ),
+        (
+            adam(|a| a.with_beta_1(1.0)),
+            false,
+            "optimizer.beta_1: must be in [0, 1), found 1",
+        ),
+        (
+            adam(|a| a.with_beta_2(-0.1)),
+            false,
+            "optimizer.beta_2: must be in [0, 1)",
+        ),
+        (
+            adam(|a| a.with_epsilon(0.0)),
+            false,
+            "optimizer.epsilon: must be a finite number > 0",
+        ),
+        (
+            adam(|a| a.with_weight_decay(f64::NAN)),
+            false,
+            "optimizer.weight_decay: must be a finite number >= 0, found NaN",
+        ),
+        (base.clone(), true, "resume: "),
+    ];
+    for (config, resume, message) in cases {
+        let err = train(
+            fresh_model(&device, adapter),
+            &rows,
+            None,
+            &config,
+            &run_config(&dir, resume),
+            &mut (),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_else(|| panic!("trained with {message}"));
+        assert!(err.contains(message), "{err}");
+        assert!(!dir.exists(), "{message}: left {}", dir.display());
+    }
+}
+
+#[test]
+fn an_adapter_with_nothing_to_train_is_refused_before_the_first_step() {
+    let _rng = one_at_a_time();
+    let device = Device::default().autodiff();
+    let base = AutoCausalLm::from_pretrained(model_dir(), &device, DType::F32).unwrap();
+    // The library path for a BitFit pattern that selects no bias: the config check refuses it...
+    let bitfit = AutoAdapterConfig::BitFit(
+        peft::bitfit::BitFitConfig::new().with_bias_pattern(Some("no_such_module".into())),
+    );
+    let Err(err) = bitfit.init(&base, &[]) else {
+        panic!("a pattern matching no bias was accepted");
+    };
+    assert!(
+        err.to_string()
+            .starts_with("bias_pattern: \"no_such_module\" matches none of the base model's"),
+        "{err}"
+    );
+    // ...and a model whose adapter trains nothing (every parameter frozen) stops with an error
+    // instead of a panic in backward.
+    let adapter = peft::bitfit::BitFitConfig::new()
+        .with_bias_pattern(Some("no_such_module".into()))
+        .init()
+        .unwrap();
+    let model = PeftModel::new(base, AutoAdapter::BitFit(adapter));
+    let dir = temp_dir("nothing");
+    let Err(err) = train(
+        model,
+        &rows(),
+        None,
+        &one_epoch_of_three_steps(),
+        &run_config(&dir, false),
+        &mut (),
+    ) else {
+        panic!("trained nothing without a word");
+    };
+    assert_eq!(
+        err.to_string(),
+        "adapter: has no trainable parameters: there is nothing to train"
+    );
+    assert!(!dir.exists());
 }

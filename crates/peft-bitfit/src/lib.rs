@@ -78,6 +78,35 @@ impl BitFit {
         self.pattern.as_ref().map(Regex::as_str)
     }
 
+    /// Checks the adapter has something to train in `base`: a base model without biases, or a
+    /// `bias_pattern` that matches none of them, would train nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`AdapterError::Init`] naming `bias_pattern`.
+    pub fn check_base<M: Module>(&self, base: &M) -> Result<(), AdapterError> {
+        let biases: Vec<String> = param_infos(base)
+            .into_iter()
+            .map(|p| p.name)
+            .filter(|name| name.ends_with(".bias"))
+            .collect();
+        if biases.iter().any(|name| self.selects(name)) {
+            return Ok(());
+        }
+        let message = match (self.bias_pattern(), biases.first()) {
+            (_, None) => "the base model has no biases, so BitFit has nothing to train".to_string(),
+            (Some(pattern), Some(example)) => format!(
+                "{pattern:?} matches none of the base model's {} biases (e.g. `{example}`)",
+                biases.len()
+            ),
+            (None, Some(_)) => unreachable!("without a pattern every bias is selected"),
+        };
+        Err(AdapterError::Init {
+            field: "bias_pattern",
+            message,
+        })
+    }
+
     /// Trainable parameters among `params` (Hugging Face name, element count): what PEFT's report
     /// would count, from names and shapes alone.
     pub fn count<'a>(&self, params: impl IntoIterator<Item = (&'a str, usize)>) -> usize {

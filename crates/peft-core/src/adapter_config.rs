@@ -122,6 +122,51 @@ pub fn read_adapter_config(dir: &Path, expected: PeftType) -> Result<JsonConfig,
     Ok(cfg)
 }
 
+/// Checks a prompt-learning adapter's `num_virtual_tokens` before anything is allocated: at least
+/// one, and (where the base has a position limit) room left in the context for a token of the row.
+/// An absurd count would otherwise ask for terabytes and abort.
+pub fn check_num_virtual_tokens(n: usize, geometry: &ModelGeometry) -> Result<(), AdapterError> {
+    let error = |message: String| AdapterError::Init {
+        field: "num_virtual_tokens",
+        message,
+    };
+    if n == 0 {
+        return Err(error("must be at least 1".into()));
+    }
+    if let Some(max) = geometry.max_positions
+        && n >= max
+    {
+        return Err(error(format!(
+            "is {n}, but the base model takes at most {max} positions (max_position_embeddings), \
+             virtual tokens and the row together"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks an optional hidden width (`encoder_hidden_size`): `Some(0)` would build empty layers.
+pub fn check_hidden_size(field: &'static str, size: Option<usize>) -> Result<(), AdapterError> {
+    match size {
+        Some(0) => Err(AdapterError::Init {
+            field,
+            message: "must be at least 1".into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a dropout probability is in [0, 1).
+pub fn check_dropout(field: &'static str, p: f64) -> Result<(), AdapterError> {
+    if (0.0..1.0).contains(&p) {
+        Ok(())
+    } else {
+        Err(AdapterError::Init {
+            field,
+            message: format!("must be in [0, 1), found {p}"),
+        })
+    }
+}
+
 /// The fields PEFT's `PromptLearningConfig` gives every prompt-learning method.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptLearningConfig {

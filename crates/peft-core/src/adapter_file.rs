@@ -65,6 +65,16 @@ pub enum AdapterFileError {
         /// Why it does not fit.
         why: String,
     },
+    /// The tensor holds NaN or infinity.
+    #[error("{path}: tensor `{name}` holds NaN or infinity (element {index})")]
+    NonFinite {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// Flat index of the first such element.
+        index: usize,
+    },
     /// The tensor's shape does not fit the model and configuration.
     #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?} ({why})")]
     Shape {
@@ -117,7 +127,7 @@ impl TensorFile {
         safetensors::SafeTensors::deserialize(&self.bytes).map_err(|e| {
             AdapterFileError::Safetensors {
                 path: self.path.clone(),
-                message: e.to_string(),
+                message: describe_safetensors_error(&self.bytes, &e),
             }
         })
     }
@@ -166,10 +176,34 @@ impl TensorFile {
                 why: why.to_string(),
             });
         }
-        Ok(
-            TensorData::from_bytes_vec(view.data().to_vec(), expected.to_vec(), dtype)
-                .convert::<f32>(),
-        )
+        let data = TensorData::from_bytes_vec(view.data().to_vec(), expected.to_vec(), dtype)
+            .convert::<f32>();
+        let values = data.as_slice::<f32>().unwrap_or_default();
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(AdapterFileError::NonFinite {
+                path: self.path.clone(),
+                name: name.to_string(),
+                index,
+            });
+        }
+        Ok(data)
+    }
+
+    /// Refuses a tensor other than `expected`: a file with more than the method writes was made
+    /// for something else (and its extra tensors would be silently dropped).
+    pub fn expect_only(&self, expected: &[&str], why: &str) -> Result<(), AdapterFileError> {
+        match self
+            .names()
+            .into_iter()
+            .find(|n| !expected.contains(&n.as_str()))
+        {
+            None => Ok(()),
+            Some(name) => Err(AdapterFileError::UnexpectedTensor {
+                path: self.path.clone(),
+                name,
+                why: why.to_string(),
+            }),
+        }
     }
 
     /// The tensor `name` on `device` as F32, checking its shape is `expected` (see
@@ -231,7 +265,81 @@ pub fn read_prompt_embeddings(
     why: &str,
     device: &Device,
 ) -> Result<Tensor<2>, AdapterFileError> {
-    TensorFile::open(&dir.join(ADAPTER_WEIGHTS))?.tensor(PROMPT_EMBEDDINGS, expected, why, device)
+    let file = TensorFile::open(&dir.join(ADAPTER_WEIGHTS))?;
+    let embeddings = file.tensor(PROMPT_EMBEDDINGS, expected, why, device)?;
+    file.expect_only(
+        &[PROMPT_EMBEDDINGS],
+        "is not part of a prompt-learning adapter (PEFT writes `prompt_embeddings` only)",
+    )?;
+    Ok(embeddings)
+}
+
+/// What is wrong with a safetensors file that failed to parse, in words a user can act on: the
+/// `safetensors` crate says "incomplete metadata" for a truncated file and names no tensor when
+/// one's shape disagrees with its bytes. Our own reading of the header (here only, to explain an
+/// error the crate already found) says which.
+pub fn describe_safetensors_error(bytes: &[u8], error: &safetensors::SafeTensorError) -> String {
+    let fallback = error.to_string();
+    let Some(prefix) = bytes.get(..8) else {
+        return format!(
+            "{fallback} (the file is {} bytes, shorter than the 8-byte header length)",
+            bytes.len()
+        );
+    };
+    let header_len = u64::from_le_bytes(prefix.try_into().unwrap_or([0; 8]));
+    let available = bytes.len() as u64 - 8;
+    if header_len > available {
+        return format!(
+            "{fallback}: the header says it is {header_len} bytes but only {available} follow \
+             (a truncated or partly written file?)"
+        );
+    }
+    let Ok(header) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(
+        &bytes[8..8 + header_len as usize],
+    ) else {
+        return fallback;
+    };
+    let data_len = available - header_len;
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let width = match info.get("dtype").and_then(|d| d.as_str()) {
+            Some("F64" | "I64" | "U64") => 8,
+            Some("F32" | "I32" | "U32") => 4,
+            Some("F16" | "BF16" | "I16" | "U16") => 2,
+            Some("I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2") => 1,
+            _ => continue,
+        };
+        let shape: Option<Vec<u64>> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|dims| dims.iter().filter_map(|d| d.as_u64()).collect());
+        let offsets: Option<Vec<u64>> = info
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .map(|o| o.iter().filter_map(|d| d.as_u64()).collect());
+        let (Some(shape), Some(offsets)) = (shape, offsets) else {
+            continue;
+        };
+        let [start, end] = offsets[..] else { continue };
+        let needed = shape.iter().try_fold(width, |n: u64, &d| n.checked_mul(d));
+        if needed != end.checked_sub(start) {
+            return format!(
+                "{fallback}: tensor `{name}` of shape {shape:?} needs {} bytes but its data_offsets \
+                 [{start}, {end}] give {}",
+                needed.map_or("more than 2^64".to_string(), |n| n.to_string()),
+                end.saturating_sub(start)
+            );
+        }
+        if end > data_len {
+            return format!(
+                "{fallback}: tensor `{name}` ends at byte {end} of the data, which has only \
+                 {data_len} (a truncated file?)"
+            );
+        }
+    }
+    fallback
 }
 
 /// Writes `tensors` (name, data of any rank) as F32 to a safetensors file with PEFT's metadata

@@ -37,7 +37,7 @@ pub enum DataError {
         source: std::io::Error,
     },
     /// A row is malformed or does not fit.
-    #[error("{path}:{line}: {message} (pass --skip-bad-rows to skip such rows)")]
+    #[error("{path}:{line}: {message} (skip_bad_rows skips such rows)")]
     Row {
         /// The data file.
         path: PathBuf,
@@ -45,6 +45,16 @@ pub enum DataError {
         line: usize,
         /// What is wrong, naming the field.
         message: String,
+    },
+    /// The file is not UTF-8 text.
+    #[error("{path}:{line}: not valid UTF-8 (byte {column} of the line); JSONL files are UTF-8")]
+    NotUtf8 {
+        /// The data file.
+        path: PathBuf,
+        /// 1-based line of the first invalid byte.
+        line: usize,
+        /// 1-based byte of the line.
+        column: usize,
     },
     /// No usable row.
     #[error("{path}: no examples ({skipped} bad rows skipped)")]
@@ -117,9 +127,18 @@ impl Dataset {
     /// usable row at all.
     pub fn from_jsonl(path: impl AsRef<Path>, options: &DataOptions) -> Result<Self, DataError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        let bytes = std::fs::read(path).map_err(|source| DataError::Io {
             path: path.to_path_buf(),
             source,
+        })?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            DataError::NotUtf8 {
+                path: path.to_path_buf(),
+                line: valid.iter().filter(|&&b| b == b'\n').count() + 1,
+                column: valid.len() - line_start + 1,
+            }
         })?;
         Self::from_jsonl_str(path, &text, options)
     }
@@ -136,6 +155,8 @@ impl Dataset {
                 options.template
             )));
         }
+        // A byte-order mark (editors on Windows write one) is not part of the first row.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut examples = Vec::new();
         let mut skipped = Vec::new();
         for (index, raw) in text.lines().enumerate() {
@@ -375,7 +396,7 @@ fn tokenize_example(
     target.extend(&eos);
     if target.len() > max {
         return Err(format!(
-            "the target is {} tokens (EOS included), more than --max-length {max}",
+            "the target is {} tokens (EOS included), more than max_length {max}",
             target.len()
         ));
     }
@@ -661,8 +682,8 @@ mod tests {
         let err = tokenize(data.clone(), 4, false).unwrap_err().to_string();
         assert_eq!(
             err,
-            "data.jsonl:2: the target is 5 tokens (EOS included), more than --max-length 4 \
-             (pass --skip-bad-rows to skip such rows)"
+            "data.jsonl:2: the target is 5 tokens (EOS included), more than max_length 4 \
+             (skip_bad_rows skips such rows)"
         );
         let tokenized = tokenize(data, 4, true).unwrap();
         assert_eq!(tokenized.skipped.len(), 1);

@@ -159,6 +159,17 @@ impl JsonConfig {
         }
     }
 
+    /// A finite number above zero under any of `keys`, if present (an epsilon, a RoPE base).
+    pub fn opt_positive_f64(&self, keys: &[&str]) -> Result<Option<f64>> {
+        match self.lookup(keys) {
+            None => Ok(None),
+            Some((key, value)) => match value.as_f64() {
+                Some(v) if v.is_finite() && v > 0.0 => Ok(Some(v)),
+                _ => Err(self.invalid(key, "a number above zero", value)),
+            },
+        }
+    }
+
     /// A boolean under `key`, or `default`.
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.lookup(&[key]) {

@@ -27,6 +27,7 @@ use crate::error::CoreError;
 use crate::generation::GenerationConfig;
 use crate::model::CausalLm;
 use crate::optim::{AdamW, AdamWConfig, clip_coefficient, global_grad_norm};
+use crate::params::TrainableParameters;
 use crate::peft_model::PeftModel;
 
 /// Metrics file written in the output directory, one JSON object per line.
@@ -104,17 +105,18 @@ pub struct TrainingRun {
 /// Why training stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    /// A hyper-parameter is out of its domain.
+    /// A hyper-parameter is out of its domain, or the run cannot start as asked.
     #[error("{key}: {message}")]
     Config {
-        /// The setting (as the CLI flag names it).
+        /// The [`TrainingConfig`] field (`optimizer.beta_1` for the optimizer's), or the
+        /// [`TrainingRun`] field (`output_dir`, `resume`), or `train` for the rows.
         key: &'static str,
         /// Why.
         message: String,
     },
     /// The loss or the gradients stopped being finite.
     #[error(
-        "step {step}: {what} is {value}; training stopped (lower --lr, or check the rows at lines {lines:?})"
+        "step {step}: {what} is {value}; training stopped (lower the learning rate, or check the rows at lines {lines:?})"
     )]
     NonFinite {
         /// Optimizer step (1-based) being computed.
@@ -129,6 +131,21 @@ pub enum TrainError {
     /// Writing or reading a checkpoint failed.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// The checkpoint to resume was made with another data order.
+    #[error(
+        "{path}: the checkpoint was made with {key} {was}, this run has {is}; resuming would \
+         change the data order (use the same settings, or another output directory)"
+    )]
+    DifferentRun {
+        /// The checkpoint's trainer state.
+        path: PathBuf,
+        /// The [`TrainingConfig`] field that differs (`train` for the rows).
+        key: &'static str,
+        /// Its value in the checkpoint.
+        was: String,
+        /// Its value now.
+        is: String,
+    },
     /// The adapter of a checkpoint cannot be read or written.
     #[error(transparent)]
     Adapter(#[from] AdapterError),
@@ -276,7 +293,13 @@ fn fingerprint(rows: &[TokenizedExample]) -> String {
 }
 
 impl TrainingConfig {
-    fn validate(&self) -> Result<(), TrainError> {
+    /// Checks every setting is in its domain ([`train`] does this first; call it earlier to
+    /// fail before loading a model).
+    ///
+    /// # Errors
+    ///
+    /// [`TrainError::Config`] naming the field.
+    pub fn validate(&self) -> Result<(), TrainError> {
         let positive = |key, value: usize| {
             if value == 0 {
                 Err(TrainError::Config {
@@ -287,29 +310,63 @@ impl TrainingConfig {
                 Ok(())
             }
         };
-        positive("--epochs", self.epochs)?;
-        positive("--batch-size", self.batch_size)?;
+        positive("epochs", self.epochs)?;
+        positive("batch_size", self.batch_size)?;
         positive(
-            "--gradient-accumulation-steps",
+            "gradient_accumulation_steps",
             self.gradient_accumulation_steps,
         )?;
-        positive("--logging-steps", self.logging_steps)?;
-        positive("--eval-batch-size", self.eval_batch_size)?;
-        positive("--eval-steps", self.eval_steps.unwrap_or(1))?;
-        positive("--save-steps", self.save_steps.unwrap_or(1))?;
-        positive("--save-total-limit", self.save_total_limit.unwrap_or(1))?;
-        if !(self.lr.is_finite() && self.lr >= 0.0) {
-            return Err(TrainError::Config {
-                key: "--lr",
-                message: format!("must be a finite number >= 0, found {}", self.lr),
-            });
+        positive("logging_steps", self.logging_steps)?;
+        positive("eval_batch_size", self.eval_batch_size)?;
+        positive("eval_steps", self.eval_steps.unwrap_or(1))?;
+        positive("save_steps", self.save_steps.unwrap_or(1))?;
+        positive("save_total_limit", self.save_total_limit.unwrap_or(1))?;
+        let check = |key, ok: bool, domain: &str, value: f64| {
+            if ok {
+                Ok(())
+            } else {
+                Err(TrainError::Config {
+                    key,
+                    message: format!("must be {domain}, found {value}"),
+                })
+            }
+        };
+        let lr = self.lr;
+        check(
+            "lr",
+            lr.is_finite() && lr >= 0.0,
+            "a finite number >= 0",
+            lr,
+        )?;
+        if let Some(norm) = self.max_grad_norm {
+            check(
+                "max_grad_norm",
+                norm.is_finite() && norm > 0.0,
+                "a finite number > 0",
+                norm,
+            )?;
         }
-        if self.max_grad_norm.is_some_and(|n| !(n > 0.0)) {
-            return Err(TrainError::Config {
-                key: "--max-grad-norm",
-                message: "must be > 0".into(),
-            });
+        let adam = &self.optimizer;
+        for (key, beta) in [
+            ("optimizer.beta_1", adam.beta_1),
+            ("optimizer.beta_2", adam.beta_2),
+        ] {
+            check(key, (0.0..1.0).contains(&beta), "in [0, 1)", beta)?;
         }
+        let eps = adam.epsilon;
+        check(
+            "optimizer.epsilon",
+            eps.is_finite() && eps > 0.0,
+            "a finite number > 0",
+            eps,
+        )?;
+        let decay = adam.weight_decay;
+        check(
+            "optimizer.weight_decay",
+            decay.is_finite() && decay >= 0.0,
+            "a finite number >= 0",
+            decay,
+        )?;
         Ok(())
     }
 
@@ -354,8 +411,14 @@ where
     config.validate()?;
     if train.is_empty() {
         return Err(TrainError::Config {
-            key: "--train",
+            key: "train",
             message: "no training rows".into(),
+        });
+    }
+    if TrainableParameters::of(&model).trainable == 0 {
+        return Err(TrainError::Config {
+            key: "adapter",
+            message: "has no trainable parameters: there is nothing to train".into(),
         });
     }
     let device = model.base.device();
@@ -374,6 +437,17 @@ where
         train_rows: train.len(),
         train_fingerprint: fingerprint,
     };
+    if run.resume && latest_checkpoint(&run.output_dir)?.is_none() {
+        // As Hugging Face's Trainer: asking to resume where there is nothing to resume from is
+        // a mistake (a wrong directory), not a fresh start.
+        return Err(TrainError::Config {
+            key: "resume",
+            message: format!(
+                "{} holds no checkpoint to resume from",
+                run.output_dir.display()
+            ),
+        });
+    }
     std::fs::create_dir_all(&run.output_dir).map_err(|source| TrainError::Io {
         path: run.output_dir.clone(),
         source,
@@ -397,7 +471,7 @@ where
     } else {
         if let Some((step, _)) = latest_checkpoint(&run.output_dir)? {
             return Err(TrainError::Config {
-                key: "--output",
+                key: "output_dir",
                 message: format!(
                     "{} holds checkpoint-{step} of an earlier run: resume it, or train into \
                      another directory",
@@ -405,6 +479,7 @@ where
                 ),
             });
         }
+
         keep_metrics_up_to(&metrics_path, 0)?;
     }
     let mut metrics = MetricsWriter::open(&metrics_path)?;
@@ -562,42 +637,41 @@ where
 }
 
 fn check_same_run(saved: &TrainerState, now: &TrainerState, dir: &Path) -> Result<(), TrainError> {
-    let differs = |what: &str, was: String, is: String| {
-        Err(TrainError::Checkpoint(CheckpointError::State {
+    let differs = |key: &'static str, was: String, is: String| {
+        Err(TrainError::DifferentRun {
             path: dir.join(crate::checkpoint::TRAINER_STATE),
-            message: format!(
-                "the checkpoint was made with {what} {was}, this run has {is}; resuming would \
-                 change the data order (use the same settings, or another --output)"
-            ),
-        }))
+            key,
+            was,
+            is,
+        })
     };
     if saved.seed != now.seed {
-        return differs("--seed", saved.seed.to_string(), now.seed.to_string());
+        return differs("seed", saved.seed.to_string(), now.seed.to_string());
     }
     if saved.batch_size != now.batch_size {
         return differs(
-            "--batch-size",
+            "batch_size",
             saved.batch_size.to_string(),
             now.batch_size.to_string(),
         );
     }
     if saved.gradient_accumulation_steps != now.gradient_accumulation_steps {
         return differs(
-            "--gradient-accumulation-steps",
+            "gradient_accumulation_steps",
             saved.gradient_accumulation_steps.to_string(),
             now.gradient_accumulation_steps.to_string(),
         );
     }
     if saved.group_by_length != now.group_by_length {
         return differs(
-            "--group-by-length",
+            "group_by_length",
             saved.group_by_length.to_string(),
             now.group_by_length.to_string(),
         );
     }
     if saved.train_rows != now.train_rows || saved.train_fingerprint != now.train_fingerprint {
         return differs(
-            "training data",
+            "train",
             format!("{} rows ({})", saved.train_rows, saved.train_fingerprint),
             format!("{} rows ({})", now.train_rows, now.train_fingerprint),
         );

@@ -170,11 +170,36 @@ impl SpecialTokens {
         } else {
             HfConfig::from_file(dir.join("config.json"), "the model's config.json")?
         };
-        let eos_token_ids = cfg.token_ids("eos_token_id")?;
-        let pad = cfg.token_ids("pad_token_id")?;
+        // An id past the vocabulary would fail deep inside a gather (training's EOS, generation's
+        // stop test): refuse it here, naming the file and the key.
+        let config_json = dir.join("config.json");
+        let vocab_size = if config_json.is_file() {
+            HfConfig::from_file(config_json, "the model's config.json")?
+                .opt_usize(&["vocab_size"])?
+        } else {
+            None
+        };
+        let ids = |key: &str| -> Result<Vec<u32>> {
+            let ids = cfg.token_ids(key)?;
+            if let Some(vocab) = vocab_size
+                && let Some(id) = ids.iter().find(|&&id| id as usize >= vocab)
+            {
+                return Err(cfg
+                    .unsupported(
+                        key,
+                        format!(
+                            "holds id {id}, beyond the model's vocabulary (vocab_size {vocab})"
+                        ),
+                    )
+                    .into());
+            }
+            Ok(ids)
+        };
+        let eos_token_ids = ids("eos_token_id")?;
+        let pad = ids("pad_token_id")?;
         Ok(Self {
             pad_token_id: pad.first().or(eos_token_ids.first()).copied().unwrap_or(0),
-            bos_token_id: cfg.token_ids("bos_token_id")?.first().copied(),
+            bos_token_id: ids("bos_token_id")?.first().copied(),
             eos_token_ids,
         })
     }

@@ -66,7 +66,9 @@ impl BloomConfig {
             hidden_size,
             n_layer: cfg.usize(&["n_layer", "num_hidden_layers"])?,
             n_head,
-            layer_norm_epsilon: cfg.opt_f64(&["layer_norm_epsilon"])?.unwrap_or(1e-5),
+            layer_norm_epsilon: cfg
+                .opt_positive_f64(&["layer_norm_epsilon"])?
+                .unwrap_or(1e-5),
             apply_residual_connection_post_layernorm: cfg
                 .bool_or("apply_residual_connection_post_layernorm", false)?,
             initializer_range: cfg.opt_f64(&["initializer_range"])?.unwrap_or(0.02),

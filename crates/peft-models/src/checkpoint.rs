@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorCreationOptions};
 use memmap2::Mmap;
-use peft_core::adapter_file::float_dtype;
+use peft_core::adapter_file::{describe_safetensors_error, float_dtype};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{ModelError, Result};
@@ -61,6 +61,9 @@ impl Checkpoint {
     pub fn open_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let single = dir.join(SINGLE_FILE);
         let index = dir.join(INDEX_FILE);
+        for path in [&single, &index] {
+            check_not_a_directory(path)?;
+        }
         if single.is_file() {
             Self::open_files(&[single], device, dtype)
         } else if index.is_file() {
@@ -79,6 +82,7 @@ impl Checkpoint {
         let mut files = Vec::with_capacity(paths.len());
         let mut entries = BTreeMap::new();
         for (index, path) in paths.iter().enumerate() {
+            check_not_a_directory(path)?;
             let file = File::open(path).map_err(|source| {
                 if source.kind() == std::io::ErrorKind::NotFound {
                     ModelError::MissingFile {
@@ -101,7 +105,7 @@ impl Checkpoint {
             let (header, metadata) =
                 SafeTensors::read_metadata(&map).map_err(|e| ModelError::Safetensors {
                     path: path.clone(),
-                    message: e.to_string(),
+                    message: describe_safetensors_error(&map, &e),
                 })?;
             let data_start = 8 + header;
             for (name, info) in metadata.tensors() {
@@ -140,7 +144,9 @@ impl Checkpoint {
     /// Where errors about a tensor should point: its file, or the first file when it is missing.
     fn path_of(&self, name: &str) -> PathBuf {
         let file = self.entries.get(name).map_or(0, |e| e.file);
-        self.files[file].0.clone()
+        self.files
+            .get(file)
+            .map_or_else(|| PathBuf::from(SINGLE_FILE), |f| f.0.clone())
     }
 
     /// Marks a tensor as consumed without loading it (e.g. a tied `lm_head.weight`).
@@ -171,6 +177,13 @@ impl Checkpoint {
             dtype: format!("{:?}", entry.dtype),
         })?;
         let bytes = self.files[entry.file].1[entry.start..entry.end].to_vec();
+        if let Some(index) = first_non_finite(&bytes, dtype) {
+            return Err(ModelError::NonFinite {
+                path: path(),
+                name: name.to_string(),
+                index,
+            });
+        }
         self.used.insert(name.to_string());
         Ok((bytes, dtype))
     }
@@ -227,17 +240,40 @@ fn read_index(index: &Path) -> Result<Vec<PathBuf>> {
         }
         .into());
     };
+    if map.is_empty() {
+        return Err(ConfigError::InvalidValue {
+            path: index.to_path_buf(),
+            key: "weight_map".into(),
+            message: "is empty: it must name the shard of every tensor".into(),
+        }
+        .into());
+    }
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut shards: Vec<PathBuf> = Vec::new();
     for (tensor, file) in map {
-        let Some(file) = file.as_str() else {
-            return Err(ConfigError::InvalidValue {
+        let invalid = |message: &str| -> ModelError {
+            ConfigError::InvalidValue {
                 path: index.to_path_buf(),
                 key: format!("weight_map.{tensor}"),
-                message: "must be a file name".into(),
+                message: message.into(),
             }
-            .into());
+            .into()
         };
+        let Some(file) = file.as_str() else {
+            return Err(invalid("must be a file name"));
+        };
+        // A shard is a file of the model directory: an absolute path or `..` would read
+        // whatever the index points at.
+        let relative = Path::new(file);
+        if file.is_empty()
+            || !relative
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(invalid(&format!(
+                "{file:?} must be a file name inside the model directory"
+            )));
+        }
         let path = dir.join(file);
         if !shards.contains(&path) {
             shards.push(path);
@@ -245,6 +281,39 @@ fn read_index(index: &Path) -> Result<Vec<PathBuf>> {
     }
     shards.sort();
     Ok(shards)
+}
+
+/// A directory (or a symbolic-link loop) where a weights file belongs says so, instead of "not found".
+fn check_not_a_directory(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Err(ModelError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other("is a directory, expected a safetensors file"),
+        }),
+        Err(source) if source.kind() != std::io::ErrorKind::NotFound => Err(ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The index of the first NaN or infinite element of little-endian `bytes` of `dtype`: weights
+/// like that make every logit NaN, so they are refused on load (F32, F16 and BF16 only).
+pub(crate) fn first_non_finite(bytes: &[u8], dtype: DType) -> Option<usize> {
+    // Every element whose exponent bits are all ones is a NaN or an infinity.
+    match dtype {
+        DType::F32 => bytes.chunks_exact(4).position(|b| {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+        }),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
+        _ => None,
+    }
 }
 
 /// Transposes a row-major `[rows, cols]` matrix of `elem`-byte elements.

@@ -69,6 +69,16 @@ pub enum ModelError {
         /// Shape in the file.
         found: Vec<usize>,
     },
+    /// A tensor holds NaN or infinity.
+    #[error("{path}: tensor `{name}` holds NaN or infinity (element {index})")]
+    NonFinite {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// Flat index of the first such element.
+        index: usize,
+    },
     /// A tensor is stored in a dtype other than F32, F16 or BF16.
     #[error("{path}: tensor `{name}` has dtype {dtype}; only F32, F16 and BF16 are supported")]
     UnsupportedDtype {

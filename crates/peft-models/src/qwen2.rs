@@ -120,7 +120,7 @@ impl Qwen2Config {
                 )
                 .into());
         }
-        let mut rope_theta = cfg.opt_f64(&["rope_theta"])?;
+        let mut rope_theta = cfg.opt_positive_f64(&["rope_theta"])?;
         for key in ["rope_parameters", "rope_scaling"] {
             if let Some(rope) = cfg.opt_object(key)? {
                 let kind = rope.opt_str("rope_type")?.or(rope.opt_str("type")?);
@@ -132,7 +132,7 @@ impl Qwen2Config {
                         )
                         .into());
                 }
-                rope_theta = rope.opt_f64(&["rope_theta"])?.or(rope_theta);
+                rope_theta = rope.opt_positive_f64(&["rope_theta"])?.or(rope_theta);
             }
         }
         let attention_bias = cfg.bool_or("attention_bias", false)?;
@@ -144,7 +144,7 @@ impl Qwen2Config {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: cfg.opt_f64(&["rms_norm_eps"])?.unwrap_or(1e-6),
+            rms_norm_eps: cfg.opt_positive_f64(&["rms_norm_eps"])?.unwrap_or(1e-6),
             rope_theta: rope_theta.unwrap_or(10000.0),
             qkv_bias: !llama || attention_bias,
             o_proj_bias: llama && attention_bias,

@@ -256,3 +256,162 @@ fn bad_tokenizer_file() {
     std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
     assert!(message(load_tokenizer(dir.path()).unwrap_err()).contains("tokenizer.json: not found"));
 }
+
+#[test]
+fn epsilons_and_rope_bases_must_be_positive() {
+    for (model, key, value) in [
+        ("qwen2-gqa-tied", "rms_norm_eps", 0.0),
+        ("qwen2-gqa-tied", "rms_norm_eps", -1e-6),
+        ("qwen2-gqa-tied", "rope_theta", 0.0),
+        ("llama-biases", "rope_theta", -10000.0),
+        ("bloom-6-heads", "layer_norm_epsilon", 0.0),
+    ] {
+        let dir = copy_of(model);
+        edit_config(dir.path(), |cfg| {
+            cfg.insert(key.into(), serde_json::json!(value));
+        });
+        let msg = message(load(dir.path()).unwrap_err());
+        assert!(
+            msg.contains("config.json: key `")
+                && msg.contains(&format!("{key}` must be a number above zero")),
+            "{model} {key}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn an_index_must_name_shards_inside_the_model_directory() {
+    let index_path = |dir: &Path| dir.join("model.safetensors.index.json");
+    let edit_index = |dir: &Path, edit: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+        let mut index: Value =
+            serde_json::from_str(&std::fs::read_to_string(index_path(dir)).unwrap()).unwrap();
+        edit(index["weight_map"].as_object_mut().unwrap());
+        std::fs::write(index_path(dir), index.to_string()).unwrap();
+    };
+    let dir = copy_of("llama-mqa-sharded");
+    edit_index(dir.path(), &|map| map.clear());
+    let msg = message(load(dir.path()).unwrap_err());
+    assert!(
+        msg.contains("model.safetensors.index.json: key `weight_map` is empty"),
+        "{msg}"
+    );
+    for outside in ["../model-00001-of-00010.safetensors", "/etc/passwd", ""] {
+        let dir = copy_of("llama-mqa-sharded");
+        edit_index(dir.path(), &|map| {
+            map.insert("lm_head.weight".into(), Value::String(outside.into()));
+        });
+        let msg = message(load(dir.path()).unwrap_err());
+        assert!(
+            msg.contains("key `weight_map.lm_head.weight`")
+                && msg.contains("must be a file name inside the model directory"),
+            "{outside:?}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn non_finite_weights_are_named() {
+    for (value, dtype) in [(f32::NAN, "f32"), (f32::INFINITY, "f32")] {
+        let dir = copy_of("qwen2-gqa-tied");
+        edit_weights(dir.path(), |tensors| {
+            let (_, _, bytes) = tensors.get_mut("model.norm.weight").unwrap();
+            bytes[12..16].copy_from_slice(&value.to_le_bytes());
+        });
+        let msg = message(load(dir.path()).unwrap_err());
+        assert!(
+            msg.contains(
+                "model.safetensors: tensor `model.norm.weight` holds NaN or infinity (element 3)"
+            ),
+            "{dtype} {value}: {msg}"
+        );
+    }
+    // Half precision: an all-ones exponent in a BF16 checkpoint.
+    let dir = copy_of("qwen2-bf16");
+    edit_weights(dir.path(), |tensors| {
+        let (_, _, bytes) = tensors.get_mut("model.norm.weight").unwrap();
+        bytes[0..2].copy_from_slice(&0x7f80u16.to_le_bytes());
+    });
+    let msg = message(load(dir.path()).unwrap_err());
+    assert!(
+        msg.contains("`model.norm.weight` holds NaN or infinity (element 0)"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn truncated_files_and_inconsistent_tensors_say_what_is_wrong() {
+    let dir = copy_of("qwen2-gqa-tied");
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    // Cut inside the header, then inside the data.
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    std::fs::write(&path, &bytes[..8 + header / 2]).unwrap();
+    let msg = message(load(dir.path()).unwrap_err());
+    assert!(
+        msg.contains("model.safetensors: invalid safetensors file"),
+        "{msg}"
+    );
+    assert!(msg.contains("a truncated or partly written file?"), "{msg}");
+    std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+    let msg = message(load(dir.path()).unwrap_err());
+    assert!(msg.contains("of the data, which has only"), "{msg}");
+
+    // A shape that disagrees with the tensor's bytes names the tensor.
+    let mut header_json: serde_json::Map<String, Value> =
+        serde_json::from_slice(&bytes[8..8 + header]).unwrap();
+    let norm = header_json["model.norm.weight"].as_object_mut().unwrap();
+    norm["shape"] = serde_json::json!([3]);
+    let text = serde_json::to_string(&header_json).unwrap();
+    let padded = format!("{text:<width$}", width = header);
+    assert_eq!(
+        padded.len(),
+        header,
+        "the edited header must keep its length"
+    );
+    let mut edited = bytes.clone();
+    edited[8..8 + header].copy_from_slice(padded.as_bytes());
+    std::fs::write(&path, edited).unwrap();
+    let msg = message(load(dir.path()).unwrap_err());
+    assert!(
+        msg.contains("tensor `model.norm.weight` of shape [3] needs 12 bytes"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_directory_or_a_link_loop_where_the_weights_belong_is_named() {
+    let dir = copy_of("qwen2-gqa-tied");
+    let path = dir.path().join("model.safetensors");
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    let msg = message(load(dir.path()).unwrap_err());
+    assert!(
+        msg.contains("model.safetensors: is a directory, expected a safetensors file"),
+        "{msg}"
+    );
+    std::fs::remove_dir(&path).unwrap();
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink("model.safetensors", &path).unwrap();
+        let msg = message(load(dir.path()).unwrap_err());
+        assert!(msg.contains("model.safetensors:"), "{msg}");
+        assert!(!msg.contains("not found"), "{msg}");
+    }
+}
+
+#[test]
+fn special_token_ids_past_the_vocabulary_are_refused() {
+    let dir = copy_of("qwen2-gqa-tied");
+    let path = dir.path().join("generation_config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["eos_token_id"] = serde_json::json!([1, 100000]);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let err = peft_models::SpecialTokens::from_dir(dir.path()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: key `eos_token_id` holds id 100000, beyond the model's vocabulary (vocab_size 512)",
+            path.display()
+        )
+    );
+}

@@ -19,7 +19,10 @@ use burn::module::Param;
 use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::tanh;
-use peft_core::adapter_config::{PeftType, PromptLearningConfig, write_adapter_dir};
+use peft_core::adapter_config::{
+    PeftType, PromptLearningConfig, check_dropout, check_hidden_size, check_num_virtual_tokens,
+    write_adapter_dir,
+};
 use peft_core::adapter_file::{
     ADAPTER_ENCODER, PROMPT_EMBEDDINGS, TensorFile, linear_tensors, read_linear,
     read_prompt_embeddings,
@@ -70,6 +73,18 @@ impl PrefixTuningConfig {
             geometry.head_dim * geometry.num_key_value_heads,
             geometry.num_key_value_heads,
         )
+    }
+
+    /// Checks the configuration fits a base model of `geometry` before anything is allocated.
+    ///
+    /// # Errors
+    ///
+    /// `num_virtual_tokens` of 0 or beyond the base's positions, `encoder_hidden_size` of 0, or
+    /// `prefix_dropout` outside [0, 1); each names the field.
+    pub fn validate(&self, geometry: &ModelGeometry) -> Result<(), AdapterError> {
+        check_num_virtual_tokens(self.num_virtual_tokens, geometry)?;
+        check_hidden_size("encoder_hidden_size", self.encoder_hidden_size)?;
+        check_dropout("prefix_dropout", self.prefix_dropout)
     }
 
     /// The projection's hidden width.

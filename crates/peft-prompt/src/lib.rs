@@ -13,7 +13,9 @@ use std::path::Path;
 use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig};
 use burn::prelude::*;
-use peft_core::adapter_config::{PeftType, PromptLearningConfig, write_adapter_dir};
+use peft_core::adapter_config::{
+    PeftType, PromptLearningConfig, check_num_virtual_tokens, write_adapter_dir,
+};
 use peft_core::adapter_file::{PROMPT_EMBEDDINGS, read_prompt_embeddings};
 use peft_core::params::initialize_now;
 use peft_core::{Adapter, CausalLm, Injection, ModelGeometry};
@@ -73,6 +75,37 @@ pub struct PromptEmbedding {
 }
 
 impl PromptTuningConfig {
+    /// Checks the configuration fits a base model of `geometry` before anything is allocated.
+    ///
+    /// # Errors
+    ///
+    /// `num_virtual_tokens` of 0 or beyond the base's positions, a `token_dim` other than the
+    /// base's `hidden_size`, or `TEXT` init without `prompt_tuning_init_text`; each names the field.
+    pub fn validate(&self, geometry: &ModelGeometry) -> Result<(), AdapterError> {
+        check_num_virtual_tokens(self.num_virtual_tokens, geometry)?;
+        if self.token_dim != geometry.hidden_size {
+            return Err(AdapterError::Init {
+                field: "token_dim",
+                message: format!(
+                    "is {}, but the base model's hidden_size is {}",
+                    self.token_dim, geometry.hidden_size
+                ),
+            });
+        }
+        if self.prompt_tuning_init == PromptTuningInit::Text
+            && self
+                .prompt_tuning_init_text
+                .as_deref()
+                .is_none_or(str::is_empty)
+        {
+            return Err(AdapterError::Init {
+                field: "prompt_tuning_init_text",
+                message: "is required (and not empty) with prompt_tuning_init TEXT".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// A `Random` prompt (N(0, 1)) on `device`, drawn now from the device's generator.
     pub fn init(&self, device: &Device) -> PromptEmbedding {
         initialize_now(PromptEmbedding {
@@ -177,7 +210,17 @@ impl PromptEmbedding {
         prompt.config.prompt_tuning_init = match raw.opt_str("prompt_tuning_init")? {
             Some("TEXT") => PromptTuningInit::Text,
             Some("SAMPLE_VOCAB") => PromptTuningInit::SampleVocab,
-            _ => PromptTuningInit::Random,
+            None | Some("RANDOM") => PromptTuningInit::Random,
+            Some(other) => {
+                return Err(raw
+                    .unsupported(
+                        "prompt_tuning_init",
+                        format!(
+                            "must be \"RANDOM\", \"TEXT\" or \"SAMPLE_VOCAB\", found {other:?}"
+                        ),
+                    )
+                    .into());
+            }
         };
         prompt.config.prompt_tuning_init_text =
             raw.opt_str("prompt_tuning_init_text")?.map(str::to_string);

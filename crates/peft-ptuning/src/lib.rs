@@ -21,7 +21,10 @@ use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
-use peft_core::adapter_config::{PeftType, PromptLearningConfig, write_adapter_dir};
+use peft_core::adapter_config::{
+    PeftType, PromptLearningConfig, check_dropout, check_hidden_size, check_num_virtual_tokens,
+    write_adapter_dir,
+};
 use peft_core::adapter_file::{
     ADAPTER_ENCODER, PROMPT_EMBEDDINGS, TensorFile, linear_tensors, read_linear,
     read_prompt_embeddings,
@@ -76,6 +79,25 @@ impl PTuningConfig {
     /// A config shaped for a base model of `geometry`.
     pub fn for_model(num_virtual_tokens: usize, geometry: &ModelGeometry) -> Self {
         Self::new(num_virtual_tokens, geometry.hidden_size)
+    }
+
+    /// Checks the configuration fits a base model of `geometry` before anything is allocated.
+    ///
+    /// # Errors
+    ///
+    /// `num_virtual_tokens` of 0 or beyond the base's positions, `encoder_hidden_size` of 0, an
+    /// LSTM of 0 layers, or dropout outside [0, 1); each names the field.
+    pub fn validate(&self, geometry: &ModelGeometry) -> Result<(), AdapterError> {
+        check_num_virtual_tokens(self.num_virtual_tokens, geometry)?;
+        check_hidden_size("encoder_hidden_size", self.encoder_hidden_size)?;
+        if self.encoder_reparameterization_type == EncoderType::Lstm && self.encoder_num_layers == 0
+        {
+            return Err(AdapterError::Init {
+                field: "encoder_num_layers",
+                message: "must be at least 1".into(),
+            });
+        }
+        check_dropout("encoder_dropout", self.encoder_dropout)
     }
 
     /// The encoder's hidden width.
