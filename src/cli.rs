@@ -63,7 +63,7 @@ pub enum CliError {
     Data(#[from] peft_core::data::DataError),
     /// Training stopped with an error.
     #[error("{}", train_message(.0))]
-    Train(#[from] peft_core::train::TrainError),
+    Train(Box<peft_core::train::TrainError>),
     /// Evaluation failed.
     #[error("evaluation: {0}")]
     Eval(#[from] peft_core::CoreError),
@@ -75,6 +75,13 @@ pub enum CliError {
         /// Why its value is rejected.
         message: String,
     },
+}
+
+impl From<peft_core::train::TrainError> for CliError {
+    fn from(error: peft_core::train::TrainError) -> Self {
+        // Boxed: a training error is large, and every command returns a CliError.
+        Self::Train(Box::new(error))
+    }
 }
 
 /// Compute dtype of the model weights and activations.
@@ -108,6 +115,8 @@ pub struct Cli {
 }
 
 /// The commands.
+// Parsed once per process: the size of the largest variant's arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run one forward pass and write the logits of every input token to a safetensors file.

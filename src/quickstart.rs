@@ -127,13 +127,16 @@ fn write_rows(path: &Path, rows: &[(String, String)]) -> Result<(), CliError> {
     })
 }
 
+/// (prompt, completion) rows.
+type Rows = Vec<(String, String)>;
+
 /// Train and held-out rows of `task`: distinct words, none shared between the two.
 fn make_rows(
     task_name: &str,
     train_rows: usize,
     eval_rows: usize,
     seed: u64,
-) -> Result<(Vec<(String, String)>, Vec<(String, String)>), CliError> {
+) -> Result<(Rows, Rows), CliError> {
     let task = task(task_name).ok_or_else(|| CliError::Argument {
         flag: "--task",
         message: format!(

@@ -263,7 +263,7 @@ fn resuming_after_a_crash_ends_bit_identical_to_an_uninterrupted_run() {
             fresh_model(&device, &adapter),
             &rows,
             Some(&rows[..4]),
-            &config,
+            config,
             &run_config(&whole, false),
             &mut (),
         )
@@ -278,7 +278,7 @@ fn resuming_after_a_crash_ends_bit_identical_to_an_uninterrupted_run() {
             fresh_model(&device, &adapter),
             &rows,
             Some(&rows[..4]),
-            &config,
+            config,
             &run_config(&crashed, false),
             &mut CrashAfter(5),
         )
@@ -294,7 +294,7 @@ fn resuming_after_a_crash_ends_bit_identical_to_an_uninterrupted_run() {
             other_start,
             &rows,
             Some(&rows[..4]),
-            &config,
+            config,
             &run_config(&crashed, true),
             &mut (),
         )

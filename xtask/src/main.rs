@@ -19,6 +19,8 @@ struct Cli {
     task: Task,
 }
 
+// Parsed once per process: the size of the largest variant's arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Task {
     /// Training, forward and generation speed and memory of every method on a random-weight model.

@@ -88,7 +88,7 @@ fn projected_cross_entropy_in_chunks(
         let end = (start + chunk_rows).min(n);
         let rows = end - start;
         let h = constant.clone().slice([start..end, 0..d]).cast(head_dtype);
-        let t = targets.clone().slice([start..end]);
+        let t = targets.clone().slice(start..end);
         // `h · Eᵀ` rather than `(E · hᵀ)ᵀ`: the row-wise passes below need the logits laid out
         // by rows (on Flex, a transposed view makes the softmax 2x and the max 20x slower).
         let logits = h.matmul(embeddings.clone().transpose()).cast(DType::F32); // [rows, vocab]

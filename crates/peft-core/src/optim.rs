@@ -319,11 +319,12 @@ mod tests {
         }
         let a: Vec<f32> = model.a.val().into_data().try_to_vec::<f32>().unwrap();
         let b: Vec<f32> = model.b.val().into_data().try_to_vec::<f32>().unwrap();
-        let expected_a = [0.20125481, -0.69746530, 1.69398844, -0.03401872];
-        let expected_b = [0.71235412, -3.27565765];
+        // PyTorch's values, printed in double precision.
+        let expected_a: [f64; 4] = [0.20125481, -0.69746530, 1.69398844, -0.03401872];
+        let expected_b: [f64; 2] = [0.71235412, -3.27565765];
         let expected_norms = [4.8218255, 17.3760853, 36.0479736];
         for (got, want) in a.iter().zip(expected_a).chain(b.iter().zip(expected_b)) {
-            assert!((got - want).abs() < 2e-6, "{a:?} {b:?}");
+            assert!((f64::from(*got) - want).abs() < 2e-6, "{a:?} {b:?}");
         }
         for (got, want) in norms.iter().zip(expected_norms) {
             assert!((got - want).abs() < 1e-4, "{norms:?}");

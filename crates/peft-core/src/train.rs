@@ -583,7 +583,7 @@ where
                 seconds,
                 lines: lines(),
             };
-            if state.global_step % config.logging_steps == 0 {
+            if state.global_step.is_multiple_of(config.logging_steps) {
                 metrics.write(&MetricsLine::Train(step.clone()))?;
             }
             let stop = observer.on_step(&step).is_break();
@@ -594,7 +594,7 @@ where
                 state.step_in_epoch = 0;
             }
             let due = |every: Option<usize>| match every {
-                Some(n) => state.global_step % n == 0 || state.global_step == total_steps,
+                Some(n) => state.global_step.is_multiple_of(n) || state.global_step == total_steps,
                 None => epoch_done,
             };
             if let Some(eval) = eval

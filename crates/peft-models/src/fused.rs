@@ -511,7 +511,9 @@ mod flex {
         p = p * r + 8.333_452e-3;
         p = p * r + 4.166_579_6e-2;
         p = p * r + 1.666_666_5e-1;
-        p = p * r + 5.000_000_1e-1;
+        #[allow(clippy::excessive_precision)] // Cephes' coefficient, as printed there
+        let half = 5.000_000_1e-1;
+        p = p * r + half;
         let y = p * r * r + r + 1.0;
         y * f32::from_bits(((n as i32 + 127) << 23) as u32)
     }
