@@ -20,6 +20,7 @@ use peft_core::adapter_file::{ADAPTER_WEIGHTS, AdapterFileError, TensorFile};
 use peft_core::params::{param_infos, read_params, unfreeze_params, write_params};
 use peft_core::{Adapter, CausalLm, Injection};
 use regex::Regex;
+use serde::{Deserialize, Serialize};
 
 /// A `bias_pattern` that is not a valid regular expression.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,29 @@ pub struct PatternError {
     pub pattern: String,
     /// What is wrong with it.
     pub message: String,
+}
+
+/// A BitFit `adapter_config.json` (ours: PEFT has no BitFit), in PEFT's style.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BitFitFile {
+    /// `BITFIT`.
+    pub peft_type: PeftType,
+    /// `CAUSAL_LM`.
+    #[serde(default = "causal_lm")]
+    pub task_type: String,
+    /// [`BitFitConfig::bias_pattern`].
+    #[serde(default)]
+    pub bias_pattern: Option<String>,
+    /// The base model the adapter was trained on, as recorded.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// Whether the adapter is saved for inference.
+    #[serde(default)]
+    pub inference_mode: bool,
+}
+
+fn causal_lm() -> String {
+    "CAUSAL_LM".into()
 }
 
 /// Which biases train.
@@ -131,15 +155,15 @@ impl BitFit {
         base: &M,
         base_model_name_or_path: Option<&str>,
     ) -> Result<(), AdapterError> {
-        let json = serde_json::json!({
-            "peft_type": PeftType::BitFit.as_str(),
-            "task_type": "CAUSAL_LM",
-            "bias_pattern": self.bias_pattern(),
-            "base_model_name_or_path": base_model_name_or_path,
-            "inference_mode": true,
-        });
-        let serde_json::Value::Object(map) = json else {
-            unreachable!("json! of an object literal is an object")
+        let file = BitFitFile {
+            peft_type: PeftType::BitFit,
+            task_type: "CAUSAL_LM".into(),
+            bias_pattern: self.bias_pattern().map(str::to_string),
+            base_model_name_or_path: base_model_name_or_path.map(str::to_string),
+            inference_mode: true,
+        };
+        let Ok(serde_json::Value::Object(map)) = serde_json::to_value(&file) else {
+            unreachable!("a struct of plain fields serializes to an object")
         };
         let biases = self.biases(base);
         write_adapter_dir(
@@ -182,8 +206,9 @@ impl BitFit {
         shapes: &HashMap<String, Vec<usize>>,
     ) -> Result<(Self, HashMap<String, TensorData>), AdapterError> {
         let cfg = read_adapter_config(dir, PeftType::BitFit)?;
+        let file: BitFitFile = cfg.parse()?;
         let adapter = BitFitConfig::new()
-            .with_bias_pattern(cfg.opt_str("bias_pattern")?.map(str::to_string))
+            .with_bias_pattern(file.bias_pattern)
             .init()
             .map_err(|e| cfg.unsupported("bias_pattern", e.to_string()))?;
 

@@ -5,10 +5,12 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{Map, Value, json};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use crate::adapter_file::{AdapterFileError, write_atomic};
-use crate::json_config::{ConfigError, JsonConfig};
+use crate::json_config::{ConfigError, JsonConfig, fields};
 use crate::model::ModelGeometry;
 
 /// File name of PEFT's adapter configuration.
@@ -56,7 +58,36 @@ pub enum PeftType {
     BitFit,
 }
 
+impl Serialize for PeftType {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for PeftType {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let found = String::deserialize(deserializer)?;
+        Self::parse(&found).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{found:?} is not supported (PROMPT_TUNING, P_TUNING, PREFIX_TUNING, BITFIT)"
+            ))
+        })
+    }
+}
+
 impl PeftType {
+    const ALL: [Self; 4] = [
+        Self::PromptTuning,
+        Self::PTuning,
+        Self::PrefixTuning,
+        Self::BitFit,
+    ];
+
+    /// The method of PEFT's spelling `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+
     /// PEFT's spelling.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -75,15 +106,7 @@ impl PeftType {
                 path: cfg.path().to_path_buf(),
                 key: "peft_type".into(),
             })?;
-        [
-            Self::PromptTuning,
-            Self::PTuning,
-            Self::PrefixTuning,
-            Self::BitFit,
-        ]
-        .into_iter()
-        .find(|t| t.as_str() == found)
-        .ok_or_else(|| {
+        Self::parse(found).ok_or_else(|| {
             cfg.unsupported(
                 "peft_type",
                 format!(
@@ -167,30 +190,91 @@ pub fn check_dropout(field: &'static str, p: f64) -> Result<(), AdapterError> {
     }
 }
 
-/// The fields PEFT's `PromptLearningConfig` gives every prompt-learning method.
-#[derive(Debug, Clone, PartialEq)]
+/// The fields PEFT's `PromptLearningConfig` gives every prompt-learning method, under PEFT's keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PromptLearningConfig {
     /// The method.
     pub peft_type: PeftType,
+    /// PEFT's task: `CAUSAL_LM` (checked by [`read_adapter_config`]).
+    #[serde(default = "causal_lm")]
+    pub task_type: String,
     /// Virtual tokens.
+    #[serde(deserialize_with = "fields::positive")]
     pub num_virtual_tokens: usize,
     /// Width of one virtual token (hidden size; prefix tuning: key/value width, GQA-reduced).
+    #[serde(deserialize_with = "fields::positive")]
     pub token_dim: usize,
+    /// Transformer stacks the prompt feeds: 1 for a decoder-only model (the only value read).
+    #[serde(default, deserialize_with = "fields::opt_positive")]
+    pub num_transformer_submodules: Option<usize>,
     /// Attention heads the adapter was shaped for (prefix tuning with GQA: key/value heads).
+    #[serde(deserialize_with = "fields::positive")]
     pub num_attention_heads: usize,
     /// Decoder layers of the base model.
+    #[serde(deserialize_with = "fields::positive")]
     pub num_layers: usize,
     /// The base model the adapter was trained on, as recorded.
+    #[serde(default)]
     pub base_model_name_or_path: Option<String>,
+    /// The base model's revision, as recorded.
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// Whether the adapter is saved for inference (PEFT writes `true`).
+    #[serde(default = "yes")]
+    pub inference_mode: bool,
+    /// PEFT's auto-class mapping (kept as written).
+    #[serde(default)]
+    pub auto_mapping: Option<Value>,
+    /// Extra trainable base modules (none for the methods here; kept as written).
+    #[serde(default)]
+    pub modules_to_save: Option<Value>,
+    /// The PEFT version that wrote the file, when PEFT did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peft_version: Option<String>,
+}
+
+fn causal_lm() -> String {
+    "CAUSAL_LM".into()
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl PromptLearningConfig {
+    /// The shared fields of a new adapter, PEFT's defaults for the rest.
+    pub fn new(
+        peft_type: PeftType,
+        num_virtual_tokens: usize,
+        token_dim: usize,
+        num_attention_heads: usize,
+        num_layers: usize,
+        base_model_name_or_path: Option<&str>,
+    ) -> Self {
+        Self {
+            peft_type,
+            task_type: causal_lm(),
+            num_virtual_tokens,
+            token_dim,
+            num_transformer_submodules: Some(1),
+            num_attention_heads,
+            num_layers,
+            base_model_name_or_path: base_model_name_or_path.map(str::to_string),
+            revision: None,
+            inference_mode: true,
+            auto_mapping: None,
+            modules_to_save: None,
+            peft_version: None,
+        }
+    }
+
     /// Reads `dir/adapter_config.json` of an `expected` adapter (see [`read_adapter_config`]),
     /// returning the shared fields and the whole file (for the method's own keys). Also rejects
     /// `num_transformer_submodules` other than 1.
     pub fn read_method(dir: &Path, expected: PeftType) -> Result<(Self, JsonConfig), AdapterError> {
         let cfg = read_adapter_config(dir, expected)?;
-        if let Some(n) = cfg.opt_usize(&["num_transformer_submodules"])?
+        let config: Self = cfg.parse()?;
+        if let Some(n) = config.num_transformer_submodules
             && n != 1
         {
             return Err(cfg
@@ -200,14 +284,6 @@ impl PromptLearningConfig {
                 )
                 .into());
         }
-        let config = Self {
-            peft_type: expected,
-            num_virtual_tokens: cfg.usize(&["num_virtual_tokens"])?,
-            token_dim: cfg.usize(&["token_dim"])?,
-            num_attention_heads: cfg.usize(&["num_attention_heads"])?,
-            num_layers: cfg.usize(&["num_layers"])?,
-            base_model_name_or_path: cfg.opt_str("base_model_name_or_path")?.map(str::to_string),
-        };
         Ok((config, cfg))
     }
 
@@ -241,26 +317,41 @@ impl PromptLearningConfig {
         }
         Ok(())
     }
+}
 
-    /// The PEFT keys of this config (PEFT's defaults for the rest), to which a method adds its own.
+/// A prompt-learning method's `adapter_config.json`: the shared fields and the method's own keys
+/// `K`, one JSON object. Read and written through the same two serde types, so every key written
+/// is read back; keys neither knows are tolerated on reading.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PromptLearningFile<K> {
+    /// The fields every prompt-learning method has.
+    #[serde(flatten)]
+    pub shared: PromptLearningConfig,
+    /// The method's own keys.
+    #[serde(flatten)]
+    pub method: K,
+}
+
+impl<K: Serialize + DeserializeOwned> PromptLearningFile<K> {
+    /// Reads `dir/adapter_config.json` of an `expected` adapter, returning it with the parsed file
+    /// (for errors that name a key).
+    ///
+    /// # Errors
+    ///
+    /// A missing or malformed file, another method or task, a value that does not deserialize
+    /// (naming its key), or `num_transformer_submodules` other than 1.
+    pub fn read(dir: &Path, expected: PeftType) -> Result<(Self, JsonConfig), AdapterError> {
+        let (shared, cfg) = PromptLearningConfig::read_method(dir, expected)?;
+        // Parsed apart, not through serde's `flatten`, so that an error names its key.
+        let method = cfg.parse()?;
+        Ok((Self { shared, method }, cfg))
+    }
+
+    /// The JSON object written (sorted by [`write_config`]).
     pub fn to_json(&self) -> Map<String, Value> {
-        let value = json!({
-            "peft_type": self.peft_type.as_str(),
-            "task_type": "CAUSAL_LM",
-            "num_virtual_tokens": self.num_virtual_tokens,
-            "token_dim": self.token_dim,
-            "num_transformer_submodules": 1,
-            "num_attention_heads": self.num_attention_heads,
-            "num_layers": self.num_layers,
-            "base_model_name_or_path": self.base_model_name_or_path,
-            "inference_mode": true,
-            "revision": null,
-            "auto_mapping": null,
-            "modules_to_save": null,
-        });
-        match value {
-            Value::Object(map) => map,
-            _ => unreachable!("json! of an object literal is an object"),
+        match serde_json::to_value(self) {
+            Ok(Value::Object(map)) => map,
+            _ => unreachable!("two structs of plain fields serialize to one object"),
         }
     }
 }

@@ -218,12 +218,77 @@ impl JsonConfig {
         }
     }
 
+    /// The whole object as a `T` (serde), each key checked by `T`'s own deserializers: keys `T`
+    /// does not know are tolerated, a value that does not deserialize names its key, and a
+    /// required key that is absent is a [`ConfigError::MissingKey`].
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        serde_path_to_error::deserialize(Value::Object(self.map.clone())).map_err(|error| {
+            let key = error.path().to_string();
+            let message = error.into_inner().to_string();
+            // serde's wording for an absent field of the object itself.
+            if let Some(missing) = message
+                .strip_prefix("missing field `")
+                .and_then(|m| m.strip_suffix('`'))
+                && key == "."
+            {
+                return self.missing(&[missing]);
+            }
+            ConfigError::InvalidValue {
+                path: self.path.clone(),
+                key,
+                message,
+            }
+        })
+    }
+
     /// Error for a key whose value is well-typed but not supported.
     pub fn unsupported(&self, key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError::InvalidValue {
             path: self.path.clone(),
             key: key.to_string(),
             message: message.into(),
+        }
+    }
+}
+
+/// `deserialize_with` helpers for config fields, with the messages [`JsonConfig`]'s own
+/// accessors give (`must be a positive integer, found string "64"`).
+pub mod fields {
+    use serde::de::{Deserialize, Deserializer, Error};
+    use serde_json::Value;
+
+    use super::kind;
+
+    /// A positive integer.
+    pub fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        let value = Value::deserialize(d)?;
+        match value.as_u64() {
+            Some(v) if v > 0 => usize::try_from(v).map_err(D::Error::custom),
+            _ => Err(D::Error::custom(format!(
+                "must be a positive integer, found {}",
+                kind(&value)
+            ))),
+        }
+    }
+
+    /// A positive integer, or null / absent (with `#[serde(default)]`).
+    pub fn opt_positive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        match Option::<Value>::deserialize(d)? {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => positive(value).map(Some).map_err(D::Error::custom),
+        }
+    }
+
+    /// A probability of dropping, in [0, 1); null reads as 0.
+    pub fn dropout<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        let value = Option::<Value>::deserialize(d)?.unwrap_or(Value::Null);
+        match value.as_f64() {
+            Some(p) if (0.0..1.0).contains(&p) => Ok(p),
+            None if value.is_null() => Ok(0.0),
+            _ => Err(D::Error::custom(format!(
+                "must be a number in [0, 1), found {}",
+                kind(&value)
+            ))),
         }
     }
 }

@@ -20,16 +20,18 @@ use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Linear, Linea
 use burn::prelude::*;
 use burn::tensor::activation::tanh;
 use peft_core::adapter_config::{
-    PeftType, PromptLearningConfig, check_dropout, check_hidden_size, check_num_virtual_tokens,
-    write_adapter_dir,
+    PeftType, PromptLearningConfig, PromptLearningFile, check_dropout, check_hidden_size,
+    check_num_virtual_tokens, write_adapter_dir,
 };
 use peft_core::adapter_file::{
     ADAPTER_ENCODER, PROMPT_EMBEDDINGS, TensorFile, linear_tensors, read_linear,
     read_prompt_embeddings,
 };
 use peft_core::json_config::JsonConfig;
+use peft_core::json_config::fields;
 use peft_core::params::initialize_now;
 use peft_core::{Adapter, CausalLm, Injection, LayerKv, ModelGeometry, ModelInput};
+use serde::{Deserialize, Serialize};
 
 pub use peft_core::adapter_config::AdapterError;
 
@@ -269,6 +271,43 @@ impl PrefixTuningConfig {
     }
 }
 
+/// The keys of a prefix-tuning `adapter_config.json` beyond the shared ones, as PEFT writes them
+/// (and `prefix_dropout`, ours, written only when set).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrefixTuningKeys {
+    /// `prefix_projection`: Prefix Tuning (`true`) or P-Tuning v2 (`false`).
+    #[serde(default)]
+    pub prefix_projection: bool,
+    /// `encoder_hidden_size`: the projection's width (PEFT's default: `token_dim`).
+    #[serde(default, deserialize_with = "fields::opt_positive")]
+    pub encoder_hidden_size: Option<usize>,
+    /// `init_weights`: `null` (PEFT's random start) or `"zero"`.
+    #[serde(default)]
+    pub init_weights: Option<InitWeights>,
+    /// `prefix_dropout` (not PEFT's; 0 when absent).
+    #[serde(
+        default,
+        deserialize_with = "fields::dropout",
+        skip_serializing_if = "is_zero"
+    )]
+    pub prefix_dropout: f64,
+}
+
+/// A prefix-tuning `adapter_config.json`.
+pub type PrefixTuningFile = PromptLearningFile<PrefixTuningKeys>;
+
+/// PEFT's `init_weights` of a prefix: how it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitWeights {
+    /// `"zero"`: an all-zero prefix ([`PrefixTuningConfig::zero_init`]).
+    Zero,
+}
+
+fn is_zero(p: &f64) -> bool {
+    *p == 0.0
+}
+
 /// The prefix encoder. Trainable form: PEFT's `embedding` and, with a projection, `transform`
 /// (`transform.0` and `transform.2` in PyTorch's names). Inference form (what PEFT's files hold):
 /// only `embedding`, of `[n, layers * 2 * token_dim]`, holding the output.
@@ -366,18 +405,20 @@ impl PrefixEncoder {
         geometry: &ModelGeometry,
         device: &Device,
     ) -> Result<Self, AdapterError> {
-        let (shared, raw) = PromptLearningConfig::read_method(dir, PeftType::PrefixTuning)?;
-        let expected = PrefixTuningConfig::for_model(shared.num_virtual_tokens, geometry);
-        shared.check_base(
+        let (file, raw) = PrefixTuningFile::read(dir, PeftType::PrefixTuning)?;
+        let expected = PrefixTuningConfig::for_model(file.shared.num_virtual_tokens, geometry);
+        file.shared.check_base(
             &raw,
             geometry,
             expected.token_dim,
             expected.num_attention_heads,
         )?;
+        let keys = file.method;
         let config = expected
-            .with_prefix_projection(raw.bool_or("prefix_projection", false)?)
-            .with_encoder_hidden_size(raw.opt_usize(&["encoder_hidden_size"])?)
-            .with_prefix_dropout(raw.opt_f64(&["prefix_dropout"])?.unwrap_or(0.0));
+            .with_prefix_projection(keys.prefix_projection)
+            .with_encoder_hidden_size(keys.encoder_hidden_size)
+            .with_zero_init(keys.init_weights == Some(InitWeights::Zero))
+            .with_prefix_dropout(keys.prefix_dropout);
         config.check(&raw)?;
         let encoder_path = dir.join(ADAPTER_ENCODER);
         if config.prefix_projection && encoder_path.exists() {
@@ -419,28 +460,23 @@ impl PrefixEncoder {
         base_model_name_or_path: Option<&str>,
     ) -> Result<(), AdapterError> {
         let config = &self.config;
-        let shared = PromptLearningConfig {
-            peft_type: PeftType::PrefixTuning,
-            num_virtual_tokens: config.num_virtual_tokens,
-            token_dim: config.token_dim,
-            num_attention_heads: config.num_attention_heads,
-            num_layers: config.num_layers,
-            base_model_name_or_path: base_model_name_or_path.map(str::to_string),
-        };
-        let mut json = shared.to_json();
-        json.insert("prefix_projection".into(), config.prefix_projection.into());
-        json.insert("encoder_hidden_size".into(), config.hidden_size().into());
-        json.insert(
-            "init_weights".into(),
-            if config.zero_init {
-                "zero".into()
-            } else {
-                serde_json::Value::Null
+        let file = PrefixTuningFile {
+            shared: PromptLearningConfig::new(
+                PeftType::PrefixTuning,
+                config.num_virtual_tokens,
+                config.token_dim,
+                config.num_attention_heads,
+                config.num_layers,
+                base_model_name_or_path,
+            ),
+            method: PrefixTuningKeys {
+                prefix_projection: config.prefix_projection,
+                encoder_hidden_size: Some(config.hidden_size()),
+                init_weights: config.zero_init.then_some(InitWeights::Zero),
+                prefix_dropout: config.prefix_dropout,
             },
-        );
-        if config.prefix_dropout > 0.0 {
-            json.insert("prefix_dropout".into(), config.prefix_dropout.into());
-        }
+        };
+        let json = file.to_json();
         write_adapter_dir(
             dir,
             &json,

@@ -14,11 +14,12 @@ use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig};
 use burn::prelude::*;
 use peft_core::adapter_config::{
-    PeftType, PromptLearningConfig, check_num_virtual_tokens, write_adapter_dir,
+    PeftType, PromptLearningConfig, PromptLearningFile, check_num_virtual_tokens, write_adapter_dir,
 };
 use peft_core::adapter_file::{PROMPT_EMBEDDINGS, read_prompt_embeddings};
 use peft_core::params::initialize_now;
 use peft_core::{Adapter, CausalLm, Injection, ModelGeometry};
+use serde::{Deserialize, Serialize};
 
 pub use peft_core::adapter_config::AdapterError;
 use rand::{RngExt, SeedableRng, rngs::StdRng};
@@ -60,6 +61,53 @@ impl PromptTuningInit {
             Self::Random => "RANDOM",
             Self::Text => "TEXT",
             Self::SampleVocab => "SAMPLE_VOCAB",
+        }
+    }
+}
+
+/// The keys of a prompt-tuning `adapter_config.json` beyond the shared ones, as PEFT writes them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptTuningKeys {
+    /// `prompt_tuning_init`: `RANDOM`, `TEXT` or `SAMPLE_VOCAB`.
+    #[serde(default = "random_init", with = "init_spelling")]
+    pub prompt_tuning_init: PromptTuningInit,
+    /// `prompt_tuning_init_text`.
+    #[serde(default)]
+    pub prompt_tuning_init_text: Option<String>,
+    /// `tokenizer_name_or_path` (PEFT's `TEXT` init loads the tokenizer from it).
+    #[serde(default)]
+    pub tokenizer_name_or_path: Option<String>,
+    /// `tokenizer_kwargs` (kept as written).
+    #[serde(default)]
+    pub tokenizer_kwargs: Option<serde_json::Value>,
+}
+
+/// A prompt-tuning `adapter_config.json`.
+pub type PromptTuningFile = PromptLearningFile<PromptTuningKeys>;
+
+fn random_init() -> PromptTuningInit {
+    PromptTuningInit::Random
+}
+
+/// PEFT's spelling of [`PromptTuningInit`] (burn's `Config` derive spells it `Random`).
+mod init_spelling {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use super::PromptTuningInit;
+
+    pub fn serialize<S: Serializer>(init: &PromptTuningInit, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(init.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PromptTuningInit, D::Error> {
+        let found = Option::<String>::deserialize(d)?;
+        match found.as_deref() {
+            None | Some("RANDOM") => Ok(PromptTuningInit::Random),
+            Some("TEXT") => Ok(PromptTuningInit::Text),
+            Some("SAMPLE_VOCAB") => Ok(PromptTuningInit::SampleVocab),
+            Some(other) => Err(D::Error::custom(format!(
+                "must be \"RANDOM\", \"TEXT\" or \"SAMPLE_VOCAB\", found {other:?}"
+            ))),
         }
     }
 }
@@ -193,37 +241,22 @@ impl PromptEmbedding {
         geometry: &ModelGeometry,
         device: &Device,
     ) -> Result<Self, AdapterError> {
-        let (config, raw) = PromptLearningConfig::read_method(dir, PeftType::PromptTuning)?;
-        config.check_base(
+        let (file, raw) = PromptTuningFile::read(dir, PeftType::PromptTuning)?;
+        file.shared.check_base(
             &raw,
             geometry,
             geometry.hidden_size,
             geometry.num_attention_heads,
         )?;
-        let n = config.num_virtual_tokens;
+        let n = file.shared.num_virtual_tokens;
         let why = format!(
             "num_virtual_tokens {n} x the base model's hidden_size {}",
             geometry.hidden_size
         );
         let weights = read_prompt_embeddings(dir, [n, geometry.hidden_size], &why, device)?;
         let mut prompt = Self::from_prompt_embeddings(weights);
-        prompt.config.prompt_tuning_init = match raw.opt_str("prompt_tuning_init")? {
-            Some("TEXT") => PromptTuningInit::Text,
-            Some("SAMPLE_VOCAB") => PromptTuningInit::SampleVocab,
-            None | Some("RANDOM") => PromptTuningInit::Random,
-            Some(other) => {
-                return Err(raw
-                    .unsupported(
-                        "prompt_tuning_init",
-                        format!(
-                            "must be \"RANDOM\", \"TEXT\" or \"SAMPLE_VOCAB\", found {other:?}"
-                        ),
-                    )
-                    .into());
-            }
-        };
-        prompt.config.prompt_tuning_init_text =
-            raw.opt_str("prompt_tuning_init_text")?.map(str::to_string);
+        prompt.config.prompt_tuning_init = file.method.prompt_tuning_init;
+        prompt.config.prompt_tuning_init_text = file.method.prompt_tuning_init_text;
         Ok(prompt)
     }
 
@@ -237,28 +270,23 @@ impl PromptEmbedding {
         base_model_name_or_path: Option<&str>,
     ) -> Result<(), AdapterError> {
         let config = &self.config;
-        let shared = PromptLearningConfig {
-            peft_type: PeftType::PromptTuning,
-            num_virtual_tokens: self.num_virtual_tokens(),
-            token_dim: geometry.hidden_size,
-            num_attention_heads: geometry.num_attention_heads,
-            num_layers: geometry.num_layers,
-            base_model_name_or_path: base_model_name_or_path.map(str::to_string),
+        let file = PromptTuningFile {
+            shared: PromptLearningConfig::new(
+                PeftType::PromptTuning,
+                self.num_virtual_tokens(),
+                geometry.hidden_size,
+                geometry.num_attention_heads,
+                geometry.num_layers,
+                base_model_name_or_path,
+            ),
+            method: PromptTuningKeys {
+                prompt_tuning_init: config.prompt_tuning_init.clone(),
+                prompt_tuning_init_text: config.prompt_tuning_init_text.clone(),
+                tokenizer_name_or_path: base_model_name_or_path.map(str::to_string),
+                tokenizer_kwargs: None,
+            },
         };
-        let mut json = shared.to_json();
-        json.insert(
-            "prompt_tuning_init".into(),
-            config.prompt_tuning_init.as_str().into(),
-        );
-        json.insert(
-            "prompt_tuning_init_text".into(),
-            config.prompt_tuning_init_text.clone().into(),
-        );
-        json.insert(
-            "tokenizer_name_or_path".into(),
-            base_model_name_or_path.into(),
-        );
-        json.insert("tokenizer_kwargs".into(), serde_json::Value::Null);
+        let json = file.to_json();
         write_adapter_dir(
             dir,
             &json,

@@ -22,16 +22,17 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use peft_core::adapter_config::{
-    PeftType, PromptLearningConfig, check_dropout, check_hidden_size, check_num_virtual_tokens,
-    write_adapter_dir,
+    PeftType, PromptLearningConfig, PromptLearningFile, check_dropout, check_hidden_size,
+    check_num_virtual_tokens, write_adapter_dir,
 };
 use peft_core::adapter_file::{
     ADAPTER_ENCODER, PROMPT_EMBEDDINGS, TensorFile, linear_tensors, read_linear,
     read_prompt_embeddings,
 };
-use peft_core::json_config::JsonConfig;
+use peft_core::json_config::fields;
 use peft_core::params::initialize_now;
 use peft_core::{Adapter, CausalLm, Injection, ModelGeometry};
+use serde::{Deserialize, Serialize};
 
 pub use lstm::{BiLstm, BiLstmConfig};
 pub use peft_core::adapter_config::AdapterError;
@@ -148,37 +149,60 @@ impl PTuningConfig {
         self.num_virtual_tokens * self.token_dim + lstm + mlp
     }
 
-    /// Reads the P-tuning keys of an `adapter_config.json` (PEFT's defaults where absent).
-    fn from_adapter_config(
-        shared: &PromptLearningConfig,
-        raw: &JsonConfig,
-    ) -> Result<Self, AdapterError> {
-        let encoder_type = match raw.opt_str("encoder_reparameterization_type")? {
-            None | Some("MLP") => EncoderType::Mlp,
-            Some("LSTM") => EncoderType::Lstm,
-            Some(other) => {
-                return Err(raw
-                    .unsupported(
-                        "encoder_reparameterization_type",
-                        format!("must be \"MLP\" or \"LSTM\", found {other:?}"),
-                    )
-                    .into());
-            }
-        };
-        let dropout = raw.opt_f64(&["encoder_dropout"])?.unwrap_or(0.0);
-        if !(0.0..1.0).contains(&dropout) {
-            return Err(raw
-                .unsupported(
-                    "encoder_dropout",
-                    format!("must be in [0, 1), found {dropout}"),
-                )
-                .into());
+    /// The configuration an `adapter_config.json` describes.
+    fn from_file(file: &PTuningFile) -> Self {
+        let keys = &file.method;
+        Self::new(file.shared.num_virtual_tokens, file.shared.token_dim)
+            .with_encoder_reparameterization_type(keys.encoder_reparameterization_type)
+            .with_encoder_hidden_size(keys.encoder_hidden_size)
+            .with_encoder_num_layers(keys.encoder_num_layers.unwrap_or(2))
+            .with_encoder_dropout(keys.encoder_dropout)
+    }
+}
+
+/// The keys of a P-tuning `adapter_config.json` beyond the shared ones, as PEFT writes them
+/// (PEFT's defaults where absent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PTuningKeys {
+    /// `encoder_reparameterization_type`: `MLP` or `LSTM`.
+    #[serde(default = "mlp", with = "encoder_spelling")]
+    pub encoder_reparameterization_type: EncoderType,
+    /// `encoder_hidden_size` (PEFT's default: `token_dim`).
+    #[serde(default, deserialize_with = "fields::opt_positive")]
+    pub encoder_hidden_size: Option<usize>,
+    /// `encoder_num_layers` (the LSTM's; default 2).
+    #[serde(default, deserialize_with = "fields::opt_positive")]
+    pub encoder_num_layers: Option<usize>,
+    /// `encoder_dropout`, in [0, 1).
+    #[serde(default, deserialize_with = "fields::dropout")]
+    pub encoder_dropout: f64,
+}
+
+/// A P-tuning `adapter_config.json`.
+pub type PTuningFile = PromptLearningFile<PTuningKeys>;
+
+fn mlp() -> EncoderType {
+    EncoderType::Mlp
+}
+
+/// PEFT's spelling of [`EncoderType`] (burn's `Config` derive spells it `Mlp`).
+mod encoder_spelling {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use super::EncoderType;
+
+    pub fn serialize<S: Serializer>(kind: &EncoderType, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(kind.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<EncoderType, D::Error> {
+        match Option::<String>::deserialize(d)?.as_deref() {
+            None | Some("MLP") => Ok(EncoderType::Mlp),
+            Some("LSTM") => Ok(EncoderType::Lstm),
+            Some(other) => Err(D::Error::custom(format!(
+                "must be \"MLP\" or \"LSTM\", found {other:?}"
+            ))),
         }
-        Ok(Self::new(shared.num_virtual_tokens, shared.token_dim)
-            .with_encoder_reparameterization_type(encoder_type)
-            .with_encoder_hidden_size(raw.opt_usize(&["encoder_hidden_size"])?)
-            .with_encoder_num_layers(raw.opt_usize(&["encoder_num_layers"])?.unwrap_or(2))
-            .with_encoder_dropout(dropout))
     }
 }
 
@@ -285,14 +309,14 @@ impl PromptEncoder {
         geometry: &ModelGeometry,
         device: &Device,
     ) -> Result<Self, AdapterError> {
-        let (shared, raw) = PromptLearningConfig::read_method(dir, PeftType::PTuning)?;
-        shared.check_base(
+        let (file, raw) = PTuningFile::read(dir, PeftType::PTuning)?;
+        file.shared.check_base(
             &raw,
             geometry,
             geometry.hidden_size,
             geometry.num_attention_heads,
         )?;
-        let config = PTuningConfig::from_adapter_config(&shared, &raw)?;
+        let config = PTuningConfig::from_file(&file);
         let encoder_path = dir.join(ADAPTER_ENCODER);
         if encoder_path.exists() {
             return Self::load_encoder(&TensorFile::open(&encoder_path)?, config, device);
@@ -375,25 +399,23 @@ impl PromptEncoder {
         base_model_name_or_path: Option<&str>,
     ) -> Result<(), AdapterError> {
         let config = &self.config;
-        let shared = PromptLearningConfig {
-            peft_type: PeftType::PTuning,
-            num_virtual_tokens: config.num_virtual_tokens,
-            token_dim: config.token_dim,
-            num_attention_heads: geometry.num_attention_heads,
-            num_layers: geometry.num_layers,
-            base_model_name_or_path: base_model_name_or_path.map(str::to_string),
+        let file = PTuningFile {
+            shared: PromptLearningConfig::new(
+                PeftType::PTuning,
+                config.num_virtual_tokens,
+                config.token_dim,
+                geometry.num_attention_heads,
+                geometry.num_layers,
+                base_model_name_or_path,
+            ),
+            method: PTuningKeys {
+                encoder_reparameterization_type: config.encoder_reparameterization_type,
+                encoder_hidden_size: Some(config.hidden_size()),
+                encoder_num_layers: Some(config.encoder_num_layers),
+                encoder_dropout: config.encoder_dropout,
+            },
         };
-        let mut json = shared.to_json();
-        json.insert(
-            "encoder_reparameterization_type".into(),
-            config.encoder_reparameterization_type.as_str().into(),
-        );
-        json.insert("encoder_hidden_size".into(), config.hidden_size().into());
-        json.insert(
-            "encoder_num_layers".into(),
-            config.encoder_num_layers.into(),
-        );
-        json.insert("encoder_dropout".into(), config.encoder_dropout.into());
+        let json = file.to_json();
         write_adapter_dir(
             dir,
             &json,
