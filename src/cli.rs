@@ -60,10 +60,10 @@ pub enum CliError {
     Generate(peft_core::CoreError),
     /// A data file has a bad row, or none.
     #[error("{}", data_message(.0))]
-    Data(#[from] peft_core::data::DataError),
+    Data(#[from] peft_train::data::DataError),
     /// Training stopped with an error.
     #[error("{}", train_message(.0))]
-    Train(Box<peft_core::train::TrainError>),
+    Train(Box<peft_train::trainer::TrainError>),
     /// Evaluation failed.
     #[error("evaluation: {0}")]
     Eval(#[from] peft_core::CoreError),
@@ -77,8 +77,8 @@ pub enum CliError {
     },
 }
 
-impl From<peft_core::train::TrainError> for CliError {
-    fn from(error: peft_core::train::TrainError) -> Self {
+impl From<peft_train::trainer::TrainError> for CliError {
+    fn from(error: peft_train::trainer::TrainError) -> Self {
         // Boxed: a training error is large, and every command returns a CliError.
         Self::Train(Box::new(error))
     }
@@ -325,7 +325,7 @@ impl MethodArgs {
     }
 }
 
-/// The flag of a training setting (a [`peft_core::train::TrainingConfig`] or `TrainingRun` field,
+/// The flag of a training setting (a [`peft_train::trainer::TrainingConfig`] or `TrainingRun` field,
 /// as the library's errors name them).
 pub fn flag_of_training_field(field: &str) -> &'static str {
     match field {
@@ -353,8 +353,8 @@ pub fn flag_of_training_field(field: &str) -> &'static str {
 }
 
 /// A training error in the CLI's words: the library names config fields, the CLI its flags.
-fn train_message(error: &peft_core::train::TrainError) -> String {
-    use peft_core::train::TrainError;
+fn train_message(error: &peft_train::trainer::TrainError) -> String {
+    use peft_train::trainer::TrainError;
     match error {
         TrainError::Config { key, message } => {
             format!("{}: {message}", flag_of_training_field(key))
@@ -385,8 +385,8 @@ fn train_message(error: &peft_core::train::TrainError) -> String {
 }
 
 /// A data error in the CLI's words (its flags for the library's `max_length` and `skip_bad_rows`).
-fn data_message(error: &peft_core::data::DataError) -> String {
-    use peft_core::data::DataError;
+fn data_message(error: &peft_train::data::DataError) -> String {
+    use peft_train::data::DataError;
     match error {
         DataError::Row {
             path,

@@ -7,6 +7,7 @@
 //! returns the device of the compiled backend.
 //!
 //! - [`core`]: the `CausalLm` / adapter contract, masks, generation.
+//! - [`train`]: JSONL data, the training loop, AdamW, checkpoints.
 //! - [`models`]: Qwen2, Llama and BLOOM loading Hugging Face checkpoints.
 //! - [`prompt`], [`ptuning`], [`prefix`], [`bitfit`]: the methods.
 #![warn(missing_docs)]
@@ -27,6 +28,7 @@ pub use peft_models as models;
 pub use peft_prefix as prefix;
 pub use peft_prompt as prompt;
 pub use peft_ptuning as ptuning;
+pub use peft_train as train;
 
 /// The device of the backend this crate was compiled for: the first CUDA GPU with the `cuda`
 /// feature, the default wgpu adapter with `wgpu`, CubeCL's CPU runtime with `cubecl-cpu`, else the

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use peft_core::adapter_file::write_atomic;
-use peft_core::train::MetricsLine;
+use peft_train::trainer::MetricsLine;
 
 use crate::cli::CliError;
 

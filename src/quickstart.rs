@@ -14,10 +14,10 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use burn::tensor::DType;
-use peft_core::data::ALPACA_TEMPLATE;
-use peft_core::train::{METRICS_FILE, TrainingConfig, TrainingRun, read_metrics, train};
 use peft_core::{PeftModel, TrainableParameters};
 use peft_models::AutoCausalLm;
+use peft_train::data::ALPACA_TEMPLATE;
+use peft_train::trainer::{METRICS_FILE, TrainingConfig, TrainingRun, read_metrics, train};
 use rand::{SeedableRng, rngs::StdRng};
 
 use crate::cli::{CliError, EncoderArg, InitArg, Method, MethodArgs};
@@ -313,11 +313,11 @@ fn method_name(method: Method) -> &'static str {
 fn summarize(
     method: Method,
     parameters: TrainableParameters,
-    metrics: &[peft_core::train::MetricsLine],
+    metrics: &[peft_train::trainer::MetricsLine],
     steps_per_epoch: usize,
     started: Instant,
 ) -> MethodResult {
-    use peft_core::train::MetricsLine;
+    use peft_train::trainer::MetricsLine;
     let evals: Vec<_> = metrics
         .iter()
         .filter_map(|m| match m {

@@ -8,18 +8,19 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
-use peft_core::data::{
-    ALPACA_TEMPLATE, DataOptions, Dataset, TextEncoder, TokenizeOptions, TokenizedDataset,
-};
-use peft_core::optim::AdamWConfig;
-use peft_core::train::{
-    EvalMetrics, EvalOptions, METRICS_FILE, StepMetrics, TrainingConfig, TrainingObserver,
-    TrainingPlan, TrainingRun, evaluate, read_metrics, train,
-};
 use peft_core::{Adapter, CausalLm, PeftModel};
 use peft_models::{
     AutoCausalLm, AutoConfig, ChatMessage, ChatTemplate, ModelError, SpecialTokens, Tokenizer,
-    TokenizerEncoder, load_tokenizer,
+    load_tokenizer,
+};
+use peft_train::data::{
+    ALPACA_TEMPLATE, DataOptions, Dataset, TextEncoder, TokenizeOptions, TokenizedDataset,
+    TokenizerEncoder,
+};
+use peft_train::optim::AdamWConfig;
+use peft_train::trainer::{
+    EvalMetrics, EvalOptions, METRICS_FILE, StepMetrics, TrainingConfig, TrainingObserver,
+    TrainingPlan, TrainingRun, evaluate, read_metrics, train,
 };
 
 use crate::cli::{CliError, Dtype, Method, MethodArgs, adapter_init_error};

@@ -369,8 +369,9 @@ fn trainable_parameter_report_counts_what_trains() {
 /// Fixtures from `scripts/make_prefix_text_fixtures.py`.
 #[test]
 fn prefix_from_text_equals_peft_initialize_kv_prefix_from_text() {
-    use peft::models::{ChatMessage, ChatTemplate, TokenizerEncoder, load_tokenizer};
+    use peft::models::{ChatMessage, ChatTemplate, load_tokenizer};
     use peft::prefix::PrefixTuningConfig;
+    use peft::train::data::TokenizerEncoder;
 
     const TEXT: &str = "  You sort the letters of a word.  ";
     let device = Device::default().autodiff();
@@ -386,7 +387,7 @@ fn prefix_from_text_equals_peft_initialize_kv_prefix_from_text() {
         let model_dir = fixtures().join("models").join(model);
         let tokenizer = load_tokenizer(&model_dir).unwrap();
         let encode = |text: &str, special: bool| -> Vec<u32> {
-            use peft::core::data::TextEncoder;
+            use peft::train::data::TextEncoder;
             TokenizerEncoder(&tokenizer).encode(text, special).unwrap()
         };
         let rendered = template

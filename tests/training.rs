@@ -9,18 +9,20 @@ use std::sync::{Mutex, MutexGuard};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::activation::log_softmax;
-use peft::core::data::{DataOptions, Dataset, TokenizeOptions, TokenizedDataset, TokenizedExample};
-use peft::core::optim::AdamWConfig;
 use peft::core::params::read_params;
-use peft::core::train::{
-    METRICS_FILE, MetricsLine, StepMetrics, TrainError, TrainingConfig, TrainingObserver,
-    TrainingRun, read_metrics, train,
-};
 use peft::core::{CausalLm, PeftModel};
-use peft::models::{AutoCausalLm, TokenizerEncoder, load_tokenizer};
+use peft::models::{AutoCausalLm, load_tokenizer};
 use peft::prefix::PrefixTuningConfig;
 use peft::prompt::PromptTuningConfig;
 use peft::ptuning::{EncoderType, PTuningConfig};
+use peft::train::data::{
+    DataOptions, Dataset, TokenizeOptions, TokenizedDataset, TokenizedExample, TokenizerEncoder,
+};
+use peft::train::optim::AdamWConfig;
+use peft::train::trainer::{
+    METRICS_FILE, MetricsLine, StepMetrics, TrainError, TrainingConfig, TrainingObserver,
+    TrainingRun, read_metrics, train,
+};
 use peft::{AutoAdapter, AutoAdapterConfig};
 
 /// burn's CPU backend keeps one random generator per process (`Device::seed` sets it for every
@@ -406,7 +408,7 @@ fn the_loss_scores_target_tokens_only() {
         let model = fresh_model(&device, &adapter);
         let refs: Vec<&TokenizedExample> = rows[..3].iter().collect();
         let n = peft::core::Adapter::num_virtual_tokens(&model.adapter);
-        let batch = peft::core::data::Batch::collate(&refs, 0, n, &device);
+        let batch = peft::train::data::Batch::collate(&refs, 0, n, &device);
         let loss: f32 = model
             .loss(
                 batch.input_ids.clone(),

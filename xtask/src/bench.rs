@@ -32,14 +32,14 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use clap::ValueEnum;
 use peft::bitfit::BitFitConfig;
-use peft::core::data::{Batch, TokenizedExample};
-use peft::core::optim::{AdamWConfig, clip_coefficient, global_grad_norm};
 use peft::core::params::{cast_params, param_infos};
 use peft::core::{CausalLm, GenerationConfig, IGNORE_INDEX, Injection, PeftModel, generate};
 use peft::models::{AutoCausalLm, AutoConfig};
 use peft::prefix::PrefixTuningConfig;
 use peft::prompt::PromptTuningConfig;
 use peft::ptuning::{EncoderType, PTuningConfig};
+use peft::train::data::{Batch, TokenizedExample};
+use peft::train::optim::{AdamWConfig, clip_coefficient, global_grad_norm};
 use peft::{AutoAdapter, AutoAdapterConfig};
 use serde_json::{Value, json};
 

@@ -54,11 +54,12 @@ fn train_method(method: BenchMethod) -> Option<(peft::cli::Method, &'static str)
 
 /// Seconds of each epoch of a `peft train` run, from its metrics file.
 fn our_epoch_seconds(output: &Path) -> Result<Vec<f64>, String> {
-    let metrics = peft::core::train::read_metrics(&output.join(peft::core::train::METRICS_FILE))
-        .map_err(|e| e.to_string())?;
+    let metrics =
+        peft::train::trainer::read_metrics(&output.join(peft::train::trainer::METRICS_FILE))
+            .map_err(|e| e.to_string())?;
     let mut epochs: Vec<f64> = Vec::new();
     for line in metrics {
-        if let peft::core::train::MetricsLine::Train(step) = line {
+        if let peft::train::trainer::MetricsLine::Train(step) = line {
             // Step k of epoch e reports epoch e + k / steps (the last one e + 1).
             let epoch = (step.epoch.ceil() as usize).max(1) - 1;
             if epochs.len() <= epoch {

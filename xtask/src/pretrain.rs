@@ -14,15 +14,15 @@ use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use peft::core::data::{Batch, TokenizedExample};
-use peft::core::optim::{AdamWConfig, clip_coefficient, global_grad_norm};
 use peft::core::params::{read_params, write_params};
-use peft::core::train::linear_schedule;
 use peft::core::{
     CausalLm, GenerationConfig, IGNORE_INDEX, Injection, cross_entropy_ignoring, generate,
 };
 use peft::models::AutoConfig;
 use peft::tasks::{TASKS, instructed_prompt, random_word};
+use peft::train::data::{Batch, TokenizedExample};
+use peft::train::optim::{AdamWConfig, clip_coefficient, global_grad_norm};
+use peft::train::trainer::linear_schedule;
 use rand::{SeedableRng, rngs::StdRng};
 use serde_json::json;
 

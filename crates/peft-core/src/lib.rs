@@ -10,11 +10,6 @@
 //! - [`adapter_file`]: PEFT's `adapter_model.safetensors` (`prompt_embeddings`), atomic writes.
 //! - [`params`]: parameters by Hugging Face name, and PEFT's trainable-parameter report.
 //! - [`json_config`]: JSON config files read key by key, errors naming file and key.
-//! - [`data`]: JSONL fine-tuning data (prompt/completion, instruction, text), tokenized with the
-//!   loss on the target only, truncated, shuffled by seed, padded per batch.
-//! - [`train`]: the training loop (AdamW, warmup + decay, accumulation, global-norm clipping,
-//!   evaluation, NaN guard) with [`optim`] (PyTorch's AdamW, state by name) and [`checkpoint`]
-//!   (atomic, resumable checkpoints of the adapter and optimizer only).
 //! - [`generation`]: batched generation (greedy or sampled) over any [`CausalLm`], with an optional
 //!   [`Injection`] applied at prefill.
 #![warn(missing_docs)]
@@ -22,18 +17,14 @@
 pub mod adapter;
 pub mod adapter_config;
 pub mod adapter_file;
-pub mod checkpoint;
-pub mod data;
 pub mod error;
 pub mod generation;
 pub mod json_config;
 pub mod loss;
 pub mod mask;
 pub mod model;
-pub mod optim;
 pub mod params;
 pub mod peft_model;
-pub mod train;
 
 pub use adapter::Adapter;
 pub use error::CoreError;

@@ -11,14 +11,16 @@ use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::tensor::{DType, GradientCheckpointingStrategy};
 
-/// Tracks the Hugging Face name of the parameter being visited.
+/// Tracks the Hugging Face name of the parameter being visited (for a [`ModuleVisitor`] or
+/// [`ModuleMapper`] that works by name, as the optimizer state does).
 #[derive(Default)]
-pub(crate) struct HfPath {
+pub struct HfPath {
     segments: Vec<Option<String>>,
 }
 
 impl HfPath {
-    pub(crate) fn enter(&mut self, name: &str, container_type: &str) {
+    /// Enters the field `name` of a container of `container_type` (burn's visitor arguments).
+    pub fn enter(&mut self, name: &str, container_type: &str) {
         let segment = if container_type.starts_with("Enum:") {
             None
         } else if container_type.ends_with("Norm") {
@@ -33,11 +35,13 @@ impl HfPath {
         self.segments.push(segment);
     }
 
-    pub(crate) fn exit(&mut self) {
+    /// Leaves the field last entered.
+    pub fn exit(&mut self) {
         self.segments.pop();
     }
 
-    pub(crate) fn name(&self) -> String {
+    /// The Hugging Face name of the current parameter.
+    pub fn name(&self) -> String {
         self.segments
             .iter()
             .flatten()
@@ -187,7 +191,7 @@ pub fn write_params<M: Module>(module: M, values: &mut HashMap<String, TensorDat
 /// checkpointing strategy, whether it requires grad), so that a value computed outside the graph
 /// can take its place as the same kind of leaf.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct LeafKind {
+pub struct LeafKind {
     autodiff: bool,
     strategy: Option<GradientCheckpointingStrategy>,
     require_grad: bool,
@@ -195,7 +199,7 @@ pub(crate) struct LeafKind {
 
 impl LeafKind {
     /// The kind of `tensor`.
-    pub(crate) fn of<const D: usize>(tensor: &Tensor<D>) -> Self {
+    pub fn of<const D: usize>(tensor: &Tensor<D>) -> Self {
         Self {
             autodiff: tensor.is_autodiff(),
             strategy: tensor.gradient_checkpointing_strategy(),
@@ -204,7 +208,7 @@ impl LeafKind {
     }
 
     /// `value` as a fresh leaf of this kind (a value recorded in a graph could not require grad).
-    pub(crate) fn leaf<const D: usize>(&self, value: Tensor<D>) -> Tensor<D> {
+    pub fn leaf<const D: usize>(&self, value: Tensor<D>) -> Tensor<D> {
         let mut leaf = value.without_autodiff();
         if self.autodiff {
             leaf = leaf.autodiff();

@@ -4,7 +4,6 @@ use std::path::Path;
 
 use burn::prelude::*;
 use burn::tensor::DType;
-use peft_core::data::TextEncoder;
 use peft_core::{CausalLm, ModelGeometry, ModelInput, ModelOutput};
 
 use crate::bloom::{BloomConfig, BloomForCausalLM};
@@ -218,22 +217,6 @@ pub fn load_tokenizer(dir: impl AsRef<Path>) -> Result<tokenizers::Tokenizer> {
         path,
         message: e.to_string(),
     })
-}
-
-/// A `tokenizer.json` tokenizer seen as the [`TextEncoder`] the data pipeline needs.
-pub struct TokenizerEncoder<'a>(pub &'a tokenizers::Tokenizer);
-
-impl TextEncoder for TokenizerEncoder<'_> {
-    fn encode(
-        &self,
-        text: &str,
-        add_special_tokens: bool,
-    ) -> std::result::Result<Vec<u32>, String> {
-        self.0
-            .encode(text, add_special_tokens)
-            .map(|encoding| encoding.get_ids().to_vec())
-            .map_err(|e| e.to_string())
-    }
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ pub mod layers;
 pub mod qwen2;
 pub mod weights;
 
-pub use auto::{AutoCausalLm, AutoConfig, SpecialTokens, TokenizerEncoder, load_tokenizer};
+pub use auto::{AutoCausalLm, AutoConfig, SpecialTokens, load_tokenizer};
 pub use bloom::{BloomConfig, BloomForCausalLM};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use checkpoint::Checkpoint;

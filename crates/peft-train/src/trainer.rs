@@ -15,20 +15,20 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::adapter::Adapter;
-use crate::adapter_config::AdapterError;
-use crate::adapter_file::AdapterFileError;
 use crate::checkpoint::{
     CheckpointError, OPTIMIZER_STATE, TrainerState, latest_checkpoint, read_trainer_state,
     write_checkpoint,
 };
 use crate::data::{Batch, TokenizedExample, epoch_order, length_grouped_order};
-use crate::error::CoreError;
-use crate::generation::GenerationConfig;
-use crate::model::CausalLm;
 use crate::optim::{AdamW, AdamWConfig, clip_coefficient, global_grad_norm};
-use crate::params::TrainableParameters;
-use crate::peft_model::PeftModel;
+use peft_core::adapter::Adapter;
+use peft_core::adapter_config::AdapterError;
+use peft_core::adapter_file::AdapterFileError;
+use peft_core::error::CoreError;
+use peft_core::generation::GenerationConfig;
+use peft_core::model::CausalLm;
+use peft_core::params::TrainableParameters;
+use peft_core::peft_model::PeftModel;
 
 /// Metrics file written in the output directory, one JSON object per line.
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -711,7 +711,7 @@ fn keep_metrics_up_to(path: &Path, step: usize) -> Result<(), TrainError> {
         })
         .map(|line| format!("{line}\n"))
         .collect();
-    crate::adapter_file::write_atomic(path, kept.as_bytes()).map_err(io)
+    peft_core::adapter_file::write_atomic(path, kept.as_bytes()).map_err(io)
 }
 
 struct MetricsWriter {

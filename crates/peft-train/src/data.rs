@@ -18,7 +18,7 @@ use rand::seq::SliceRandom;
 use rand::{SeedableRng, rngs::StdRng};
 use serde_json::Value;
 
-use crate::loss::IGNORE_INDEX;
+use peft_core::loss::IGNORE_INDEX;
 
 /// The seeds' instruction template ("Human: ...\n\nAssistant: "); `{instruction}` and `{input}`
 /// are replaced by the row's fields. A missing or empty `input` also drops the line break before
@@ -247,6 +247,22 @@ fn parse_row(raw: &str, template: &str) -> Result<(Option<String>, String), Stri
 pub trait TextEncoder {
     /// The ids of `text`, with the tokenizer's special tokens (BOS) when `add_special_tokens`.
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String>;
+}
+
+/// A `tokenizer.json` tokenizer seen as the [`TextEncoder`] the data pipeline needs.
+pub struct TokenizerEncoder<'a>(pub &'a tokenizers::Tokenizer);
+
+impl TextEncoder for TokenizerEncoder<'_> {
+    fn encode(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> std::result::Result<Vec<u32>, String> {
+        self.0
+            .encode(text, add_special_tokens)
+            .map(|encoding| encoding.get_ids().to_vec())
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// How examples become token ids.
@@ -519,7 +535,7 @@ impl Batch {
         }
     }
 
-    /// Labels [`crate::PeftModel::loss`] scores for these rows: every label other than
+    /// Labels [`peft_core::PeftModel::loss`] scores for these rows: every label other than
     /// [`IGNORE_INDEX`], except a row's first token when there is no virtual token to predict
     /// it from.
     pub fn scored_labels(rows: &[&TokenizedExample], virtual_tokens: usize) -> usize {

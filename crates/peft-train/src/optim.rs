@@ -13,8 +13,8 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use crate::adapter_file::{AdapterFileError, TensorFile, write_tensors};
-use crate::params::{HfPath, LeafKind, param_infos};
+use peft_core::adapter_file::{AdapterFileError, TensorFile, write_tensors};
+use peft_core::params::{HfPath, LeafKind, param_infos};
 
 /// AdamW's settings. The defaults are PyTorch's (`torch.optim.AdamW`), not burn's (whose epsilon
 /// is 1e-5 and weight decay 1e-4).

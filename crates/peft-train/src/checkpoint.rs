@@ -116,7 +116,7 @@ pub fn write_checkpoint<E: From<CheckpointError>>(
     std::fs::create_dir_all(&partial).map_err(io(&partial))?;
     let filled = fill(&partial).and_then(|()| {
         let json = serde_json::to_string_pretty(state).expect("trainer state serializes");
-        crate::adapter_file::write_atomic(&partial.join(TRAINER_STATE), json.as_bytes())
+        peft_core::adapter_file::write_atomic(&partial.join(TRAINER_STATE), json.as_bytes())
             .map_err(io(&partial.join(TRAINER_STATE)))?;
         Ok(())
     });
