@@ -174,7 +174,8 @@ def evaluate(model, rows, pad_id, eos_ids, batch_size, exact_match):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--method", required=True, choices=["prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2"])
+    parser.add_argument("--method", required=True, choices=["prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2", "bitfit"],
+        help="bitfit: PEFT has none; the plain torch equivalent, the base model with only its biases trainable")
     parser.add_argument("--train", required=True)
     parser.add_argument("--eval")
     parser.add_argument("--output")
@@ -217,8 +218,15 @@ def main():
     torch.manual_seed(args.seed)
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     base.config.use_cache = False
-    model = get_peft_model(base, peft_config(args, args.model))
-    encoder = model.prompt_encoder["default"]
+    if args.method == "bitfit":
+        # PEFT has no BitFit: train every parameter named `*.bias`, as `peft train --method bitfit` does.
+        model = base
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith(".bias"))
+        encoder = None
+    else:
+        model = get_peft_model(base, peft_config(args, args.model))
+        encoder = model.prompt_encoder["default"]
     if args.method in ("prefix-tuning", "p-tuning-v2") and args.prefix_init == "zero":
         with torch.no_grad():
             if args.method == "p-tuning-v2":

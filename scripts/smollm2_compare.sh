@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Ours against torch + PEFT on the SmolLM2 topic task, several seeds: the comparison of
 # docs/smollm2.md. Each run trains 4 epochs (batch 8, 16 virtual tokens, AdamW lr 3e-2 without
-# weight decay or clipping, linear decay) and evaluates before the first step and after the last.
+# weight decay or clipping, linear decay; prefix tuning at 1e-2 and BitFit at 1e-3, their defaults,
+# since 3e-2 diverges for both) and evaluates before the first step and after the last.
 #
 #   scripts/smollm2_compare.sh OUT_DIR CASE SEED...
 #
 # CASE: ptv2 (P-tuning v2, random prefix), ptv2text (prefix from text), ptv2zero (zero prefix,
-# ours only), pt (prompt tuning, TEXT init), ptmlp (P-tuning, MLP encoder of 256).
+# ours only), pt (prompt tuning, TEXT init), ptmlp (P-tuning, MLP encoder of 256), prefix (prefix
+# tuning, projection, random init), bitfit (on MODEL_BIASES; the other side is a plain torch loop
+# over the same biases: PEFT has no BitFit).
 # Environment: PEFT (default target/debug/peft), PYTHON (default .venv/bin/python), MODEL
-# (default models/smollm2-135m), DATA (default models/smollm2-topics).
+# (default models/smollm2-135m), MODEL_BIASES (default models/smollm2-135m-biases, from
+# scripts/add_zero_biases.py), DATA (default models/smollm2-topics), LR (overrides the case's).
 # Writes OUT_DIR/CASE-ours-sSEED/ (metrics.jsonl, adapter) and OUT_DIR/CASE-peft-sSEED.json.
 set -euo pipefail
 out=$1 case=$2
@@ -17,9 +21,13 @@ PEFT=${PEFT:-target/debug/peft}
 PYTHON=${PYTHON:-.venv/bin/python}
 MODEL=${MODEL:-models/smollm2-135m}
 DATA=${DATA:-models/smollm2-topics}
+MODEL_BIASES=${MODEL_BIASES:-models/smollm2-135m-biases}
 PREFIX_TEXT="Name the topic of the text in one word: ai, coding, emotion, humor, literature, money, psychology, science, sports or trivia."
 PROMPT_TEXT="Classify the topic of the text in one word:"
-common=(--num-virtual-tokens 16 --lr 3e-2 --weight-decay 0 --max-grad-norm 0 --epochs 4 --batch-size 8
+lr=3e-2
+case $case in prefix) lr=1e-2 ;; bitfit) lr=1e-3 ;; esac
+lr=${LR:-$lr}
+common=(--num-virtual-tokens 16 --lr "$lr" --weight-decay 0 --max-grad-norm 0 --epochs 4 --batch-size 8
     --train "$DATA/train.jsonl" --eval "$DATA/eval.jsonl")
 case $case in
     ptv2) ours=(--method p-tuning-v2); theirs=("${ours[@]}") ;;
@@ -29,6 +37,8 @@ case $case in
     pt) ours=(--method prompt-tuning --prompt-tuning-init text --prompt-tuning-init-text "$PROMPT_TEXT")
         theirs=("${ours[@]}") ;;
     ptmlp) ours=(--method p-tuning --encoder-hidden-size 256); theirs=("${ours[@]}") ;;
+    prefix) ours=(--method prefix-tuning); theirs=("${ours[@]}") ;;
+    bitfit) MODEL=$MODEL_BIASES; ours=(--method bitfit); theirs=("${ours[@]}") ;;
     *) echo "unknown case $case" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
