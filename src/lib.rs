@@ -1,7 +1,8 @@
 //! peft-burn: parameter-efficient fine-tuning of causal language models on burn.
 //!
-//! This facade re-exports the workspace's crates under one name and holds the `peft` command line
-//! ([`cli`]) with its parameter counting ([`info`]). The backend is chosen at compile time by this
+//! This facade re-exports the workspace's crates under one name, with [`AutoAdapter`] (an adapter
+//! of any method, by `peft_type`) and [`info`] (PEFT's parameter counts from a config alone). The
+//! `peft` command line is the `peft-cli` crate; this library pulls in none of its dependencies. The backend is chosen at compile time by this
 //! crate's features: `flex` (CPU, the default), `cuda` or `wgpu`, or `cubecl-cpu` (the GPU
 //! backends' code path on CubeCL's CPU runtime, for testing it without a GPU); [`default_device`]
 //! returns the device of the compiled backend.
@@ -13,12 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod adapters;
-pub mod cli;
 pub mod info;
-pub mod plot;
-pub mod quickstart;
-pub mod tasks;
-pub mod training;
 
 pub use adapters::{AdapterInitError, AutoAdapter, AutoAdapterConfig};
 
@@ -36,25 +32,6 @@ pub use peft_train as train;
 /// burn's docs).
 pub fn default_device() -> burn::prelude::Device {
     burn::prelude::Device::default()
-}
-
-/// Tells glibc's allocator to keep freed memory in the process rather than give large blocks back
-/// to the kernel; a no-op off glibc. Call it first thing in a binary that trains on the CPU.
-///
-/// A training step allocates and frees hundreds of tensors of megabytes. With glibc's defaults
-/// each one above the mmap threshold (up to 32 MiB) is a fresh `mmap`, whose pages the kernel
-/// zeroes on first touch and unmaps on free: on Flex with 2 cores that page clearing was 7% of a
-/// prompt-tuning step. With `M_MMAP_MAX = 0` every block comes from the heap, and a high
-/// `M_TRIM_THRESHOLD` keeps the heap at its high-water mark, so later steps reuse warm pages. Peak
-/// memory is unchanged (measured +1.4%); resident memory no longer shrinks between steps.
-/// The `peft` CLI and `cargo xtask bench` call it.
-pub fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; glibc serializes it with allocation.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
 }
 
 /// Name of the backend this binary was compiled for.

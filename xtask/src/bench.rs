@@ -146,7 +146,7 @@ pub struct BenchArgs {
     /// matmuls go through f32 copies). Adapter parameters are created in f32 and the loss is f32;
     /// BitFit's biases, being the base's, take the base dtype (as on the torch side).
     #[arg(long, value_enum, default_value = "f32")]
-    dtype: peft::cli::Dtype,
+    dtype: peft_cli::cli::Dtype,
     /// Train with activation checkpointing: burn's balanced strategy recomputes activations in
     /// backward instead of keeping them (torch: `gradient_checkpointing_enable`, non-reentrant).
     #[arg(long)]

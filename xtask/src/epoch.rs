@@ -40,8 +40,8 @@ pub struct EpochSettings<'a> {
 
 /// `peft train`'s method (and its `--method` value, which the PEFT loop shares) for a benchmarked
 /// method; `None` for those the PEFT loop lacks.
-fn train_method(method: BenchMethod) -> Option<(peft::cli::Method, &'static str)> {
-    use peft::cli::Method;
+fn train_method(method: BenchMethod) -> Option<(peft_cli::cli::Method, &'static str)> {
+    use peft_cli::cli::Method;
     Some(match method {
         BenchMethod::PromptTuning => (Method::PromptTuning, "prompt-tuning"),
         BenchMethod::PTuningMlp => (Method::PTuning, "p-tuning"),
@@ -113,8 +113,8 @@ fn ours(
     if grouped {
         argv.push("--group-by-length".into());
     }
-    let cli = peft::cli::Cli::try_parse_from(&argv).map_err(|e| e.to_string())?;
-    peft::cli::run(cli, &peft::default_device(), &mut std::io::sink())
+    let cli = peft_cli::cli::Cli::try_parse_from(&argv).map_err(|e| e.to_string())?;
+    peft_cli::cli::run(cli, &peft::default_device(), &mut std::io::sink())
         .map_err(|e| format!("peft train: {e}"))?;
     let seconds = our_epoch_seconds(&output)?;
     let _ = std::fs::remove_dir_all(&output);

@@ -30,7 +30,7 @@ enum Task {
 }
 
 fn main() {
-    peft::keep_freed_memory();
+    peft_cli::keep_freed_memory();
     let cli = Cli::parse();
     match cli.task {
         Task::Bench(args) => {

@@ -2,7 +2,7 @@
 //!
 //! A character-level tokenizer (printable ASCII + newline, `<|endoftext|>` = 0 as EOS and pad),
 //! a Qwen2-architecture config, and weights trained with this workspace's own code (full
-//! fine-tuning with peft-core's AdamW) on every task of `peft::tasks`, each introduced by its
+//! fine-tuning with peft-core's AdamW) on every task of `peft_cli::tasks`, each introduced by its
 //! name ("reverse: abcd -> dcba"). The loss is on the answer (and EOS) only.
 
 use std::collections::HashMap;
@@ -19,10 +19,10 @@ use peft::core::{
     CausalLm, GenerationConfig, IGNORE_INDEX, Injection, cross_entropy_ignoring, generate,
 };
 use peft::models::AutoConfig;
-use peft::tasks::{TASKS, instructed_prompt, random_word};
 use peft::train::data::{Batch, TokenizedExample};
 use peft::train::optim::{AdamWConfig, clip_coefficient, global_grad_norm};
 use peft::train::trainer::linear_schedule;
+use peft_cli::tasks::{TASKS, instructed_prompt, random_word};
 use rand::{SeedableRng, rngs::StdRng};
 use serde_json::json;
 

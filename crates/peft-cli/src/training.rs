@@ -25,7 +25,7 @@ use peft_train::trainer::{
 
 use crate::cli::{CliError, Dtype, Method, MethodArgs, adapter_init_error};
 use crate::plot::write_loss_curve;
-use crate::{AutoAdapter, AutoAdapterConfig};
+use peft::{AutoAdapter, AutoAdapterConfig};
 
 /// Loss-curve image written beside the adapter.
 pub const LOSS_CURVE: &str = "loss_curve.png";

@@ -59,7 +59,7 @@ pub struct QuickstartArgs {
 
 /// The embedded default model's directory.
 pub fn default_model_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-qwen2")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets/tiny-qwen2")
 }
 
 /// What one method achieved.

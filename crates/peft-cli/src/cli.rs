@@ -24,8 +24,8 @@ use peft_prefix::{PrefixEncoder, PrefixTuningConfig};
 use peft_prompt::{PromptEmbedding, PromptTuningConfig, PromptTuningInit};
 use peft_ptuning::{EncoderType, PTuningConfig, PromptEncoder};
 
-use crate::info::trainable_parameters;
-use crate::{AdapterInitError, AutoAdapter, AutoAdapterConfig};
+use peft::info::trainable_parameters;
+use peft::{AdapterInitError, AutoAdapter, AutoAdapterConfig};
 
 /// Errors of the command line, each naming the file (and field) at fault.
 #[derive(Debug, thiserror::Error)]
@@ -518,7 +518,7 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let cli = Cli::parse_from(argv);
-    let device = crate::default_device();
+    let device = peft::default_device();
     let stdout = std::io::stdout();
     match run(cli, &device, &mut stdout.lock()) {
         Ok(()) => std::process::ExitCode::SUCCESS,

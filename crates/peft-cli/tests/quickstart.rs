@@ -2,8 +2,8 @@
 //! the task from examples alone: training loss falls and held-out exact match rises clearly
 //! above the untrained adapter's.
 
-use peft::cli::Method;
-use peft::quickstart::{QuickstartArgs, quickstart};
+use peft_cli::cli::Method;
+use peft_cli::quickstart::{QuickstartArgs, quickstart};
 
 #[test]
 fn every_method_learns_the_quickstart_task() {

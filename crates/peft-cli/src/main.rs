@@ -3,6 +3,6 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    peft::keep_freed_memory();
-    peft::cli::main_with(std::env::args_os())
+    peft_cli::keep_freed_memory();
+    peft_cli::cli::main_with(std::env::args_os())
 }

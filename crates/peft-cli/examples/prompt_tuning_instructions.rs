@@ -40,5 +40,5 @@ fn main() -> ExitCode {
         .map(String::from)
         .into_iter()
         .chain(std::env::args().skip(1));
-    peft::cli::main_with(args)
+    peft_cli::cli::main_with(args)
 }
