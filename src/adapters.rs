@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::prelude::*;
 use peft_bitfit::{BitFit, BitFitConfig, PatternError};
-use peft_core::adapter_config::{ADAPTER_CONFIG, AdapterError, PeftType};
+use peft_core::adapter_config::{ADAPTER_CONFIG, AdapterError, peft_type};
 use peft_core::json_config::JsonConfig;
 use peft_core::{Adapter, CausalLm, Injection, ModelGeometry};
 use peft_prefix::{PrefixEncoder, PrefixTuningConfig};
@@ -128,14 +128,44 @@ macro_rules! each {
     };
 }
 
+/// Every method of the workspace by PEFT's `peft_type`: the list the facade dispatches on.
+pub const PEFT_TYPES: [&str; 4] = [
+    peft_prompt::PEFT_TYPE,
+    peft_ptuning::PEFT_TYPE,
+    peft_prefix::PEFT_TYPE,
+    peft_bitfit::PEFT_TYPE,
+];
+
+/// Reads `dir/adapter_config.json` and its `peft_type`, which must be one of [`PEFT_TYPES`].
+///
+/// # Errors
+///
+/// A missing or malformed file, or a `peft_type` no crate of the workspace implements.
+pub fn read_peft_type(dir: &Path) -> Result<(JsonConfig, &'static str), AdapterError> {
+    let cfg = JsonConfig::from_file(
+        dir.join(ADAPTER_CONFIG),
+        "the adapter's adapter_config.json",
+    )?;
+    let found = peft_type(&cfg)?;
+    match PEFT_TYPES.into_iter().find(|known| *known == found) {
+        Some(known) => Ok((cfg, known)),
+        None => Err(cfg
+            .unsupported(
+                "peft_type",
+                format!("{found:?} is not supported ({})", PEFT_TYPES.join(", ")),
+            )
+            .into()),
+    }
+}
+
 impl AutoAdapter {
     /// The method's `peft_type`.
-    pub fn peft_type(&self) -> PeftType {
+    pub fn peft_type(&self) -> &'static str {
         match self {
-            Self::PromptTuning(_) => PeftType::PromptTuning,
-            Self::PTuning(_) => PeftType::PTuning,
-            Self::PrefixTuning(_) => PeftType::PrefixTuning,
-            Self::BitFit(_) => PeftType::BitFit,
+            Self::PromptTuning(_) => peft_prompt::PEFT_TYPE,
+            Self::PTuning(_) => peft_ptuning::PEFT_TYPE,
+            Self::PrefixTuning(_) => peft_prefix::PEFT_TYPE,
+            Self::BitFit(_) => peft_bitfit::PEFT_TYPE,
         }
     }
 }
@@ -164,24 +194,21 @@ impl Adapter for AutoAdapter {
 
     /// Reads `peft_type` from `dir/adapter_config.json` and loads that method.
     fn load<M: CausalLm>(dir: &Path, base: M) -> Result<(M, Self), AdapterError> {
-        let cfg = JsonConfig::from_file(
-            dir.join(ADAPTER_CONFIG),
-            "the adapter's adapter_config.json",
-        )?;
-        Ok(match PeftType::from_config(&cfg)? {
-            PeftType::PromptTuning => {
+        let (_, peft_type) = read_peft_type(dir)?;
+        Ok(match peft_type {
+            peft_prompt::PEFT_TYPE => {
                 let (base, a) = <PromptEmbedding as Adapter>::load(dir, base)?;
                 (base, Self::PromptTuning(a))
             }
-            PeftType::PTuning => {
+            peft_ptuning::PEFT_TYPE => {
                 let (base, a) = <PromptEncoder as Adapter>::load(dir, base)?;
                 (base, Self::PTuning(a))
             }
-            PeftType::PrefixTuning => {
+            peft_prefix::PEFT_TYPE => {
                 let (base, a) = <PrefixEncoder as Adapter>::load(dir, base)?;
                 (base, Self::PrefixTuning(a))
             }
-            PeftType::BitFit => {
+            _ => {
                 let (base, a) = <BitFit as Adapter>::load(dir, base)?;
                 (base, Self::BitFit(a))
             }

@@ -16,7 +16,7 @@
 pub mod adapters;
 pub mod info;
 
-pub use adapters::{AdapterInitError, AutoAdapter, AutoAdapterConfig};
+pub use adapters::{AdapterInitError, AutoAdapter, AutoAdapterConfig, PEFT_TYPES, read_peft_type};
 
 pub use peft_bitfit as bitfit;
 pub use peft_core as core;

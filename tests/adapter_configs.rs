@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use peft::bitfit::BitFitFile;
 use peft::core::adapter_config::{
-    ADAPTER_CONFIG, PeftType, PromptLearningFile, read_adapter_config, write_config,
+    ADAPTER_CONFIG, PromptLearningFile, read_adapter_config, write_config,
 };
-use peft::core::json_config::JsonConfig;
 use peft::prefix::{PrefixEncoder, PrefixTuningConfig, PrefixTuningFile};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -36,7 +35,7 @@ fn read_json(path: &Path) -> Map<String, Value> {
 
 /// Reads `dir` as `K`'s file, writes it into a fresh directory, reads that back: both reads equal,
 /// and every key of the original is in the written file.
-fn round_trip<K>(dir: &Path, peft_type: PeftType) -> usize
+fn round_trip<K>(dir: &Path, peft_type: &'static str) -> usize
 where
     K: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
 {
@@ -63,17 +62,13 @@ fn every_fixture_config_round_trips_with_the_keys_peft_wrote() {
     assert!(dirs.len() >= 18, "{dirs:?}");
     let mut checked = 0;
     for dir in &dirs {
-        let cfg = read_adapter_config_any(dir);
-        let keys = match PeftType::from_config(&cfg).unwrap() {
-            PeftType::PromptTuning => {
-                round_trip::<peft::prompt::PromptTuningKeys>(dir, PeftType::PromptTuning)
-            }
-            PeftType::PTuning => round_trip::<peft::ptuning::PTuningKeys>(dir, PeftType::PTuning),
-            PeftType::PrefixTuning => {
-                round_trip::<peft::prefix::PrefixTuningKeys>(dir, PeftType::PrefixTuning)
-            }
-            PeftType::BitFit => {
-                let cfg = read_adapter_config(dir, PeftType::BitFit).unwrap();
+        let (_, peft_type) = peft::read_peft_type(dir).unwrap();
+        let keys = match peft_type {
+            peft::prompt::PEFT_TYPE => round_trip::<peft::prompt::PromptTuningKeys>(dir, peft_type),
+            peft::ptuning::PEFT_TYPE => round_trip::<peft::ptuning::PTuningKeys>(dir, peft_type),
+            peft::prefix::PEFT_TYPE => round_trip::<peft::prefix::PrefixTuningKeys>(dir, peft_type),
+            _ => {
+                let cfg = read_adapter_config(dir, peft::bitfit::PEFT_TYPE).unwrap();
                 let file: BitFitFile = cfg.parse().unwrap();
                 let written = serde_json::to_value(&file).unwrap();
                 let again: BitFitFile = serde_json::from_value(written.clone()).unwrap();
@@ -88,10 +83,6 @@ fn every_fixture_config_round_trips_with_the_keys_peft_wrote() {
         checked += 1;
     }
     assert_eq!(checked, dirs.len());
-}
-
-fn read_adapter_config_any(dir: &Path) -> JsonConfig {
-    JsonConfig::from_file(dir.join(ADAPTER_CONFIG), "adapter_config.json").unwrap()
 }
 
 #[test]
@@ -160,7 +151,7 @@ fn wrong_types_and_unknown_values_name_their_key() {
             Value::Object(json).to_string(),
         )
         .unwrap();
-        let err = PrefixTuningFile::read(dir.path(), PeftType::PrefixTuning)
+        let err = PrefixTuningFile::read(dir.path(), peft::prefix::PEFT_TYPE)
             .unwrap_err()
             .to_string();
         assert!(

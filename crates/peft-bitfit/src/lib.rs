@@ -15,12 +15,15 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use burn::prelude::*;
-use peft_core::adapter_config::{AdapterError, PeftType, read_adapter_config, write_adapter_dir};
+use peft_core::adapter_config::{AdapterError, read_adapter_config, write_adapter_dir};
 use peft_core::adapter_file::{ADAPTER_WEIGHTS, AdapterFileError, TensorFile};
 use peft_core::params::{param_infos, read_params, unfreeze_params, write_params};
 use peft_core::{Adapter, CausalLm, Injection};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
+
+/// The method's `peft_type`, as PEFT spells it in `adapter_config.json` (ours: PEFT has no BitFit).
+pub const PEFT_TYPE: &str = "BITFIT";
 
 /// A `bias_pattern` that is not a valid regular expression.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +39,7 @@ pub struct PatternError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BitFitFile {
     /// `BITFIT`.
-    pub peft_type: PeftType,
+    pub peft_type: String,
     /// `CAUSAL_LM`.
     #[serde(default = "causal_lm")]
     pub task_type: String,
@@ -156,7 +159,7 @@ impl BitFit {
         base_model_name_or_path: Option<&str>,
     ) -> Result<(), AdapterError> {
         let file = BitFitFile {
-            peft_type: PeftType::BitFit,
+            peft_type: PEFT_TYPE.into(),
             task_type: "CAUSAL_LM".into(),
             bias_pattern: self.bias_pattern().map(str::to_string),
             base_model_name_or_path: base_model_name_or_path.map(str::to_string),
@@ -205,7 +208,7 @@ impl BitFit {
         dir: &Path,
         shapes: &HashMap<String, Vec<usize>>,
     ) -> Result<(Self, HashMap<String, TensorData>), AdapterError> {
-        let cfg = read_adapter_config(dir, PeftType::BitFit)?;
+        let cfg = read_adapter_config(dir, PEFT_TYPE)?;
         let file: BitFitFile = cfg.parse()?;
         let adapter = BitFitConfig::new()
             .with_bias_pattern(file.bias_pattern)

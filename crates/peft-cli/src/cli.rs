@@ -12,9 +12,8 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use clap::{Parser, Subcommand, ValueEnum};
 use peft_bitfit::{BitFit, BitFitConfig};
-use peft_core::adapter_config::{ADAPTER_CONFIG, AdapterError, PeftType};
+use peft_core::adapter_config::{ADAPTER_CONFIG, AdapterError};
 use peft_core::adapter_file::{ADAPTER_WEIGHTS, write_atomic, write_tensors};
-use peft_core::json_config::JsonConfig;
 use peft_core::{
     Adapter, CausalLm, CoreError, GenerationConfig, GenerationStep, Injection, ModelGeometry,
     PeftModel, generate,
@@ -25,7 +24,7 @@ use peft_prompt::{PromptEmbedding, PromptTuningConfig, PromptTuningInit};
 use peft_ptuning::{EncoderType, PTuningConfig, PromptEncoder};
 
 use peft::info::trainable_parameters;
-use peft::{AdapterInitError, AutoAdapter, AutoAdapterConfig};
+use peft::{AdapterInitError, AutoAdapter, AutoAdapterConfig, read_peft_type};
 
 /// Errors of the command line, each naming the file (and field) at fault.
 #[derive(Debug, thiserror::Error)]
@@ -588,25 +587,21 @@ pub fn info(args: &InfoArgs, out: &mut dyn Write) -> Result<(), CliError> {
 pub fn export(args: &ExportArgs, device: &Device) -> Result<(), CliError> {
     let config = read_config(&args.model)?;
     let geometry = config.geometry();
-    let cfg = JsonConfig::from_file(
-        args.adapter.join(ADAPTER_CONFIG),
-        "the adapter's adapter_config.json",
-    )
-    .map_err(AdapterError::from)?;
+    let (cfg, peft_type) = read_peft_type(&args.adapter)?;
     let base_name = cfg
         .opt_str("base_model_name_or_path")
         .map_err(AdapterError::from)?;
     let out = &args.output;
-    match PeftType::from_config(&cfg).map_err(AdapterError::from)? {
-        PeftType::PromptTuning => PromptEmbedding::load(&args.adapter, &geometry, device)?
+    match peft_type {
+        peft_prompt::PEFT_TYPE => PromptEmbedding::load(&args.adapter, &geometry, device)?
             .save(out, &geometry, base_name)?,
-        PeftType::PTuning => PromptEncoder::load(&args.adapter, &geometry, device)?
+        peft_ptuning::PEFT_TYPE => PromptEncoder::load(&args.adapter, &geometry, device)?
             .into_inference()
             .save(out, &geometry, base_name)?,
-        PeftType::PrefixTuning => PrefixEncoder::load(&args.adapter, &geometry, device)?
+        peft_prefix::PEFT_TYPE => PrefixEncoder::load(&args.adapter, &geometry, device)?
             .into_inference()
             .save(out, base_name)?,
-        PeftType::BitFit => {
+        _ => {
             // The biases are final already: check they fit a model of this config (every bias is
             // 1-D, so its size is its shape), then copy.
             let shapes = config

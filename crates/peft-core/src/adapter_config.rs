@@ -45,91 +45,30 @@ pub enum AdapterError {
     },
 }
 
-/// The methods of this workspace, by PEFT's `peft_type`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PeftType {
-    /// `PROMPT_TUNING`.
-    PromptTuning,
-    /// `P_TUNING`.
-    PTuning,
-    /// `PREFIX_TUNING` (P-tuning v2 without projection).
-    PrefixTuning,
-    /// `BITFIT` (ours; PEFT has no such type).
-    BitFit,
-}
-
-impl Serialize for PeftType {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> Deserialize<'de> for PeftType {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let found = String::deserialize(deserializer)?;
-        Self::parse(&found).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "{found:?} is not supported (PROMPT_TUNING, P_TUNING, PREFIX_TUNING, BITFIT)"
-            ))
+/// The `peft_type` of an adapter config: the method's name as PEFT spells it (`PROMPT_TUNING`,
+/// ...). Core knows no method: each method crate exports its own spelling as `PEFT_TYPE`, and the
+/// facade holds the list of them.
+pub fn peft_type(cfg: &JsonConfig) -> Result<&str, ConfigError> {
+    cfg.opt_str("peft_type")?
+        .ok_or_else(|| ConfigError::MissingKey {
+            path: cfg.path().to_path_buf(),
+            key: "peft_type".into(),
         })
-    }
-}
-
-impl PeftType {
-    const ALL: [Self; 4] = [
-        Self::PromptTuning,
-        Self::PTuning,
-        Self::PrefixTuning,
-        Self::BitFit,
-    ];
-
-    /// The method of PEFT's spelling `name`.
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|t| t.as_str() == name)
-    }
-
-    /// PEFT's spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::PromptTuning => "PROMPT_TUNING",
-            Self::PTuning => "P_TUNING",
-            Self::PrefixTuning => "PREFIX_TUNING",
-            Self::BitFit => "BITFIT",
-        }
-    }
-
-    /// Reads `peft_type` of an adapter config.
-    pub fn from_config(cfg: &JsonConfig) -> Result<Self, ConfigError> {
-        let found = cfg
-            .opt_str("peft_type")?
-            .ok_or_else(|| ConfigError::MissingKey {
-                path: cfg.path().to_path_buf(),
-                key: "peft_type".into(),
-            })?;
-        Self::parse(found).ok_or_else(|| {
-            cfg.unsupported(
-                "peft_type",
-                format!(
-                    "{found:?} is not supported (PROMPT_TUNING, P_TUNING, PREFIX_TUNING, BITFIT)"
-                ),
-            )
-        })
-    }
 }
 
 /// Reads `dir/adapter_config.json` of an `expected` adapter, refusing another `peft_type` and a
 /// `task_type` other than `CAUSAL_LM`; every method's loader starts here.
-pub fn read_adapter_config(dir: &Path, expected: PeftType) -> Result<JsonConfig, AdapterError> {
+pub fn read_adapter_config(dir: &Path, expected: &'static str) -> Result<JsonConfig, AdapterError> {
     let cfg = JsonConfig::from_file(
         dir.join(ADAPTER_CONFIG),
         "the adapter's adapter_config.json",
     )?;
-    let found = PeftType::from_config(&cfg)?;
+    let found = peft_type(&cfg)?;
     if found != expected {
         return Err(AdapterError::WrongMethod {
             path: cfg.path().to_path_buf(),
-            found: found.as_str().to_string(),
-            expected: expected.as_str(),
+            found: found.to_string(),
+            expected,
         });
     }
     if let Some(task) = cfg.opt_str("task_type")?
@@ -193,8 +132,8 @@ pub fn check_dropout(field: &'static str, p: f64) -> Result<(), AdapterError> {
 /// The fields PEFT's `PromptLearningConfig` gives every prompt-learning method, under PEFT's keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PromptLearningConfig {
-    /// The method.
-    pub peft_type: PeftType,
+    /// The method, as PEFT spells it (checked by [`read_adapter_config`]).
+    pub peft_type: String,
     /// PEFT's task: `CAUSAL_LM` (checked by [`read_adapter_config`]).
     #[serde(default = "causal_lm")]
     pub task_type: String,
@@ -244,7 +183,7 @@ fn yes() -> bool {
 impl PromptLearningConfig {
     /// The shared fields of a new adapter, PEFT's defaults for the rest.
     pub fn new(
-        peft_type: PeftType,
+        peft_type: &str,
         num_virtual_tokens: usize,
         token_dim: usize,
         num_attention_heads: usize,
@@ -252,7 +191,7 @@ impl PromptLearningConfig {
         base_model_name_or_path: Option<&str>,
     ) -> Self {
         Self {
-            peft_type,
+            peft_type: peft_type.to_string(),
             task_type: causal_lm(),
             num_virtual_tokens,
             token_dim,
@@ -271,7 +210,10 @@ impl PromptLearningConfig {
     /// Reads `dir/adapter_config.json` of an `expected` adapter (see [`read_adapter_config`]),
     /// returning the shared fields and the whole file (for the method's own keys). Also rejects
     /// `num_transformer_submodules` other than 1.
-    pub fn read_method(dir: &Path, expected: PeftType) -> Result<(Self, JsonConfig), AdapterError> {
+    pub fn read_method(
+        dir: &Path,
+        expected: &'static str,
+    ) -> Result<(Self, JsonConfig), AdapterError> {
         let cfg = read_adapter_config(dir, expected)?;
         let config: Self = cfg.parse()?;
         if let Some(n) = config.num_transformer_submodules
@@ -340,7 +282,7 @@ impl<K: Serialize + DeserializeOwned> PromptLearningFile<K> {
     ///
     /// A missing or malformed file, another method or task, a value that does not deserialize
     /// (naming its key), or `num_transformer_submodules` other than 1.
-    pub fn read(dir: &Path, expected: PeftType) -> Result<(Self, JsonConfig), AdapterError> {
+    pub fn read(dir: &Path, expected: &'static str) -> Result<(Self, JsonConfig), AdapterError> {
         let (shared, cfg) = PromptLearningConfig::read_method(dir, expected)?;
         // Parsed apart, not through serde's `flatten`, so that an error names its key.
         let method = cfg.parse()?;

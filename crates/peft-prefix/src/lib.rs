@@ -20,7 +20,7 @@ use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Linear, Linea
 use burn::prelude::*;
 use burn::tensor::activation::tanh;
 use peft_core::adapter_config::{
-    PeftType, PromptLearningConfig, PromptLearningFile, check_dropout, check_hidden_size,
+    PromptLearningConfig, PromptLearningFile, check_dropout, check_hidden_size,
     check_num_virtual_tokens, write_adapter_dir,
 };
 use peft_core::adapter_file::{
@@ -34,6 +34,9 @@ use peft_core::{Adapter, CausalLm, Injection, LayerKv, ModelGeometry, ModelInput
 use serde::{Deserialize, Serialize};
 
 pub use peft_core::adapter_config::AdapterError;
+
+/// The method's `peft_type`, as PEFT spells it in `adapter_config.json`.
+pub const PEFT_TYPE: &str = "PREFIX_TUNING";
 
 /// Configuration of a prefix encoder.
 #[derive(Config, Debug)]
@@ -405,7 +408,7 @@ impl PrefixEncoder {
         geometry: &ModelGeometry,
         device: &Device,
     ) -> Result<Self, AdapterError> {
-        let (file, raw) = PrefixTuningFile::read(dir, PeftType::PrefixTuning)?;
+        let (file, raw) = PrefixTuningFile::read(dir, PEFT_TYPE)?;
         let expected = PrefixTuningConfig::for_model(file.shared.num_virtual_tokens, geometry);
         file.shared.check_base(
             &raw,
@@ -462,7 +465,7 @@ impl PrefixEncoder {
         let config = &self.config;
         let file = PrefixTuningFile {
             shared: PromptLearningConfig::new(
-                PeftType::PrefixTuning,
+                PEFT_TYPE,
                 config.num_virtual_tokens,
                 config.token_dim,
                 config.num_attention_heads,

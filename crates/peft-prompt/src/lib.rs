@@ -14,7 +14,7 @@ use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig};
 use burn::prelude::*;
 use peft_core::adapter_config::{
-    PeftType, PromptLearningConfig, PromptLearningFile, check_num_virtual_tokens, write_adapter_dir,
+    PromptLearningConfig, PromptLearningFile, check_num_virtual_tokens, write_adapter_dir,
 };
 use peft_core::adapter_file::{PROMPT_EMBEDDINGS, read_prompt_embeddings};
 use peft_core::params::initialize_now;
@@ -22,6 +22,9 @@ use peft_core::{Adapter, CausalLm, Injection, ModelGeometry};
 use serde::{Deserialize, Serialize};
 
 pub use peft_core::adapter_config::AdapterError;
+
+/// The method's `peft_type`, as PEFT spells it in `adapter_config.json`.
+pub const PEFT_TYPE: &str = "PROMPT_TUNING";
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 /// How the soft prompt starts (PEFT's `prompt_tuning_init`).
@@ -241,7 +244,7 @@ impl PromptEmbedding {
         geometry: &ModelGeometry,
         device: &Device,
     ) -> Result<Self, AdapterError> {
-        let (file, raw) = PromptTuningFile::read(dir, PeftType::PromptTuning)?;
+        let (file, raw) = PromptTuningFile::read(dir, PEFT_TYPE)?;
         file.shared.check_base(
             &raw,
             geometry,
@@ -272,7 +275,7 @@ impl PromptEmbedding {
         let config = &self.config;
         let file = PromptTuningFile {
             shared: PromptLearningConfig::new(
-                PeftType::PromptTuning,
+                PEFT_TYPE,
                 self.num_virtual_tokens(),
                 geometry.hidden_size,
                 geometry.num_attention_heads,

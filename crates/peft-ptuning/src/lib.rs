@@ -22,7 +22,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use peft_core::adapter_config::{
-    PeftType, PromptLearningConfig, PromptLearningFile, check_dropout, check_hidden_size,
+    PromptLearningConfig, PromptLearningFile, check_dropout, check_hidden_size,
     check_num_virtual_tokens, write_adapter_dir,
 };
 use peft_core::adapter_file::{
@@ -36,6 +36,9 @@ use serde::{Deserialize, Serialize};
 
 pub use lstm::{BiLstm, BiLstmConfig};
 pub use peft_core::adapter_config::AdapterError;
+
+/// The method's `peft_type`, as PEFT spells it in `adapter_config.json`.
+pub const PEFT_TYPE: &str = "P_TUNING";
 
 /// The encoder's architecture (PEFT's `encoder_reparameterization_type`).
 #[derive(Config, Debug, PartialEq, Eq, Copy)]
@@ -309,7 +312,7 @@ impl PromptEncoder {
         geometry: &ModelGeometry,
         device: &Device,
     ) -> Result<Self, AdapterError> {
-        let (file, raw) = PTuningFile::read(dir, PeftType::PTuning)?;
+        let (file, raw) = PTuningFile::read(dir, PEFT_TYPE)?;
         file.shared.check_base(
             &raw,
             geometry,
@@ -401,7 +404,7 @@ impl PromptEncoder {
         let config = &self.config;
         let file = PTuningFile {
             shared: PromptLearningConfig::new(
-                PeftType::PTuning,
+                PEFT_TYPE,
                 config.num_virtual_tokens,
                 config.token_dim,
                 geometry.num_attention_heads,
