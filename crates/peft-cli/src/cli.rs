@@ -770,7 +770,7 @@ fn check_logits_fit(
 
 /// Memory the system can still give this process (`MemAvailable` of /proc/meminfo, Linux), in
 /// bytes; `None` elsewhere. One number from one file: no crate is worth it.
-fn available_memory() -> Option<u64> {
+pub(crate) fn available_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
-use peft_core::{Adapter, CausalLm, PeftModel};
+use peft_core::{Adapter, PeftModel};
 use peft_models::{
     AutoCausalLm, AutoConfig, ChatMessage, ChatTemplate, ModelError, SpecialTokens, Tokenizer,
     load_tokenizer,
@@ -251,6 +251,32 @@ impl ModelText {
     }
 }
 
+/// Refuses an adapter whose training state (f32 parameters, gradients and AdamW's two moments:
+/// 16 bytes a parameter) cannot fit in the memory the system has available.
+fn check_adapter_fits(config: &AutoConfig, adapter: &AutoAdapterConfig) -> Result<(), CliError> {
+    let trainable = peft::info::trainable_parameters(config, adapter)
+        .map_err(crate::cli::adapter_init_error)?
+        .trainable;
+    let bytes = (trainable as u128).saturating_mul(16);
+    let Some(available) = crate::cli::available_memory() else {
+        return Ok(());
+    };
+    if bytes <= u128::from(available) {
+        return Ok(());
+    }
+    let gib = |b: u128| b as f64 / (1u128 << 30) as f64;
+    Err(CliError::Argument {
+        flag: "--num-virtual-tokens",
+        message: format!(
+            "the adapter would train {trainable} parameters, {:.1} GiB with their gradients and \
+             AdamW's moments, more than the {:.1} GiB of memory available (lower \
+             --num-virtual-tokens or --encoder-hidden-size)",
+            gib(bytes),
+            gib(u128::from(available))
+        ),
+    })
+}
+
 /// The tokenized rows of `path`.
 pub(crate) fn read_data(
     text: &ModelText,
@@ -451,8 +477,13 @@ pub fn train_command(
     if args.gradient_checkpointing {
         train_device = train_device.gradient_checkpointing();
     }
+    // The adapter is sized from config.json before the base's weights are read: an adapter too
+    // large for this machine (a model without a position limit takes any --num-virtual-tokens)
+    // would abort the process on allocation.
+    let model_config = AutoConfig::from_file(args.model.join("config.json"))?;
+    let adapter_config = args.method.config(&model_config.geometry())?;
+    check_adapter_fits(&model_config, &adapter_config)?;
     let base = AutoCausalLm::from_pretrained(&args.model, &train_device, args.dtype.into())?;
-    let adapter_config = args.method.config(&base.geometry())?;
     let init_text_ids = match &adapter_config {
         AutoAdapterConfig::PromptTuning(c) => match &c.prompt_tuning_init_text {
             Some(init_text) => encode_init_text(&text, init_text)?,

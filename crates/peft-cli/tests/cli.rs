@@ -979,3 +979,47 @@ fn a_tokenizer_that_makes_ids_past_the_vocabulary_is_named() {
     assert!(!err.contains("panicked"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn an_adapter_too_large_for_memory_is_refused_before_it_is_built() {
+    // BLOOM (ALiBi) has no position limit, so only the adapter's size can refuse this.
+    let dir = scratch("huge-adapter");
+    let train = dir.join("train.jsonl");
+    std::fs::write(&train, "{\"prompt\": \"a\", \"completion\": \"b\"}\n").unwrap();
+    let output = dir.join("adapter");
+    let model = model("bloom-6-heads");
+    for extra in [
+        &[
+            "--method",
+            "prompt-tuning",
+            "--num-virtual-tokens",
+            "1000000000000",
+        ][..],
+        &[
+            "--method",
+            "p-tuning",
+            "--encoder-reparameterization-type",
+            "lstm",
+            "--encoder-num-layers",
+            "1000000000000",
+        ][..],
+    ] {
+        let mut args = vec![
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--train",
+            train.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = peft(&args);
+        assert!(!out.status.success(), "{extra:?}");
+        let err = stderr(&out);
+        assert!(err.contains("GiB of memory available"), "{extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!output.exists());
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

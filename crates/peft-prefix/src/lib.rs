@@ -99,7 +99,9 @@ impl PrefixTuningConfig {
 
     /// Width of one row of `prompt_embeddings`: `num_layers * 2 * token_dim`.
     pub fn prefix_width(&self) -> usize {
-        self.num_layers * 2 * self.token_dim
+        self.num_layers
+            .saturating_mul(2)
+            .saturating_mul(self.token_dim)
     }
 
     /// A trainable encoder with PyTorch's initialization (embedding N(0, 1), Linears uniform),
@@ -250,10 +252,13 @@ impl PrefixTuningConfig {
     pub fn num_params(&self) -> usize {
         let n = self.num_virtual_tokens;
         if self.prefix_projection {
+            // Saturating: absurd sizes are refused by their callers' memory checks, not by a panic.
             let (d, h, w) = (self.token_dim, self.hidden_size(), self.prefix_width());
-            n * d + (d * h + h) + (h * w + w)
+            n.saturating_mul(d)
+                .saturating_add(d.saturating_mul(h).saturating_add(h))
+                .saturating_add(h.saturating_mul(w).saturating_add(w))
         } else {
-            n * self.prefix_width()
+            n.saturating_mul(self.prefix_width())
         }
     }
 

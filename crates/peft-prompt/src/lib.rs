@@ -167,7 +167,8 @@ impl PromptTuningConfig {
 
     /// Parameters of the prompt: `num_virtual_tokens * token_dim`.
     pub fn num_params(&self) -> usize {
-        self.num_virtual_tokens * self.token_dim
+        // Saturating: absurd sizes are refused by their callers' memory checks, not by a panic.
+        self.num_virtual_tokens.saturating_mul(self.token_dim)
     }
 
     /// A prompt initialized from the base model's word embeddings `[vocab, token_dim]`:

@@ -148,8 +148,14 @@ impl PTuningConfig {
             EncoderType::Mlp => 0,
             EncoderType::Lstm => self.lstm_config().num_params(),
         };
-        let mlp: usize = self.mlp_shapes().iter().map(|[i, o]| i * o + o).sum();
-        self.num_virtual_tokens * self.token_dim + lstm + mlp
+        // Saturating: absurd sizes are refused by their callers' memory checks, not by a panic.
+        let mlp = self.mlp_shapes().iter().fold(0usize, |sum, [i, o]| {
+            sum.saturating_add(i.saturating_mul(*o).saturating_add(*o))
+        });
+        self.num_virtual_tokens
+            .saturating_mul(self.token_dim)
+            .saturating_add(lstm)
+            .saturating_add(mlp)
     }
 
     /// The configuration an `adapter_config.json` describes.

@@ -83,13 +83,20 @@ impl BiLstmConfig {
 
     /// Parameters of the LSTM, counted from the configuration alone.
     pub fn num_params(&self) -> usize {
+        // Closed form, saturating: a layer count or width from user input must not loop or panic.
         let h = self.hidden_size;
-        (0..self.num_layers)
-            .map(|layer| {
-                let input = if layer == 0 { self.input_size } else { 2 * h };
-                2 * (4 * h * (input + h) + 8 * h)
-            })
-            .sum()
+        let layer = |input: usize| {
+            let gates = h.saturating_mul(4);
+            gates
+                .saturating_mul(input.saturating_add(h))
+                .saturating_add(h.saturating_mul(8))
+                .saturating_mul(2)
+        };
+        match self.num_layers {
+            0 => 0,
+            n => layer(self.input_size)
+                .saturating_add((n - 1).saturating_mul(layer(h.saturating_mul(2)))),
+        }
     }
 }
 
