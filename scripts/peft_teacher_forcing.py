@@ -17,7 +17,8 @@ rate we logged for it, and compares: our logged loss and gradient norm against P
 parameters after step k+1 (checkpoint k+1) against PEFT's. A bug in the loss, the gradient or the
 optimizer shows as a difference at some step; float rounding shows as differences of about 1e-5.
 
-Methods whose trainable tensor is the prompt encoder's embedding: prompt tuning and P-tuning v2.
+Methods: prompt tuning and P-tuning v2 (the trainable tensor is the prompt encoder's embedding),
+and P-tuning with the MLP encoder (embedding and MLP, read from our adapter_encoder.safetensors).
 One line per step on stdout, a summary at the end; --output writes every step as JSON.
 """
 
@@ -74,11 +75,59 @@ def main():
         sys.exit(f"{args.run}: no consecutive checkpoints (train with --save-steps 1 --save-total-limit 0)")
 
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    # PEFT refuses is_trainable=True for prompt learning adapters; the one tensor is made trainable
-    # by hand.
-    model = PeftModel.from_pretrained(base, os.path.join(args.run, f"checkpoint-{pairs[0]}"))
-    weight = model.prompt_encoder["default"].embedding.weight
-    weight.requires_grad_(True)
+    first = os.path.join(args.run, f"checkpoint-{pairs[0]}")
+    encoder_file = os.path.join(first, "adapter_encoder.safetensors")
+    if os.path.exists(encoder_file):
+        # P-tuning (MLP): PEFT's inference files hold only the encoder's output, so build the
+        # trainable PeftModel from the config and copy our encoder (PyTorch names and layout) in.
+        from peft import PromptEncoderConfig, get_peft_model
+
+        with open(os.path.join(first, "adapter_config.json")) as f:
+            cfg = json.load(f)
+        if cfg.get("encoder_reparameterization_type", "MLP") != "MLP":
+            sys.exit(f"{first}: only P-tuning's MLP encoder is handled")
+        model = get_peft_model(
+            base,
+            PromptEncoderConfig(
+                task_type="CAUSAL_LM",
+                num_virtual_tokens=cfg["num_virtual_tokens"],
+                encoder_hidden_size=cfg["encoder_hidden_size"],
+                encoder_reparameterization_type="MLP",
+            ),
+        )
+        encoder = model.prompt_encoder["default"]
+        params = dict(encoder.named_parameters())  # embedding.weight, mlp_head.{0,2,4}.{weight,bias}
+
+        def ours_name(torch_name):
+            """Our optimizer state's name: burn's Vec index (0, 1, 2) for PyTorch's Sequential
+            index (0, 2, 4)."""
+            m = re.fullmatch(r"mlp_head\.(\d+)\.(weight|bias)", torch_name)
+            return f"adapter.mlp_head.{int(m.group(1)) // 2}.{m.group(2)}" if m else f"adapter.{torch_name}"
+
+        def adapter(k):
+            path = os.path.join(args.run, f"checkpoint-{k}", "adapter_encoder.safetensors")
+            values = load_file(path)
+            return {name: values[name] for name in params}
+
+        def moment(moments, name, kind):
+            value = moments[f"{ours_name(name)}.{kind}"]
+            # Our Linear weights are stored [in, out] (burn's layout); PyTorch's are [out, in].
+            return value.t().contiguous() if name.startswith("mlp_head") and name.endswith("weight") else value
+    else:
+        # Prompt tuning and P-tuning v2: one trainable tensor, PEFT's `prompt_embeddings`. PEFT
+        # refuses is_trainable=True for prompt learning adapters; it is made trainable by hand.
+        model = PeftModel.from_pretrained(base, first)
+        params = {"embedding.weight": model.prompt_encoder["default"].embedding.weight}
+
+        def adapter(k):
+            path = os.path.join(args.run, f"checkpoint-{k}", "adapter_model.safetensors")
+            return {"embedding.weight": tensor(path, load_file(path))}
+
+        def moment(moments, name, kind):
+            return tensor("optimizer.safetensors", moments, "." + kind)
+
+    for weight in params.values():
+        weight.requires_grad_(True)
 
     def tensor(path, values, suffix=""):
         names = [n for n in values if n.endswith(suffix)]
@@ -86,34 +135,36 @@ def main():
             sys.exit(f"{path}: expected one tensor{' *' + suffix if suffix else ''}, found {sorted(values)}")
         return values[names[0]]
 
-    def adapter(k):
-        path = os.path.join(args.run, f"checkpoint-{k}", "adapter_model.safetensors")
-        return tensor(path, load_file(path))
+    def flat(values):
+        return torch.cat([values[name].reshape(-1) for name in params])
 
     results = []
     for k in pairs:
         ours_next = adapter(k + 1)
         start = adapter(k)
-        moments_path = os.path.join(args.run, f"checkpoint-{k}", "optimizer.safetensors")
-        moments = load_file(moments_path)
+        moments = load_file(os.path.join(args.run, f"checkpoint-{k}", "optimizer.safetensors"))
         with torch.no_grad():
-            weight.copy_(start)
+            for name, weight in params.items():
+                weight.copy_(start[name])
         step = logged[k + 1]
-        optimizer = torch.optim.AdamW([weight], lr=step["lr"], weight_decay=args.weight_decay, eps=args.adam_epsilon)
-        optimizer.state[weight] = {
-            "step": torch.tensor(float(k)),
-            "exp_avg": tensor(moments_path, moments, ".exp_avg").clone(),
-            "exp_avg_sq": tensor(moments_path, moments, ".exp_avg_sq").clone(),
-        }
+        weights = list(params.values())
+        optimizer = torch.optim.AdamW(weights, lr=step["lr"], weight_decay=args.weight_decay, eps=args.adam_epsilon)
+        for name, weight in params.items():
+            optimizer.state[weight] = {
+                "step": torch.tensor(float(k)),
+                "exp_avg": moment(moments, name, "exp_avg").clone(),
+                "exp_avg_sq": moment(moments, name, "exp_avg_sq").clone(),
+            }
         ids, mask, labels = peft_train.collate([rows[line] for line in step["lines"]], pad_id)
         model.train()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
-        grad_norm = float(weight.grad.norm())
+        grad_norm = float(torch.norm(torch.stack([w.grad.norm() for w in weights])))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        diff = weight.detach() - ours_next
-        update = ours_next - start
+        after = flat({name: w.detach() for name, w in params.items()})
+        diff = after - flat(ours_next)
+        update = flat(ours_next) - flat(start)
         record = {
             "step": k + 1,
             "loss_ours": step["loss"],
