@@ -1,6 +1,6 @@
 //! The `peft` command line: argument types and the commands behind them.
 //!
-//! The binary (`src/bin/peft.rs`) parses [`Cli`] and calls [`run`]; the commands live here so
+//! The binary (`src/main.rs`) parses [`Cli`] and calls [`run`]; the commands live here so
 //! tests can call them directly. Commands write files atomically (a temporary file renamed into
 //! place), so a failure never leaves a half-written output.
 
