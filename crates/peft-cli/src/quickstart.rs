@@ -195,7 +195,7 @@ pub fn quickstart(
         make_rows(&args.task, args.train_rows, args.eval_rows, args.seed)?;
     // Everything the flags and the model can get wrong is checked before a file is written.
     let text = ModelText::read(&model_dir)?;
-    let geometry = peft_models::AutoConfig::from_file(model_dir.join("config.json"))?.geometry();
+    let geometry = text.config.geometry();
     for &method in &methods {
         method_args(method).config(&geometry)?;
         training_config(args, method).validate()?;

@@ -176,28 +176,29 @@ impl Method {
 pub(crate) struct ModelText {
     dir: PathBuf,
     tokenizer: Tokenizer,
-    /// Rows of the model's embedding matrix (`vocab_size`): ids the tokenizer makes must be below.
-    vocab_size: usize,
+    /// The model's config.json, read once: its `vocab_size` bounds the ids the tokenizer makes,
+    /// and the adapter is sized from it before any weight is read.
+    pub(crate) config: AutoConfig,
     /// EOS and pad ids.
     pub(crate) special: SpecialTokens,
 }
 
 impl ModelText {
-    /// Reads `model_dir/tokenizer.json` and the special ids of its config.
+    /// Reads `model_dir/config.json`, `tokenizer.json` and the special ids.
     pub(crate) fn read(model_dir: &Path) -> Result<Self, CliError> {
-        let config = AutoConfig::from_file(model_dir.join("config.json"))?;
         Ok(Self {
+            config: AutoConfig::from_file(model_dir.join("config.json"))?,
             dir: model_dir.to_path_buf(),
             tokenizer: load_tokenizer(model_dir)?,
             special: SpecialTokens::from_dir(model_dir)?,
-            vocab_size: config.geometry().vocab_size,
         })
     }
 
     /// Refuses an id the model has no embedding for: a tokenizer.json of another model would
     /// otherwise fail deep inside the embedding lookup. `what` says what was encoded.
     fn check_in_vocab(&self, ids: &[u32], what: impl FnOnce() -> String) -> Result<(), CliError> {
-        match ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+        let vocab_size = self.config.geometry().vocab_size;
+        match ids.iter().find(|&&id| id as usize >= vocab_size) {
             None => Ok(()),
             Some(id) => Err(CliError::Input {
                 path: self.dir.join("tokenizer.json"),
@@ -206,7 +207,7 @@ impl ModelText {
                      tokenizer from another model?",
                     what(),
                     self.dir.join("config.json").display(),
-                    self.vocab_size
+                    vocab_size
                 ),
             }),
         }
@@ -480,9 +481,8 @@ pub fn train_command(
     // The adapter is sized from config.json before the base's weights are read: an adapter too
     // large for this machine (a model without a position limit takes any --num-virtual-tokens)
     // would abort the process on allocation.
-    let model_config = AutoConfig::from_file(args.model.join("config.json"))?;
-    let adapter_config = args.method.config(&model_config.geometry())?;
-    check_adapter_fits(&model_config, &adapter_config)?;
+    let adapter_config = args.method.config(&text.config.geometry())?;
+    check_adapter_fits(&text.config, &adapter_config)?;
     let base = AutoCausalLm::from_pretrained(&args.model, &train_device, args.dtype.into())?;
     let init_text_ids = match &adapter_config {
         AutoAdapterConfig::PromptTuning(c) => match &c.prompt_tuning_init_text {

@@ -101,6 +101,25 @@ pub fn float_dtype(dtype: safetensors::Dtype) -> Option<DType> {
     }
 }
 
+/// The index of the first NaN or infinite element of little-endian `bytes` of `dtype`: weights
+/// like that make every logit NaN, so they are refused on load (F32, F16 and BF16 only; a model
+/// checkpoint and an adapter file are checked by it alike).
+pub fn first_non_finite(bytes: &[u8], dtype: DType) -> Option<usize> {
+    // Every element whose exponent bits are all ones is a NaN or an infinity.
+    match dtype {
+        DType::F32 => bytes.chunks_exact(4).position(|b| {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+        }),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
+        _ => None,
+    }
+}
+
 /// An adapter safetensors file read into memory, whose tensors are taken out by name with their
 /// shapes checked.
 pub struct TensorFile {
@@ -176,17 +195,17 @@ impl TensorFile {
                 why: why.to_string(),
             });
         }
-        let data = TensorData::from_bytes_vec(view.data().to_vec(), expected.to_vec(), dtype)
-            .convert::<f32>();
-        let values = data.as_slice::<f32>().unwrap_or_default();
-        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+        if let Some(index) = first_non_finite(view.data(), dtype) {
             return Err(AdapterFileError::NonFinite {
                 path: self.path.clone(),
                 name: name.to_string(),
                 index,
             });
         }
-        Ok(data)
+        Ok(
+            TensorData::from_bytes_vec(view.data().to_vec(), expected.to_vec(), dtype)
+                .convert::<f32>(),
+        )
     }
 
     /// Refuses a tensor other than `expected`: a file with more than the method writes was made

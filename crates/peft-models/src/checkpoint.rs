@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorCreationOptions};
 use memmap2::Mmap;
-use peft_core::adapter_file::{describe_safetensors_error, float_dtype};
+use peft_core::adapter_file::{describe_safetensors_error, first_non_finite, float_dtype};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{ModelError, Result};
@@ -295,24 +295,6 @@ fn check_not_a_directory(path: &Path) -> Result<()> {
             source,
         }),
         _ => Ok(()),
-    }
-}
-
-/// The index of the first NaN or infinite element of little-endian `bytes` of `dtype`: weights
-/// like that make every logit NaN, so they are refused on load (F32, F16 and BF16 only).
-pub(crate) fn first_non_finite(bytes: &[u8], dtype: DType) -> Option<usize> {
-    // Every element whose exponent bits are all ones is a NaN or an infinity.
-    match dtype {
-        DType::F32 => bytes.chunks_exact(4).position(|b| {
-            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
-        }),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
-        _ => None,
     }
 }
 
