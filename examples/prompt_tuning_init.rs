@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use burn::tensor::DType;
 use clap::Parser;
-use peft::core::CausalLm;
+use peft::core::{BaseShape, CausalLm, Method};
 use peft::models::{AutoCausalLm, load_tokenizer};
 use peft::prompt::{PromptTuningConfig, PromptTuningInit};
 
@@ -49,7 +49,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .with_prompt_tuning_init(PromptTuningInit::Text)
         .with_prompt_tuning_init_text(Some(args.text.clone()));
     let prompt = config.init_from_embeddings(model.word_embeddings(), &ids);
-    prompt.save(&args.output, &geometry, args.model.to_str())?;
+    prompt.write(&args.output, &BaseShape::of(&model), args.model.to_str())?;
     println!(
         "saved a {}-token prompt (from {} text tokens) to {}",
         args.num_virtual_tokens,

@@ -1,7 +1,9 @@
 //! peft-burn: parameter-efficient fine-tuning of causal language models on burn.
 //!
 //! This facade re-exports the workspace's crates under one name, with [`AutoAdapter`] (an adapter
-//! of any method, by `peft_type`) and [`info`] (PEFT's parameter counts from a config alone). The
+//! of any method, by `peft_type`), [`presets`] (the methods' named configurations), [`export`]
+//! and [`info`] (an adapter's inference files and PEFT's parameter counts from a config alone).
+//! The list of methods is one table, in `src/adapters.rs`. The
 //! `peft` command line is the `peft-cli` crate; this library pulls in none of its dependencies. The backend is chosen at compile time by this
 //! crate's features: `flex` (CPU, the default), `cuda` or `wgpu`, or `cubecl-cpu` (the GPU
 //! backends' code path on CubeCL's CPU runtime, for testing it without a GPU); [`default_device`]
@@ -16,7 +18,10 @@
 pub mod adapters;
 pub mod info;
 
-pub use adapters::{AdapterInitError, AutoAdapter, AutoAdapterConfig, PEFT_TYPES, read_peft_type};
+pub use adapters::{
+    AutoAdapter, AutoAdapterConfig, MethodPreset, PEFT_TYPES, export, preset, presets,
+    read_peft_type,
+};
 
 pub use peft_bitfit as bitfit;
 pub use peft_core as core;

@@ -9,6 +9,7 @@ use peft::bitfit::BitFitFile;
 use peft::core::adapter_config::{
     ADAPTER_CONFIG, PromptLearningFile, read_adapter_config, write_config,
 };
+use peft::core::{BaseShape, Method};
 use peft::prefix::{PrefixEncoder, PrefixTuningConfig, PrefixTuningFile};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -103,11 +104,12 @@ fn a_zero_initialized_prefix_says_so_and_reads_it_back() {
             .with_prefix_dropout(0.25)
             .init(&device);
         let dir = tempfile::tempdir().unwrap();
-        prefix.save(dir.path(), Some("base")).unwrap();
+        let shape = BaseShape::new(geometry, Vec::new());
+        prefix.write(dir.path(), &shape, Some("base")).unwrap();
         let json = read_json(&dir.path().join(ADAPTER_CONFIG));
         assert_eq!(json["init_weights"], written);
         assert_eq!(json["prefix_dropout"], Value::from(0.25));
-        let loaded = PrefixEncoder::load(dir.path(), &geometry, &device).unwrap();
+        let loaded = PrefixEncoder::read(dir.path(), &shape, &device).unwrap();
         assert_eq!(loaded.config.zero_init, zero);
         assert_eq!(loaded.config.prefix_dropout, 0.25);
     }

@@ -31,49 +31,73 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::DType;
 use clap::ValueEnum;
-use peft::bitfit::BitFitConfig;
 use peft::core::params::{cast_params, param_infos};
 use peft::core::{CausalLm, GenerationConfig, IGNORE_INDEX, Injection, PeftModel, generate};
 use peft::models::{AutoCausalLm, AutoConfig};
-use peft::prefix::PrefixTuningConfig;
-use peft::prompt::PromptTuningConfig;
-use peft::ptuning::{EncoderType, PTuningConfig};
 use peft::train::data::{Batch, TokenizedExample};
 use peft::train::optim::{AdamWConfig, clip_coefficient, global_grad_norm};
-use peft::{AutoAdapter, AutoAdapterConfig};
+use peft::{AutoAdapter, AutoAdapterConfig, MethodPreset};
 use serde_json::{Value, json};
 
-/// A benchmarked method.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum BenchMethod {
-    /// The base model, no adapter (inference workloads only: nothing trains).
-    Base,
-    /// Prompt tuning.
-    PromptTuning,
-    /// P-tuning with an MLP encoder.
-    PTuningMlp,
-    /// P-tuning with a bi-LSTM encoder.
-    PTuningLstm,
-    /// Prefix tuning (MLP projection).
-    PrefixTuning,
-    /// P-tuning v2 (prefix tuning without projection).
-    PTuningV2,
-    /// BitFit (biases only).
-    Bitfit,
+/// A benchmarked case: the base model alone (inference workloads only: nothing trains), or a
+/// preset of the facade's method table (`peft::presets`) with options of the bench's own.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BenchMethod {
+    /// The name in the bench's records and in `scripts/bench_torch.py`.
+    pub name: &'static str,
+    /// The method's preset; `None` for the base model.
+    pub preset: Option<MethodPreset>,
+    /// Options (a JSON object of config keys) over the preset's.
+    pub options: &'static str,
+}
+
+/// The cases run by default: the base, then every preset of the method table, P-tuning once per
+/// encoder (as PEFT's two `encoder_reparameterization_type`s, named as the torch side names them).
+pub fn bench_methods() -> Vec<BenchMethod> {
+    let mut out = vec![BenchMethod {
+        name: "base",
+        preset: None,
+        options: "{}",
+    }];
+    for preset in peft::presets() {
+        let case = |name, options| BenchMethod {
+            name,
+            preset: Some(preset),
+            options,
+        };
+        if preset.peft_type == peft::ptuning::PEFT_TYPE {
+            out.push(case(
+                "p-tuning-mlp",
+                r#"{"encoder_reparameterization_type": "MLP"}"#,
+            ));
+            out.push(case(
+                "p-tuning-lstm",
+                r#"{"encoder_reparameterization_type": "LSTM"}"#,
+            ));
+        } else {
+            out.push(case(preset.preset.name, "{}"));
+        }
+    }
+    out
 }
 
 impl BenchMethod {
     pub(crate) fn name(self) -> &'static str {
-        match self {
-            Self::Base => "base",
-            Self::PromptTuning => "prompt-tuning",
-            Self::PTuningMlp => "p-tuning-mlp",
-            Self::PTuningLstm => "p-tuning-lstm",
-            Self::PrefixTuning => "prefix-tuning",
-            Self::PTuningV2 => "p-tuning-v2",
-            Self::Bitfit => "bitfit",
-        }
+        self.name
     }
+}
+
+/// `--methods`' parser: the names of [`bench_methods`].
+fn bench_method_parser() -> impl clap::builder::TypedValueParser<Value = BenchMethod> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(bench_methods().into_iter().map(|m| m.name)).map(
+        |name| {
+            bench_methods()
+                .into_iter()
+                .find(|m| m.name == name)
+                .expect("clap accepts only the cases' names")
+        },
+    )
 }
 
 /// A benchmarked workload.
@@ -106,12 +130,8 @@ pub struct BenchArgs {
     /// Hugging Face config.json of the model shape (random weights).
     #[arg(long, default_value = "fixtures/configs/qwen2.5-0.5b/config.json")]
     config: PathBuf,
-    /// Methods to run, comma separated (default: all).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [
-        BenchMethod::Base, BenchMethod::PromptTuning, BenchMethod::PTuningMlp,
-        BenchMethod::PTuningLstm, BenchMethod::PrefixTuning, BenchMethod::PTuningV2,
-        BenchMethod::Bitfit,
-    ])]
+    /// Methods to run, comma separated (default: all of `bench_methods`).
+    #[arg(long, value_parser = bench_method_parser(), value_delimiter = ',')]
     methods: Vec<BenchMethod>,
     /// Workloads to run, comma separated (default: all).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [
@@ -247,6 +267,11 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     }
     let prompts = pseudo_random_rows(args.gen_batch, seq_len, geometry.vocab_size);
 
+    let methods = if args.methods.is_empty() {
+        bench_methods()
+    } else {
+        args.methods.clone()
+    };
     let python = args.compare.then(|| find_python(args)).flatten();
     if args.compare && python.is_none() {
         println!("--compare: no Python with torch, transformers and peft found; skipping");
@@ -254,7 +279,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     let shape_workloads = args.workloads.iter().any(|w| *w != Workload::Epoch);
     let mut ours = Vec::new();
     let mut torch_runs = Vec::new();
-    for &method in args.methods.iter().filter(|_| shape_workloads) {
+    for &method in methods.iter().filter(|_| shape_workloads) {
         // Rounds alternate ours and torch, so that this machine's speed drift (it moves by tens of
         // percent over minutes on a shared host) lands on both sides; each keeps its best round.
         let mut our_rounds = Vec::with_capacity(args.rounds);
@@ -315,7 +340,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
                 threads,
                 python: python.as_deref(),
             },
-            &args.methods,
+            &methods,
         )?;
         Some(json!({ "model": model, "data": data, "epochs": args.epochs, "methods": records }))
     } else {
@@ -452,27 +477,15 @@ fn adapter_config(
     num_virtual_tokens: usize,
     geometry: &peft::core::ModelGeometry,
 ) -> Option<AutoAdapterConfig> {
-    let n = num_virtual_tokens;
-    Some(match method {
-        BenchMethod::Base => return None,
-        BenchMethod::PromptTuning => {
-            AutoAdapterConfig::PromptTuning(PromptTuningConfig::new(n, geometry.hidden_size))
-        }
-        BenchMethod::PTuningMlp => {
-            AutoAdapterConfig::PTuning(PTuningConfig::for_model(n, geometry))
-        }
-        BenchMethod::PTuningLstm => AutoAdapterConfig::PTuning(
-            PTuningConfig::for_model(n, geometry)
-                .with_encoder_reparameterization_type(EncoderType::Lstm),
-        ),
-        BenchMethod::PrefixTuning => AutoAdapterConfig::PrefixTuning(
-            PrefixTuningConfig::for_model(n, geometry).with_prefix_projection(true),
-        ),
-        BenchMethod::PTuningV2 => {
-            AutoAdapterConfig::PrefixTuning(PrefixTuningConfig::for_model(n, geometry))
-        }
-        BenchMethod::Bitfit => AutoAdapterConfig::BitFit(BitFitConfig::new()),
-    })
+    let preset = method.preset?;
+    let mut options: serde_json::Map<String, Value> =
+        serde_json::from_str(method.options).expect("a bench case's options are a JSON object");
+    options.insert("num_virtual_tokens".into(), json!(num_virtual_tokens));
+    Some(
+        preset
+            .config(&options, geometry)
+            .expect("the bench's cases are valid configurations"),
+    )
 }
 
 /// A fresh adapter for `base` (no init text: prompt tuning starts at random here).
@@ -509,7 +522,11 @@ enum Inference<'a> {
 /// Parameters that take part in a matmul per token: everything but the input embedding (a
 /// lookup), plus the output projection when it is tied to that embedding.
 fn matmul_params(config: &AutoConfig) -> usize {
-    let sizes = config.parameter_sizes();
+    let sizes: Vec<(String, usize)> = config
+        .parameter_shapes()
+        .into_iter()
+        .map(|(name, shape)| (name, shape.iter().product()))
+        .collect();
     let is_embedding =
         |name: &str| name.contains("embed_tokens") || name.contains("word_embeddings.");
     let body: usize = sizes

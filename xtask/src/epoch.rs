@@ -14,6 +14,8 @@ use std::process::Command;
 use clap::Parser;
 use serde_json::{Value, json};
 
+use peft::MethodPreset;
+
 use crate::bench::BenchMethod;
 
 /// What the epoch workload needs besides the method list.
@@ -38,18 +40,15 @@ pub struct EpochSettings<'a> {
     pub python: Option<&'a Path>,
 }
 
-/// `peft train`'s method (and its `--method` value, which the PEFT loop shares) for a benchmarked
-/// method; `None` for those the PEFT loop lacks.
-fn train_method(method: BenchMethod) -> Option<(peft_cli::cli::Method, &'static str)> {
-    use peft_cli::cli::Method;
-    Some(match method {
-        BenchMethod::PromptTuning => (Method::PromptTuning, "prompt-tuning"),
-        BenchMethod::PTuningMlp => (Method::PTuning, "p-tuning"),
-        BenchMethod::PrefixTuning => (Method::PrefixTuning, "prefix-tuning"),
-        BenchMethod::PTuningV2 => (Method::PTuningV2, "p-tuning-v2"),
-        // The PEFT loop has no LSTM option, PEFT no BitFit, and the base model does not train.
-        BenchMethod::PTuningLstm | BenchMethod::Bitfit | BenchMethod::Base => return None,
-    })
+/// The presets the PEFT loop (`scripts/peft_train.py --method`) implements, by name.
+const PEFT_LOOP_METHODS: [&str; 4] = ["prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2"];
+
+/// `peft train`'s method (its `--method` value, which the PEFT loop shares) for a benchmarked
+/// case; `None` for those the PEFT loop lacks or that set options `peft train` has no flag for.
+fn train_method(method: BenchMethod) -> Option<MethodPreset> {
+    let preset = method.preset?;
+    let plain = method.name == preset.preset.name || method.name == "p-tuning-mlp";
+    (plain && PEFT_LOOP_METHODS.contains(&preset.preset.name)).then_some(preset)
 }
 
 /// Seconds of each epoch of a `peft train` run, from its metrics file.
@@ -180,14 +179,15 @@ pub fn bench_epoch(
     );
     let mut records = Vec::new();
     for &method in methods {
-        let Some((train_method, name)) = train_method(method) else {
+        let Some(train_method) = train_method(method) else {
             println!(
                 "epoch: {} skipped (the PEFT loop has no such method)",
                 method.name()
             );
             continue;
         };
-        let lr = settings.lr.unwrap_or_else(|| train_method.default_lr());
+        let name = train_method.preset.name;
+        let lr = settings.lr.unwrap_or(train_method.preset.learning_rate);
         let (mut padded, mut grouped, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..settings.rounds {
             padded.push(ours(settings, name, lr, false, &scratch)?);

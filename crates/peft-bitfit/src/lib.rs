@@ -11,16 +11,20 @@
 //! biases under their Hugging Face tensor names, so merging into a checkpoint is a key overwrite.
 #![warn(missing_docs)]
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use burn::prelude::*;
 use peft_core::adapter_config::{AdapterError, read_adapter_config, write_adapter_dir};
 use peft_core::adapter_file::{ADAPTER_WEIGHTS, AdapterFileError, TensorFile};
-use peft_core::params::{param_infos, read_params, unfreeze_params, write_params};
-use peft_core::{Adapter, CausalLm, Injection};
+use peft_core::method::parse_options;
+use peft_core::params::{read_params, unfreeze_params, write_params};
+use peft_core::{
+    Adapter, BaseShape, CausalLm, Injection, Method, MethodConfig, ModelGeometry, Preset,
+    TrainableParameters,
+};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 /// The method's `peft_type`, as PEFT spells it in `adapter_config.json` (ours: PEFT has no BitFit).
 pub const PEFT_TYPE: &str = "BITFIT";
@@ -83,7 +87,64 @@ impl BitFitConfig {
                 })
             })
             .transpose()?;
-        Ok(BitFit { pattern })
+        Ok(BitFit {
+            pattern,
+            biases: Vec::new(),
+        })
+    }
+}
+
+/// The options `BitFitConfig::from_options` reads.
+#[derive(Debug, Deserialize)]
+struct BitFitOptions {
+    #[serde(default)]
+    bias_pattern: Option<String>,
+}
+
+impl MethodConfig for BitFitConfig {
+    type Method = BitFit;
+
+    /// Keys: `bias_pattern`.
+    fn from_options(options: &Map<String, Value>, _: &ModelGeometry) -> Result<Self, AdapterError> {
+        let options: BitFitOptions = parse_options(options)?;
+        Ok(Self::new().with_bias_pattern(options.bias_pattern))
+    }
+
+    /// Nothing to check before the base is known: the pattern is checked against its biases.
+    fn validate(&self, _: &ModelGeometry) -> Result<(), AdapterError> {
+        Ok(())
+    }
+
+    fn init<M: CausalLm>(&self, base: &M, _: &[u32]) -> Result<BitFit, AdapterError> {
+        let bitfit = self.checked()?;
+        bitfit.check_base(&BaseShape::of(base))?;
+        Ok(bitfit)
+    }
+
+    /// The selected biases train; they are the base's own, so the total is the base's.
+    fn trainable_parameters(&self, base: &BaseShape) -> Result<TrainableParameters, AdapterError> {
+        let bitfit = self.checked()?;
+        Ok(TrainableParameters {
+            trainable: bitfit.count(
+                base.parameters
+                    .iter()
+                    .map(|(name, shape)| (name.as_str(), shape.iter().product())),
+            ),
+            all: base.num_params(),
+        })
+    }
+}
+
+impl BitFitConfig {
+    /// [`BitFitConfig::init`] with the pattern's error as the field's.
+    fn checked(&self) -> Result<BitFit, AdapterError> {
+        self.init().map_err(|e| AdapterError::Init {
+            field: "bias_pattern",
+            message: format!(
+                "{:?} is not a valid regular expression: {}",
+                e.pattern, e.message
+            ),
+        })
     }
 }
 
@@ -92,6 +153,11 @@ impl BitFitConfig {
 pub struct BitFit {
     #[module(skip)]
     pattern: Option<Regex>,
+    /// Biases read from an adapter directory by [`Method::read`], by Hugging Face name, until
+    /// [`Adapter::load`] puts them into the model or [`Method::write`] writes them out. Empty for
+    /// an adapter made by `init`: its biases live in the model it trains.
+    #[module(skip)]
+    biases: Vec<(String, TensorData)>,
 }
 
 impl BitFit {
@@ -111,10 +177,11 @@ impl BitFit {
     /// # Errors
     ///
     /// [`AdapterError::Init`] naming `bias_pattern`.
-    pub fn check_base<M: Module>(&self, base: &M) -> Result<(), AdapterError> {
-        let biases: Vec<String> = param_infos(base)
-            .into_iter()
-            .map(|p| p.name)
+    pub fn check_base(&self, base: &BaseShape) -> Result<(), AdapterError> {
+        let biases: Vec<&String> = base
+            .parameters
+            .iter()
+            .map(|(name, _)| name)
             .filter(|name| name.ends_with(".bias"))
             .collect();
         if biases.iter().any(|name| self.selects(name)) {
@@ -149,13 +216,12 @@ impl BitFit {
         read_params(base, |name| self.selects(name))
     }
 
-    /// Saves the selected biases of `base` into `dir` (created if needed):
-    /// `adapter_model.safetensors` (Hugging Face names, F32) and `adapter_config.json`, each
-    /// atomically.
-    pub fn save<M: Module>(
+    /// Writes `biases` into `dir` (created if needed): `adapter_model.safetensors` (Hugging Face
+    /// names, F32) and `adapter_config.json`, each atomically.
+    fn write_biases(
         &self,
         dir: &Path,
-        base: &M,
+        biases: &[(String, TensorData)],
         base_model_name_or_path: Option<&str>,
     ) -> Result<(), AdapterError> {
         let file = BitFitFile {
@@ -168,7 +234,6 @@ impl BitFit {
         let Ok(serde_json::Value::Object(map)) = serde_json::to_value(&file) else {
             unreachable!("a struct of plain fields serializes to an object")
         };
-        let biases = self.biases(base);
         write_adapter_dir(
             dir,
             &map,
@@ -179,69 +244,6 @@ impl BitFit {
             None,
         )?;
         Ok(())
-    }
-
-    /// Loads a BitFit adapter directory into `base`: its biases replace the base model's.
-    ///
-    /// # Errors
-    ///
-    /// A missing or malformed file, another method, an invalid `bias_pattern`, or an adapter that
-    /// does not fit `base`: a tensor the model has no bias of that name for, one of the wrong shape,
-    /// or a selected bias missing from the file; each names the file and the key or tensor.
-    pub fn load<M: Module>(dir: &Path, base: M) -> Result<(Self, M), AdapterError> {
-        let shapes = param_infos(&base)
-            .into_iter()
-            .map(|p| (p.name, p.shape))
-            .collect();
-        let (adapter, mut values) = Self::read(dir, &shapes)?;
-        let base = write_params(base, &mut values);
-        Ok((adapter, base))
-    }
-
-    /// Reads a BitFit adapter directory made for a model whose parameters have `shapes` (by
-    /// Hugging Face name), checking every tensor fits: the adapter and its biases by name.
-    ///
-    /// # Errors
-    ///
-    /// As [`BitFit::load`].
-    pub fn read(
-        dir: &Path,
-        shapes: &HashMap<String, Vec<usize>>,
-    ) -> Result<(Self, HashMap<String, TensorData>), AdapterError> {
-        let cfg = read_adapter_config(dir, PEFT_TYPE)?;
-        let file: BitFitFile = cfg.parse()?;
-        let adapter = BitFitConfig::new()
-            .with_bias_pattern(file.bias_pattern)
-            .init()
-            .map_err(|e| cfg.unsupported("bias_pattern", e.to_string()))?;
-
-        let path = dir.join(ADAPTER_WEIGHTS);
-        let file = TensorFile::open(&path)?;
-        let mut values = HashMap::new();
-        for name in file.names() {
-            let shape = shapes
-                .get(&name)
-                .filter(|_| adapter.selects(&name))
-                .ok_or_else(|| AdapterFileError::UnexpectedTensor {
-                    path: path.clone(),
-                    name: name.clone(),
-                    why: "is not a bias the adapter trains in this base model: the adapter was made for another model or another bias_pattern".into(),
-                })?;
-            let data = file.data(&name, shape, "the base model's bias of that name")?;
-            values.insert(name, data);
-        }
-        if let Some(missing) = shapes
-            .keys()
-            .filter(|name| adapter.selects(name) && !values.contains_key(*name))
-            .min()
-        {
-            return Err(AdapterFileError::MissingTensor {
-                path,
-                name: missing.clone(),
-            }
-            .into());
-        }
-        Ok((adapter, values))
     }
 }
 
@@ -254,23 +256,110 @@ impl Adapter for BitFit {
         Injection::default()
     }
 
+    /// Writes the selected biases of `base`, where training left them.
     fn save<M: CausalLm>(
         &self,
         dir: &Path,
         base: &M,
         base_model_name_or_path: Option<&str>,
     ) -> Result<(), AdapterError> {
-        BitFit::save(self, dir, base, base_model_name_or_path)
+        self.write_biases(dir, &self.biases(base), base_model_name_or_path)
     }
 
+    /// Reads the directory and puts its biases into `base`, replacing the model's.
     fn load<M: CausalLm>(dir: &Path, base: M) -> Result<(M, Self), AdapterError> {
-        let (adapter, base) = BitFit::load(dir, base)?;
-        Ok((base, adapter))
+        let mut adapter = Self::read(dir, &BaseShape::of(&base), &base.device())?;
+        let mut values = std::mem::take(&mut adapter.biases).into_iter().collect();
+        Ok((write_params(base, &mut values), adapter))
     }
 
     /// Freezes the base, then unfreezes the selected biases.
     fn prepare_base<M: Module>(&self, base: M) -> M {
         unfreeze_params(base.freeze(), |name| self.selects(name))
+    }
+}
+
+impl Method for BitFit {
+    const PEFT_TYPE: &'static str = PEFT_TYPE;
+    type Config = BitFitConfig;
+    const PRESETS: &'static [Preset] = &[Preset {
+        name: "bitfit",
+        summary: "BitFit: the base model's biases only",
+        options: "{}",
+        learning_rate: 1e-3,
+        tiny_model_learning_rate: 1e-1,
+    }];
+
+    /// Reads a BitFit adapter directory made for a model of shape `base`, checking every tensor
+    /// fits; the adapter holds the biases until [`Adapter::load`] puts them into a model.
+    ///
+    /// # Errors
+    ///
+    /// A missing or malformed file, another method, an invalid `bias_pattern`, or an adapter that
+    /// does not fit `base`: a tensor the model has no bias of that name for, one of the wrong
+    /// shape, or a selected bias missing from the file; each names the file and the key or tensor.
+    fn read(dir: &Path, base: &BaseShape, _device: &Device) -> Result<Self, AdapterError> {
+        let cfg = read_adapter_config(dir, PEFT_TYPE)?;
+        let file: BitFitFile = cfg.parse()?;
+        let mut adapter = BitFitConfig::new()
+            .with_bias_pattern(file.bias_pattern)
+            .init()
+            .map_err(|e| cfg.unsupported("bias_pattern", e.to_string()))?;
+
+        let path = dir.join(ADAPTER_WEIGHTS);
+        let file = TensorFile::open(&path)?;
+        let shapes: std::collections::HashMap<&str, &Vec<usize>> = base
+            .parameters
+            .iter()
+            .map(|(name, shape)| (name.as_str(), shape))
+            .collect();
+        let mut biases = Vec::new();
+        for name in file.names() {
+            let shape = shapes
+                .get(name.as_str())
+                .filter(|_| adapter.selects(&name))
+                .ok_or_else(|| AdapterFileError::UnexpectedTensor {
+                    path: path.clone(),
+                    name: name.clone(),
+                    why: "is not a bias the adapter trains in this base model: the adapter was made for another model or another bias_pattern".into(),
+                })?;
+            let data = file.data(&name, shape, "the base model's bias of that name")?;
+            biases.push((name, data));
+        }
+        if let Some(missing) = base
+            .parameters
+            .iter()
+            .map(|(name, _)| name)
+            .filter(|name| adapter.selects(name) && !biases.iter().any(|(b, _)| b == *name))
+            .min()
+        {
+            return Err(AdapterFileError::MissingTensor {
+                path,
+                name: missing.clone(),
+            }
+            .into());
+        }
+        adapter.biases = biases;
+        Ok(adapter)
+    }
+
+    /// Writes the biases [`Method::read`] read (a BitFit made by `init` holds none: its biases
+    /// are in the model, which [`Adapter::save`] reads).
+    fn write(
+        &self,
+        dir: &Path,
+        _base: &BaseShape,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<(), AdapterError> {
+        if self.biases.is_empty() {
+            return Err(AdapterError::Init {
+                field: "bias_pattern",
+                message: "this BitFit adapter holds no biases (they are in the model it trains): \
+                          save it with its model"
+                    .into(),
+            });
+        }
+        self.write_biases(dir, &self.biases, base_model_name_or_path)
     }
 }
 

@@ -10,21 +10,20 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use burn::tensor::DType;
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand, ValueEnum};
-use peft_bitfit::{BitFit, BitFitConfig};
-use peft_core::adapter_config::{ADAPTER_CONFIG, AdapterError};
-use peft_core::adapter_file::{ADAPTER_WEIGHTS, write_atomic, write_tensors};
+use peft_core::adapter_config::AdapterError;
+use peft_core::adapter_file::write_tensors;
+use peft_core::json_config::ConfigError;
 use peft_core::{
     Adapter, CausalLm, CoreError, GenerationConfig, GenerationStep, Injection, ModelGeometry,
     PeftModel, generate,
 };
 use peft_models::{AutoCausalLm, AutoConfig, ModelError, SpecialTokens, load_tokenizer};
-use peft_prefix::{PrefixEncoder, PrefixTuningConfig};
-use peft_prompt::{PromptEmbedding, PromptTuningConfig, PromptTuningInit};
-use peft_ptuning::{EncoderType, PTuningConfig, PromptEncoder};
+use serde_json::{Map, Value, json};
 
 use peft::info::trainable_parameters;
-use peft::{AdapterInitError, AutoAdapter, AutoAdapterConfig, read_peft_type};
+use peft::{AutoAdapter, AutoAdapterConfig, MethodPreset};
 
 /// Errors of the command line, each naming the file (and field) at fault.
 #[derive(Debug, thiserror::Error)]
@@ -136,19 +135,18 @@ pub enum Command {
     Quickstart(crate::quickstart::QuickstartArgs),
 }
 
-/// A method, as `peft info` and `peft train` name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Method {
-    /// Prompt Tuning (PEFT `PROMPT_TUNING`).
-    PromptTuning,
-    /// P-Tuning v1 (PEFT `P_TUNING`).
-    PTuning,
-    /// Prefix Tuning with projection (PEFT `PREFIX_TUNING`, `prefix_projection: true`).
-    PrefixTuning,
-    /// P-Tuning v2 (PEFT `PREFIX_TUNING`, `prefix_projection: false`).
-    PTuningV2,
-    /// BitFit (biases only).
-    Bitfit,
+/// A method, as `peft info` and `peft train` name it: one of the presets of the facade's method
+/// table ([`peft::presets`]).
+pub type Method = MethodPreset;
+
+/// `--method`'s parser: the names of [`peft::presets`], each with its summary as help.
+pub fn method_parser() -> impl TypedValueParser<Value = Method> {
+    PossibleValuesParser::new(
+        peft::presets()
+            .into_iter()
+            .map(|p| PossibleValue::new(p.preset.name).help(p.preset.summary)),
+    )
+    .map(|name| peft::preset(&name).expect("clap accepts only the presets' names"))
 }
 
 /// P-tuning's encoder, as PEFT's `encoder_reparameterization_type`.
@@ -175,7 +173,7 @@ pub enum InitArg {
 #[derive(Debug, Clone, clap::Args)]
 pub struct MethodArgs {
     /// The method.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = method_parser())]
     pub method: Method,
     /// Virtual tokens (prompt methods) or prefix positions (prefix methods).
     #[arg(long, default_value_t = 10)]
@@ -218,18 +216,26 @@ pub struct MethodArgs {
     /// BitFit: a regular expression over Hugging Face names narrowing which biases train.
     #[arg(long)]
     pub bias_pattern: Option<String>,
+    /// Any key of the method's adapter_config.json, as KEY=VALUE (VALUE in JSON, or a bare
+    /// string); repeatable, and taken over the flags above. Sets keys no flag has, including
+    /// those of a method added to the table.
+    #[arg(long = "option", value_name = "KEY=VALUE", value_parser = parse_option)]
+    pub options: Vec<(String, Value)>,
+}
+
+/// Parses `--option KEY=VALUE`: VALUE as JSON when it parses, else as a string.
+fn parse_option(text: &str) -> Result<(String, Value), String> {
+    let (key, value) = text
+        .split_once('=')
+        .filter(|(key, _)| !key.is_empty())
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.into()));
+    Ok((key.to_string(), value))
 }
 
 impl MethodArgs {
     /// The adapter configuration for a model of `geometry`.
     pub fn config(&self, geometry: &ModelGeometry) -> Result<AutoAdapterConfig, CliError> {
-        let n = self.num_virtual_tokens;
-        if n == 0 && self.method != Method::Bitfit {
-            return Err(CliError::Argument {
-                flag: "--num-virtual-tokens",
-                message: "must be at least 1".into(),
-            });
-        }
         if !(0.0..1.0).contains(&self.encoder_dropout) {
             return Err(CliError::Argument {
                 flag: "--encoder-dropout",
@@ -243,12 +249,9 @@ impl MethodArgs {
             });
         }
         if let Some(text) = &self.prefix_init_text {
-            let projection = self
-                .prefix_projection
-                .unwrap_or(self.method == Method::PrefixTuning);
-            let problem = if !matches!(self.method, Method::PrefixTuning | Method::PTuningV2) {
+            let problem = if self.method.peft_type != peft_prefix::PEFT_TYPE {
                 Some("applies to p-tuning-v2 only")
-            } else if projection {
+            } else if self.prefix_projection() {
                 Some("needs a prefix without projection (p-tuning-v2), as in PEFT")
             } else if self.prefix_zero_init {
                 Some("contradicts --prefix-zero-init")
@@ -264,63 +267,85 @@ impl MethodArgs {
                 });
             }
         }
-        let init = match self.prompt_tuning_init {
-            InitArg::Random => PromptTuningInit::Random,
-            InitArg::Text => PromptTuningInit::Text,
-            InitArg::SampleVocab => PromptTuningInit::SampleVocab,
-        };
-        match (
-            init == PromptTuningInit::Text,
-            &self.prompt_tuning_init_text,
-        ) {
-            (true, None) => {
-                return Err(CliError::Argument {
-                    flag: "--prompt-tuning-init-text",
-                    message: "is required with --prompt-tuning-init text".into(),
-                });
+        if self.prompt_tuning_init == InitArg::Text {
+            match &self.prompt_tuning_init_text {
+                None => {
+                    return Err(CliError::Argument {
+                        flag: "--prompt-tuning-init-text",
+                        message: "is required with --prompt-tuning-init text".into(),
+                    });
+                }
+                Some(text) if text.is_empty() => {
+                    return Err(CliError::Argument {
+                        flag: "--prompt-tuning-init-text",
+                        message: "is empty".into(),
+                    });
+                }
+                Some(_) => {}
             }
-            (true, Some(text)) if text.is_empty() => {
-                return Err(CliError::Argument {
-                    flag: "--prompt-tuning-init-text",
-                    message: "is empty".into(),
-                });
-            }
-            _ => {}
         }
-        let config = match self.method {
-            Method::PromptTuning => AutoAdapterConfig::PromptTuning(
-                PromptTuningConfig::new(n, geometry.hidden_size)
-                    .with_prompt_tuning_init(init)
-                    .with_prompt_tuning_init_text(self.prompt_tuning_init_text.clone()),
-            ),
-            Method::PTuning => AutoAdapterConfig::PTuning(
-                PTuningConfig::for_model(n, geometry)
-                    .with_encoder_reparameterization_type(
-                        match self.encoder_reparameterization_type {
-                            EncoderArg::Mlp => EncoderType::Mlp,
-                            EncoderArg::Lstm => EncoderType::Lstm,
-                        },
-                    )
-                    .with_encoder_hidden_size(self.encoder_hidden_size)
-                    .with_encoder_num_layers(self.encoder_num_layers)
-                    .with_encoder_dropout(self.encoder_dropout),
-            ),
-            Method::PrefixTuning | Method::PTuningV2 => AutoAdapterConfig::PrefixTuning(
-                PrefixTuningConfig::for_model(n, geometry)
-                    .with_prefix_projection(
-                        self.prefix_projection
-                            .unwrap_or(self.method == Method::PrefixTuning),
-                    )
-                    .with_encoder_hidden_size(self.encoder_hidden_size)
-                    .with_zero_init(self.prefix_zero_init)
-                    .with_init_text(self.prefix_init_text.clone()),
-            ),
-            Method::Bitfit => AutoAdapterConfig::BitFit(
-                BitFitConfig::new().with_bias_pattern(self.bias_pattern.clone()),
-            ),
-        };
+        let config = self
+            .method
+            .config(&self.options(), geometry)
+            .map_err(adapter_init_error)?;
         config.validate(geometry).map_err(adapter_init_error)?;
         Ok(config)
+    }
+
+    /// The flags as the method's config keys (PEFT's names; each method reads its own and
+    /// ignores the rest), `--option`s last.
+    fn options(&self) -> Map<String, Value> {
+        let mut options = Map::new();
+        let mut set = |key: &str, value: Value| {
+            options.insert(key.to_string(), value);
+        };
+        set("num_virtual_tokens", json!(self.num_virtual_tokens));
+        set(
+            "prompt_tuning_init",
+            json!(match self.prompt_tuning_init {
+                InitArg::Random => "RANDOM",
+                InitArg::Text => "TEXT",
+                InitArg::SampleVocab => "SAMPLE_VOCAB",
+            }),
+        );
+        set(
+            "prompt_tuning_init_text",
+            json!(self.prompt_tuning_init_text),
+        );
+        set(
+            "encoder_reparameterization_type",
+            json!(match self.encoder_reparameterization_type {
+                EncoderArg::Mlp => "MLP",
+                EncoderArg::Lstm => "LSTM",
+            }),
+        );
+        set("encoder_hidden_size", json!(self.encoder_hidden_size));
+        set("encoder_num_layers", json!(self.encoder_num_layers));
+        set("encoder_dropout", json!(self.encoder_dropout));
+        if let Some(projection) = self.prefix_projection {
+            set("prefix_projection", json!(projection));
+        }
+        if self.prefix_zero_init {
+            set("init_weights", json!("zero"));
+        }
+        set("init_text", json!(self.prefix_init_text));
+        set("bias_pattern", json!(self.bias_pattern));
+        for (key, value) in &self.options {
+            set(key, value.clone());
+        }
+        options
+    }
+
+    /// The `--prefix-projection` the method ends up with: the flag, else the preset's.
+    fn prefix_projection(&self) -> bool {
+        self.prefix_projection.unwrap_or_else(|| {
+            self.method
+                .preset
+                .option_map()
+                .get("prefix_projection")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+        })
     }
 }
 
@@ -412,22 +437,26 @@ pub fn flag_of_adapter_field(field: &str) -> &'static str {
         "prompt_tuning_init_text" => "--prompt-tuning-init-text",
         "init_text" => "--prefix-init-text",
         "bias_pattern" => "--bias-pattern",
-        _ => "--method",
+        "prompt_tuning_init" => "--prompt-tuning-init",
+        "encoder_reparameterization_type" => "--encoder-reparameterization-type",
+        "prefix_projection" => "--prefix-projection",
+        "init_weights" => "--prefix-zero-init",
+        "peft_type" => "--method",
+        _ => "--option",
     }
 }
 
 /// An adapter that cannot be built from the flags, as the flag's error.
-pub fn adapter_init_error(error: impl Into<AdapterInitError>) -> CliError {
-    let error = error.into();
-    let flag = match &error {
-        AdapterInitError::Pattern(_) => "--bias-pattern",
-        AdapterInitError::Adapter(AdapterError::Init { field, .. }) => flag_of_adapter_field(field),
-        AdapterInitError::Adapter(_) => "--method",
+pub fn adapter_init_error(error: AdapterError) -> CliError {
+    let (flag, message) = match &error {
+        AdapterError::Init { field, .. } => (flag_of_adapter_field(field), error.to_string()),
+        // A flag's value the method's config keys refuse: the key's flag, and what is wrong.
+        AdapterError::Config(ConfigError::InvalidValue { key, message, .. }) => {
+            (flag_of_adapter_field(key), format!("{key}: {message}"))
+        }
+        _ => ("--method", error.to_string()),
     };
-    CliError::Argument {
-        flag,
-        message: error.to_string(),
-    }
+    CliError::Argument { flag, message }
 }
 
 /// Arguments of `peft info`.
@@ -572,10 +601,7 @@ fn read_config(path: &Path) -> Result<AutoConfig, CliError> {
 pub fn info(args: &InfoArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let config = read_config(&args.model)?;
     let adapter = args.method.config(&config.geometry())?;
-    let counts = trainable_parameters(&config, &adapter).map_err(|e| CliError::Argument {
-        flag: "--bias-pattern",
-        message: e.to_string(),
-    })?;
+    let counts = trainable_parameters(&config, &adapter).map_err(adapter_init_error)?;
     writeln!(out, "{counts}").map_err(|source| CliError::Io {
         path: "<stdout>".into(),
         source,
@@ -583,48 +609,11 @@ pub fn info(args: &InfoArgs, out: &mut dyn Write) -> Result<(), CliError> {
 }
 
 /// `peft export`: the adapter in `args.adapter` written to `args.output` in PEFT's inference form
-/// (encoders folded into `prompt_embeddings`; BitFit's file is already final).
+/// (encoders folded into `prompt_embeddings`; BitFit's biases are final already), checked against
+/// the model's config alone.
 pub fn export(args: &ExportArgs, device: &Device) -> Result<(), CliError> {
     let config = read_config(&args.model)?;
-    let geometry = config.geometry();
-    let (cfg, peft_type) = read_peft_type(&args.adapter)?;
-    let base_name = cfg
-        .opt_str("base_model_name_or_path")
-        .map_err(AdapterError::from)?;
-    let out = &args.output;
-    match peft_type {
-        peft_prompt::PEFT_TYPE => PromptEmbedding::load(&args.adapter, &geometry, device)?
-            .save(out, &geometry, base_name)?,
-        peft_ptuning::PEFT_TYPE => PromptEncoder::load(&args.adapter, &geometry, device)?
-            .into_inference()
-            .save(out, &geometry, base_name)?,
-        peft_prefix::PEFT_TYPE => PrefixEncoder::load(&args.adapter, &geometry, device)?
-            .into_inference()
-            .save(out, base_name)?,
-        _ => {
-            // The biases are final already: check they fit a model of this config (every bias is
-            // 1-D, so its size is its shape), then copy.
-            let shapes = config
-                .parameter_sizes()
-                .into_iter()
-                .map(|(name, n)| (name, vec![n]))
-                .collect();
-            BitFit::read(&args.adapter, &shapes)?;
-            std::fs::create_dir_all(out).map_err(|source| CliError::Io {
-                path: out.clone(),
-                source,
-            })?;
-            for name in [ADAPTER_WEIGHTS, ADAPTER_CONFIG] {
-                let from = args.adapter.join(name);
-                let bytes = std::fs::read(&from).map_err(|source| CliError::Io {
-                    path: from.clone(),
-                    source,
-                })?;
-                let to = out.join(name);
-                write_atomic(&to, &bytes).map_err(|source| CliError::Io { path: to, source })?;
-            }
-        }
-    }
+    peft::export(&args.adapter, &config.base_shape(), device, &args.output)?;
     Ok(())
 }
 
@@ -910,15 +899,17 @@ pub fn generate_text(
 mod tests {
     use super::*;
 
+    use peft_prefix::PrefixTuningConfig;
+
     #[derive(Parser)]
-    struct Method {
+    struct Flags {
         #[command(flatten)]
         method: MethodArgs,
     }
 
     fn prefix_config(args: &[&str]) -> PrefixTuningConfig {
         let parsed =
-            Method::try_parse_from(std::iter::once("peft").chain(args.iter().copied())).unwrap();
+            Flags::try_parse_from(std::iter::once("peft").chain(args.iter().copied())).unwrap();
         let geometry = ModelGeometry {
             num_layers: 2,
             hidden_size: 16,
@@ -942,6 +933,54 @@ mod tests {
         assert!(!zero.prefix_projection && zero.zero_init);
         // Per-head key/value width, as PEFT shapes it for grouped-query attention.
         assert_eq!(zero.token_dim, 8);
+        // --option sets any config key, over the flags.
+        let set = prefix_config(&[
+            "--method",
+            "p-tuning-v2",
+            "--encoder-hidden-size",
+            "5",
+            "--option",
+            "prefix_projection=true",
+            "--option",
+            "encoder_hidden_size=7",
+            "--option",
+            "prefix_dropout=0.25",
+        ]);
+        assert!(set.prefix_projection);
+        assert_eq!(set.encoder_hidden_size, Some(7));
+        assert_eq!(set.prefix_dropout, 0.25);
+    }
+
+    #[test]
+    fn method_values_are_the_presets_of_the_facade_table() {
+        let names: Vec<&str> = peft::presets().iter().map(|p| p.preset.name).collect();
+        assert_eq!(
+            names,
+            [
+                "prompt-tuning",
+                "p-tuning",
+                "prefix-tuning",
+                "p-tuning-v2",
+                "bitfit"
+            ]
+        );
+        for name in names {
+            let parsed = Flags::try_parse_from(["peft", "--method", name]).unwrap();
+            assert_eq!(parsed.method.method.preset.name, name);
+        }
+        let err = Flags::try_parse_from(["peft", "--method", "lora"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("possible values: prompt-tuning, p-tuning"),
+            "{err}"
+        );
+        let err = Flags::try_parse_from(["peft", "--method", "bitfit", "--option", "=1"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("is not KEY=VALUE"), "{err}");
     }
 
     #[test]

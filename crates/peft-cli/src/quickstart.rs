@@ -37,8 +37,8 @@ pub struct QuickstartArgs {
     /// Where data, adapters, metrics and loss curves go.
     #[arg(long, default_value = "target/quickstart")]
     pub output: PathBuf,
-    /// Methods to train, comma-separated [default: all five].
-    #[arg(long, value_enum, value_delimiter = ',')]
+    /// Methods to train, comma-separated [default: every method's presets].
+    #[arg(long, value_parser = crate::cli::method_parser(), value_delimiter = ',')]
     pub methods: Vec<Method>,
     /// Training rows.
     #[arg(long, default_value_t = 640)]
@@ -98,17 +98,7 @@ fn method_args(method: Method) -> MethodArgs {
         prefix_init_text: None,
         prefix_init_plain: false,
         bias_pattern: None,
-    }
-}
-
-/// Learning rates found to learn the task within the quickstart's budget.
-fn learning_rate(method: Method) -> f64 {
-    match method {
-        Method::PromptTuning => 1e-1,
-        Method::PTuning => 1e-2,
-        Method::PrefixTuning => 1e-2,
-        Method::PTuningV2 => 1e-1,
-        Method::Bitfit => 1e-1,
+        options: Vec::new(),
     }
 }
 
@@ -160,7 +150,7 @@ fn make_rows(
 /// The hyper-parameters of one method's run.
 fn training_config(args: &QuickstartArgs, method: Method) -> TrainingConfig {
     TrainingConfig::new()
-        .with_lr(args.lr.unwrap_or(learning_rate(method)))
+        .with_lr(args.lr.unwrap_or(method.preset.tiny_model_learning_rate))
         .with_epochs(args.epochs)
         .with_batch_size(16)
         .with_eval_batch_size(50)
@@ -181,13 +171,7 @@ pub fn quickstart(
         });
     }
     let methods = if args.methods.is_empty() {
-        vec![
-            Method::PromptTuning,
-            Method::PTuning,
-            Method::PrefixTuning,
-            Method::PTuningV2,
-            Method::Bitfit,
-        ]
+        peft::presets()
     } else {
         args.methods.clone()
     };
@@ -301,13 +285,7 @@ pub fn quickstart(
 }
 
 fn method_name(method: Method) -> &'static str {
-    match method {
-        Method::PromptTuning => "prompt-tuning",
-        Method::PTuning => "p-tuning",
-        Method::PrefixTuning => "prefix-tuning",
-        Method::PTuningV2 => "p-tuning-v2",
-        Method::Bitfit => "bitfit",
-    }
+    method.preset.name
 }
 
 fn summarize(

@@ -23,7 +23,7 @@ use peft_train::trainer::{
     TrainingPlan, TrainingRun, evaluate, read_metrics, train,
 };
 
-use crate::cli::{CliError, Dtype, Method, MethodArgs, adapter_init_error};
+use crate::cli::{CliError, Dtype, MethodArgs, adapter_init_error};
 use crate::plot::write_loss_curve;
 use peft::{AutoAdapter, AutoAdapterConfig};
 
@@ -159,17 +159,6 @@ pub struct EvalArgs {
     /// Compute dtype.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Dtype,
-}
-
-impl Method {
-    /// The learning rate `peft train` uses when `--lr` is not given.
-    pub fn default_lr(self) -> f64 {
-        match self {
-            Method::PromptTuning => 3e-2,
-            Method::PrefixTuning | Method::PTuningV2 => 1e-2,
-            Method::PTuning | Method::Bitfit => 1e-3,
-        }
-    }
 }
 
 /// A model directory's tokenizer and special ids, read once per command.
@@ -449,7 +438,7 @@ pub fn train_command(
         .map_err(io_error)?;
     }
     let config = TrainingConfig::new()
-        .with_lr(args.lr.unwrap_or(args.method.method.default_lr()))
+        .with_lr(args.lr.unwrap_or(args.method.method.preset.learning_rate))
         .with_epochs(args.epochs)
         .with_batch_size(args.batch_size)
         .with_gradient_accumulation_steps(args.gradient_accumulation_steps)
@@ -484,16 +473,12 @@ pub fn train_command(
     let adapter_config = args.method.config(&text.config.geometry())?;
     check_adapter_fits(&text.config, &adapter_config)?;
     let base = AutoCausalLm::from_pretrained(&args.model, &train_device, args.dtype.into())?;
-    let init_text_ids = match &adapter_config {
-        AutoAdapterConfig::PromptTuning(c) => match &c.prompt_tuning_init_text {
-            Some(init_text) => encode_init_text(&text, init_text)?,
-            None => Vec::new(),
-        },
-        AutoAdapterConfig::PrefixTuning(c) => match &c.init_text {
-            Some(init_text) => text.encode_as_system(init_text, !args.method.prefix_init_plain)?,
-            None => Vec::new(),
-        },
-        _ => Vec::new(),
+    let init_text_ids = match adapter_config.init_text() {
+        Some(init) if init.as_system_message => {
+            text.encode_as_system(init.text, !args.method.prefix_init_plain)?
+        }
+        Some(init) => encode_init_text(&text, init.text)?,
+        None => Vec::new(),
     };
     train_device.seed(args.seed);
     let adapter = adapter_config

@@ -400,7 +400,7 @@ fn info_prints_peft_lines_for_the_four_real_configs() {
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out)
-            .contains("--bias-pattern: bias_pattern \"(\" is not a valid regular expression"),
+            .contains("--bias-pattern: bias_pattern: \"(\" is not a valid regular expression"),
         "{}",
         stderr(&out)
     );

@@ -2,7 +2,6 @@
 //! the task from examples alone: training loss falls and held-out exact match rises clearly
 //! above the untrained adapter's.
 
-use peft_cli::cli::Method;
 use peft_cli::quickstart::{QuickstartArgs, quickstart};
 
 #[test]
@@ -23,19 +22,19 @@ fn every_method_learns_the_quickstart_task() {
     let results = quickstart(&args, &burn::prelude::Device::default(), &mut printed).unwrap();
     let printed = String::from_utf8(printed).unwrap();
     assert_eq!(results.len(), 5, "{printed}");
-    let methods: Vec<Method> = results.iter().map(|r| r.method).collect();
+    let methods: Vec<&str> = results.iter().map(|r| r.method.preset.name).collect();
     assert_eq!(
         methods,
         [
-            Method::PromptTuning,
-            Method::PTuning,
-            Method::PrefixTuning,
-            Method::PTuningV2,
-            Method::Bitfit
+            "prompt-tuning",
+            "p-tuning",
+            "prefix-tuning",
+            "p-tuning-v2",
+            "bitfit"
         ]
     );
     for r in &results {
-        let name = format!("{:?}", r.method);
+        let name = r.method.preset.name;
         assert!(
             r.train_loss.1 < r.train_loss.0,
             "{name}: training loss did not fall\n{printed}"

@@ -85,6 +85,14 @@ impl JsonConfig {
         Self::from_str(&text, path)
     }
 
+    /// An already parsed object, reporting errors against `path`.
+    pub fn from_map(map: Map<String, Value>, path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            map,
+        }
+    }
+
     /// Parses `text`, reporting errors against `path`.
     pub fn from_str(text: &str, path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();

@@ -4,30 +4,136 @@ use std::path::Path;
 
 use burn::prelude::*;
 use burn::tensor::DType;
-use peft_core::{CausalLm, ModelGeometry, ModelInput, ModelOutput};
+use peft_core::{BaseShape, CausalLm, ModelGeometry, ModelInput, ModelOutput};
 
-use crate::bloom::{BloomConfig, BloomForCausalLM};
+use crate::bloom::BloomForCausalLM;
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::hf_config::{ConfigError, HfConfig};
-use crate::qwen2::{Qwen2Config, Qwen2ForCausalLM};
+use crate::qwen2::Qwen2ForCausalLM;
+use crate::weights::{ParameterShapes, WeightSource, infallible};
 
-/// Any causal LM this crate implements, chosen by `model_type` in `config.json`.
-#[derive(Module, Debug)]
-pub enum AutoCausalLm {
+/// A model family: how it reads `config.json` and lays out its layers. [`AutoConfig`] and
+/// [`AutoCausalLm`] dispatch over the families listed once in this file's table, so a new family
+/// is its file (a config, a model implementing [`CausalLm`] and this trait) plus one table line.
+pub trait ModelFamily: CausalLm + Sized {
+    /// The `model_type` values of `config.json` this family reads.
+    const MODEL_TYPES: &'static [&'static str];
+    /// The family's configuration, as read from `config.json`.
+    type Config: Clone + std::fmt::Debug + PartialEq;
+
+    /// Reads the configuration from a parsed `config.json` whose `model_type` is one of
+    /// [`ModelFamily::MODEL_TYPES`].
+    ///
+    /// # Errors
+    ///
+    /// A key missing, of the wrong type or of a value the family does not support, named.
+    fn read_config(cfg: &HfConfig) -> Result<Self::Config>;
+
+    /// Geometry adapters see, from the configuration alone.
+    fn config_geometry(config: &Self::Config) -> ModelGeometry;
+
+    /// Lays out the model, taking each layer from `src` under its Hugging Face name: the one
+    /// function behind loading a checkpoint, random initialization and listing the parameters.
+    ///
+    /// # Errors
+    ///
+    /// Whatever `src` fails with (a missing tensor, a wrong shape).
+    fn build<S: WeightSource>(config: &Self::Config, src: &mut S) -> Result<Self, S::Error>;
+
+    /// A model with random weights, drawn as transformers draws them.
+    fn init(config: &Self::Config, device: &Device) -> Self;
+}
+
+/// Declares [`AutoCausalLm`] and [`AutoConfig`] over the families of the table below.
+macro_rules! families {
+    ($($(#[$doc:meta])* $variant:ident($model:ty),)+) => {
+        /// Any causal LM this crate implements, chosen by `model_type` in `config.json`.
+        #[derive(Module, Debug)]
+        pub enum AutoCausalLm {
+            $($(#[$doc])* $variant($model),)+
+        }
+
+        /// Architecture and sizes read from a `config.json`, before any weight is touched.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum AutoConfig {
+            $($(#[$doc])* $variant(<$model as ModelFamily>::Config),)+
+        }
+
+        /// Every `model_type` this crate reads, in table order.
+        pub fn model_types() -> Vec<&'static str> {
+            [$(<$model as ModelFamily>::MODEL_TYPES),+].concat()
+        }
+
+        impl AutoConfig {
+            /// Picks the architecture of a parsed config by its `model_type`.
+            pub fn from_hf(cfg: &HfConfig) -> Result<Self> {
+                let Some(model_type) = cfg.opt_str("model_type")? else {
+                    return Err(ConfigError::MissingKey {
+                        path: cfg.path().to_path_buf(),
+                        key: "model_type".into(),
+                    }
+                    .into());
+                };
+                $(
+                    if <$model as ModelFamily>::MODEL_TYPES.contains(&model_type) {
+                        return Ok(Self::$variant(<$model as ModelFamily>::read_config(cfg)?));
+                    }
+                )+
+                Err(ModelError::UnsupportedModelType {
+                    path: cfg.path().to_path_buf(),
+                    model_type: model_type.to_string(),
+                    supported: model_types().join(", "),
+                })
+            }
+
+            /// Geometry adapters see.
+            pub fn geometry(&self) -> ModelGeometry {
+                match self {
+                    $(Self::$variant(c) => <$model as ModelFamily>::config_geometry(c),)+
+                }
+            }
+
+            /// Lays out the model of this config from `src`.
+            ///
+            /// # Errors
+            ///
+            /// Whatever `src` fails with.
+            pub fn build<S: WeightSource>(&self, src: &mut S) -> Result<AutoCausalLm, S::Error> {
+                Ok(match self {
+                    $(Self::$variant(c) => {
+                        AutoCausalLm::$variant(<$model as ModelFamily>::build(c, src)?)
+                    })+
+                })
+            }
+
+            /// A model of this shape with random weights.
+            pub fn init(&self, device: &Device) -> AutoCausalLm {
+                match self {
+                    $(Self::$variant(c) => {
+                        AutoCausalLm::$variant(<$model as ModelFamily>::init(c, device))
+                    })+
+                }
+            }
+        }
+
+        /// Calls `$body` with `$m` bound to the model inside any variant.
+        macro_rules! each_model {
+            ($self_:expr, $m:ident => $body:expr) => {
+                match $self_ {
+                    $(AutoCausalLm::$variant($m) => $body,)+
+                }
+            };
+        }
+    };
+}
+
+// The families, one line each.
+families! {
     /// `qwen2` or `llama`.
     Qwen2(Qwen2ForCausalLM),
     /// `bloom`.
     Bloom(BloomForCausalLM),
-}
-
-/// Architecture and sizes read from a `config.json`, before any weight is touched.
-#[derive(Debug, Clone, PartialEq)]
-pub enum AutoConfig {
-    /// `qwen2` or `llama`.
-    Qwen2(Qwen2Config),
-    /// `bloom`.
-    Bloom(BloomConfig),
 }
 
 impl AutoConfig {
@@ -36,46 +142,19 @@ impl AutoConfig {
         Self::from_hf(&HfConfig::from_file(path, "the model's config.json")?)
     }
 
-    /// Picks the architecture of a parsed config.
-    pub fn from_hf(cfg: &HfConfig) -> Result<Self> {
-        match cfg.opt_str("model_type")? {
-            Some("qwen2" | "llama") => Ok(Self::Qwen2(Qwen2Config::from_hf(cfg)?)),
-            Some("bloom") => Ok(Self::Bloom(BloomConfig::from_hf(cfg)?)),
-            Some(other) => Err(ModelError::UnsupportedModelType {
-                path: cfg.path().to_path_buf(),
-                model_type: other.to_string(),
-            }),
-            None => Err(ConfigError::MissingKey {
-                path: cfg.path().to_path_buf(),
-                key: "model_type".into(),
-            }
-            .into()),
-        }
+    /// Every parameter as (Hugging Face name, shape as the model holds it), from the config
+    /// alone: the model's own `build` run over a source that records shapes and allocates
+    /// nothing. A tied `lm_head` is the embedding, listed once, as PEFT counts it.
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut shapes = ParameterShapes::new(&Device::default());
+        infallible(self.build(&mut shapes));
+        shapes.into_shapes()
     }
 
-    /// Geometry adapters see.
-    pub fn geometry(&self) -> ModelGeometry {
-        match self {
-            Self::Qwen2(c) => c.geometry(),
-            Self::Bloom(c) => c.geometry(),
-        }
-    }
-
-    /// Every parameter as (Hugging Face name, element count), from the config alone; their sum is
-    /// the model's size with a tied `lm_head` counted once, as PEFT counts it.
-    pub fn parameter_sizes(&self) -> Vec<(String, usize)> {
-        match self {
-            Self::Qwen2(c) => c.parameter_sizes(),
-            Self::Bloom(c) => c.parameter_sizes(),
-        }
-    }
-
-    /// A model of this shape with random weights.
-    pub fn init(&self, device: &Device) -> AutoCausalLm {
-        match self {
-            Self::Qwen2(c) => AutoCausalLm::Qwen2(c.init(device)),
-            Self::Bloom(c) => AutoCausalLm::Bloom(c.init(device)),
-        }
+    /// What a model of this config offers adapters, from the config alone: geometry and
+    /// [`AutoConfig::parameter_shapes`].
+    pub fn base_shape(&self) -> BaseShape {
+        BaseShape::new(self.geometry(), self.parameter_shapes())
     }
 }
 
@@ -87,10 +166,7 @@ impl AutoCausalLm {
         let dir = dir.as_ref();
         let config = AutoConfig::from_file(dir.join("config.json"))?;
         let mut ckpt = Checkpoint::open_dir(dir, device, dtype)?;
-        let model = match &config {
-            AutoConfig::Qwen2(c) => Self::Qwen2(Qwen2ForCausalLM::load(c, &mut ckpt)?),
-            AutoConfig::Bloom(c) => Self::Bloom(BloomForCausalLM::load(c, &mut ckpt)?),
-        };
+        let model = config.build(&mut ckpt)?;
         ckpt.finish()?;
         Ok(model)
     }
@@ -98,52 +174,31 @@ impl AutoCausalLm {
 
 impl CausalLm for AutoCausalLm {
     fn geometry(&self) -> ModelGeometry {
-        match self {
-            Self::Qwen2(m) => m.geometry(),
-            Self::Bloom(m) => m.geometry(),
-        }
+        each_model!(self, m => m.geometry())
     }
 
     fn device(&self) -> Device {
-        match self {
-            Self::Qwen2(m) => m.device(),
-            Self::Bloom(m) => m.device(),
-        }
+        each_model!(self, m => m.device())
     }
 
     fn embed_tokens(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
-        match self {
-            Self::Qwen2(m) => m.embed_tokens(input_ids),
-            Self::Bloom(m) => m.embed_tokens(input_ids),
-        }
+        each_model!(self, m => m.embed_tokens(input_ids))
     }
 
     fn word_embeddings(&self) -> Tensor<2> {
-        match self {
-            Self::Qwen2(m) => m.word_embeddings(),
-            Self::Bloom(m) => m.word_embeddings(),
-        }
+        each_model!(self, m => m.word_embeddings())
     }
 
     fn forward_hidden(&self, input: ModelInput) -> ModelOutput {
-        match self {
-            Self::Qwen2(m) => m.forward_hidden(input),
-            Self::Bloom(m) => m.forward_hidden(input),
-        }
+        each_model!(self, m => m.forward_hidden(input))
     }
 
     fn lm_head(&self, hidden_states: Tensor<3>) -> Tensor<3> {
-        match self {
-            Self::Qwen2(m) => m.lm_head(hidden_states),
-            Self::Bloom(m) => m.lm_head(hidden_states),
-        }
+        each_model!(self, m => m.lm_head(hidden_states))
     }
 
     fn output_embeddings(&self) -> Option<Tensor<2>> {
-        match self {
-            Self::Qwen2(m) => m.output_embeddings(),
-            Self::Bloom(m) => m.output_embeddings(),
-        }
+        each_model!(self, m => m.output_embeddings())
     }
 }
 

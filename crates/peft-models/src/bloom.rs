@@ -10,6 +10,7 @@ use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::prelude::*;
 use peft_core::{CausalLm, LayerKv, ModelGeometry, ModelInput, ModelOutput};
 
+use crate::auto::ModelFamily;
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::hf_config::HfConfig;
@@ -49,6 +50,7 @@ impl BloomConfig {
             return Err(ModelError::UnsupportedModelType {
                 path: cfg.path().to_path_buf(),
                 model_type: model_type.to_string(),
+                supported: BloomForCausalLM::MODEL_TYPES.join(", "),
             });
         }
         let hidden_size = cfg.usize(&["hidden_size", "n_embed"])?;
@@ -80,42 +82,6 @@ impl BloomConfig {
         self.hidden_size / self.n_head
     }
 
-    /// Every parameter of the model as (Hugging Face name, element count), from the config alone
-    /// (the `lm_head` is tied to the embedding, listed once).
-    pub fn parameter_sizes(&self) -> Vec<(String, usize)> {
-        let h = self.hidden_size;
-        let mut out = vec![(
-            "transformer.word_embeddings.weight".to_string(),
-            self.vocab_size * h,
-        )];
-        let norm = |out: &mut Vec<(String, usize)>, name: String| {
-            out.push((format!("{name}.weight"), h));
-            out.push((format!("{name}.bias"), h));
-        };
-        norm(&mut out, "transformer.word_embeddings_layernorm".into());
-        for l in 0..self.n_layer {
-            let p = format!("transformer.h.{l}");
-            norm(&mut out, format!("{p}.input_layernorm"));
-            for (linear, d_in, d_out) in [
-                ("self_attention.query_key_value", h, 3 * h),
-                ("self_attention.dense", h, h),
-            ] {
-                out.push((format!("{p}.{linear}.weight"), d_in * d_out));
-                out.push((format!("{p}.{linear}.bias"), d_out));
-            }
-            norm(&mut out, format!("{p}.post_attention_layernorm"));
-            for (linear, d_in, d_out) in [
-                ("mlp.dense_h_to_4h", h, 4 * h),
-                ("mlp.dense_4h_to_h", 4 * h, h),
-            ] {
-                out.push((format!("{p}.{linear}.weight"), d_in * d_out));
-                out.push((format!("{p}.{linear}.bias"), d_out));
-            }
-        }
-        norm(&mut out, "transformer.ln_f".into());
-        out
-    }
-
     /// Geometry adapters see (no GQA: key/value heads = heads; ALiBi has no length limit).
     pub fn geometry(&self) -> ModelGeometry {
         ModelGeometry {
@@ -134,7 +100,6 @@ impl BloomConfig {
         infallible(BloomForCausalLM::build(
             self,
             &mut RandomWeights::new(device, self.initializer_range),
-            "",
         ))
     }
 }
@@ -279,21 +244,18 @@ pub struct BloomForCausalLM {
 impl BloomForCausalLM {
     /// Builds the model from the tensors of `ckpt`, with or without the `transformer.` prefix.
     pub fn load(config: &BloomConfig, ckpt: &mut Checkpoint) -> Result<Self> {
-        let root = if ckpt.contains("transformer.word_embeddings.weight") {
+        Self::build(config, ckpt)
+    }
+
+    /// Lays out the model, taking each layer from `src` under its Hugging Face name: with the
+    /// `transformer.` prefix of `BloomForCausalLM` checkpoints, or without it where the source
+    /// holds a bare `BloomModel`'s tensors.
+    pub fn build<S: WeightSource>(config: &BloomConfig, src: &mut S) -> Result<Self, S::Error> {
+        let root = if src.contains("transformer.word_embeddings.weight") {
             "transformer."
         } else {
             ""
         };
-        Self::build(config, ckpt, root)
-    }
-
-    /// Lays out the model, taking each layer from `src` under its Hugging Face name prefixed by
-    /// `root` (`"transformer."` or `""`).
-    pub fn build<S: WeightSource>(
-        config: &BloomConfig,
-        src: &mut S,
-        root: &str,
-    ) -> Result<Self, S::Error> {
         let c = config;
         let (d, eps) = (c.hidden_size, c.layer_norm_epsilon);
         let word_embeddings = src.embedding(&format!("{root}word_embeddings"), c.vocab_size, d)?;
@@ -339,6 +301,27 @@ impl BloomForCausalLM {
             },
             config: config.clone(),
         })
+    }
+}
+
+impl ModelFamily for BloomForCausalLM {
+    const MODEL_TYPES: &'static [&'static str] = &["bloom"];
+    type Config = BloomConfig;
+
+    fn read_config(cfg: &HfConfig) -> Result<BloomConfig> {
+        BloomConfig::from_hf(cfg)
+    }
+
+    fn config_geometry(config: &BloomConfig) -> ModelGeometry {
+        config.geometry()
+    }
+
+    fn build<S: WeightSource>(config: &BloomConfig, src: &mut S) -> Result<Self, S::Error> {
+        Self::build(config, src)
+    }
+
+    fn init(config: &BloomConfig, device: &Device) -> Self {
+        config.init(device)
     }
 }
 

@@ -26,12 +26,14 @@ pub enum ModelError {
         what: &'static str,
     },
     /// `model_type` names an architecture this crate does not implement.
-    #[error("{path}: unsupported model_type `{model_type}` (supported: qwen2, llama, bloom)")]
+    #[error("{path}: unsupported model_type `{model_type}` (supported: {supported})")]
     UnsupportedModelType {
         /// The config file.
         path: PathBuf,
         /// The value found.
         model_type: String,
+        /// The values that would be read, comma-separated.
+        supported: String,
     },
     /// A safetensors file's header or data is not valid.
     #[error("{path}: invalid safetensors file: {message}")]

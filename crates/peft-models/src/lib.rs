@@ -26,7 +26,7 @@ pub mod layers;
 pub mod qwen2;
 pub mod weights;
 
-pub use auto::{AutoCausalLm, AutoConfig, SpecialTokens, load_tokenizer};
+pub use auto::{AutoCausalLm, AutoConfig, ModelFamily, SpecialTokens, load_tokenizer, model_types};
 pub use bloom::{BloomConfig, BloomForCausalLM};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use checkpoint::Checkpoint;
@@ -34,4 +34,4 @@ pub use error::{ModelError, Result};
 pub use hf_config::HfConfig;
 pub use qwen2::{Qwen2Config, Qwen2ForCausalLM};
 pub use tokenizers::Tokenizer;
-pub use weights::{RandomWeights, WeightSource};
+pub use weights::{ParameterShapes, RandomWeights, WeightSource};

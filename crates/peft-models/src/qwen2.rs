@@ -9,6 +9,7 @@ use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::prelude::*;
 use peft_core::{CausalLm, LayerKv, ModelGeometry, ModelInput, ModelOutput};
 
+use crate::auto::ModelFamily;
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::fused::silu_gate;
@@ -73,6 +74,7 @@ impl Qwen2Config {
                 return Err(ModelError::UnsupportedModelType {
                     path: cfg.path().to_path_buf(),
                     model_type: other.to_string(),
+                    supported: Qwen2ForCausalLM::MODEL_TYPES.join(", "),
                 });
             }
         };
@@ -162,42 +164,6 @@ impl Qwen2Config {
             self,
             &mut RandomWeights::new(device, self.initializer_range),
         ))
-    }
-
-    /// Every parameter of the model as (Hugging Face name, element count), from the config alone
-    /// (a tied `lm_head` is the embedding, listed once).
-    pub fn parameter_sizes(&self) -> Vec<(String, usize)> {
-        let (h, i) = (self.hidden_size, self.intermediate_size);
-        let (q, kv) = (
-            self.num_attention_heads * self.head_dim,
-            self.num_key_value_heads * self.head_dim,
-        );
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.vocab_size * h)];
-        for l in 0..self.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            let mut push = |name: String, n: usize| out.push((name, n));
-            for (proj, d_in, d_out, bias) in [
-                ("self_attn.q_proj", h, q, self.qkv_bias),
-                ("self_attn.k_proj", h, kv, self.qkv_bias),
-                ("self_attn.v_proj", h, kv, self.qkv_bias),
-                ("self_attn.o_proj", q, h, self.o_proj_bias),
-                ("mlp.gate_proj", h, i, self.mlp_bias),
-                ("mlp.up_proj", h, i, self.mlp_bias),
-                ("mlp.down_proj", i, h, self.mlp_bias),
-            ] {
-                push(format!("{p}.{proj}.weight"), d_in * d_out);
-                if bias {
-                    push(format!("{p}.{proj}.bias"), d_out);
-                }
-            }
-            push(format!("{p}.input_layernorm.weight"), h);
-            push(format!("{p}.post_attention_layernorm.weight"), h);
-        }
-        out.push(("model.norm.weight".to_string(), h));
-        if !self.tie_word_embeddings {
-            out.push(("lm_head.weight".to_string(), self.vocab_size * h));
-        }
-        out
     }
 
     /// Geometry adapters see.
@@ -412,6 +378,27 @@ impl Qwen2ForCausalLM {
             lm_head,
             config: config.clone(),
         })
+    }
+}
+
+impl ModelFamily for Qwen2ForCausalLM {
+    const MODEL_TYPES: &'static [&'static str] = &["qwen2", "llama"];
+    type Config = Qwen2Config;
+
+    fn read_config(cfg: &HfConfig) -> Result<Qwen2Config> {
+        Qwen2Config::from_hf(cfg)
+    }
+
+    fn config_geometry(config: &Qwen2Config) -> ModelGeometry {
+        config.geometry()
+    }
+
+    fn build<S: WeightSource>(config: &Qwen2Config, src: &mut S) -> Result<Self, S::Error> {
+        Self::build(config, src)
+    }
+
+    fn init(config: &Qwen2Config, device: &Device) -> Self {
+        config.init(device)
     }
 }
 

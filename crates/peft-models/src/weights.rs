@@ -51,6 +51,12 @@ pub trait WeightSource {
 
     /// Declares a tensor the model knowingly does without (a tied `lm_head.weight` copy).
     fn skip(&mut self, _name: &str) {}
+
+    /// Whether the source holds a tensor of that name, for layouts that depend on the checkpoint
+    /// (BLOOM's optional `transformer.` prefix). Sources that make their tensors have them all.
+    fn contains(&self, _name: &str) -> bool {
+        true
+    }
 }
 
 impl WeightSource for Checkpoint {
@@ -115,6 +121,10 @@ impl WeightSource for Checkpoint {
     fn skip(&mut self, name: &str) {
         Checkpoint::skip(self, name);
     }
+
+    fn contains(&self, name: &str) -> bool {
+        Checkpoint::contains(self, name)
+    }
 }
 
 /// Random weights drawn as transformers' `_init_weights` draws them: linear and embedding
@@ -175,6 +185,90 @@ impl WeightSource for RandomWeights {
     }
 
     fn layer_norm(&mut self, _: &str, dim: usize, epsilon: f64) -> Result<LayerNorm, Infallible> {
+        Ok(LayerNormConfig::new(dim)
+            .with_epsilon(epsilon)
+            .init(&self.device))
+    }
+}
+
+/// Records the name and shape of every tensor a model's `build` asks for, allocating none: the
+/// layers it returns hold lazily initialized parameters that are never read. This is how a model
+/// lists its parameters from `config.json` alone (`peft info`, `peft export`, the bench), with the
+/// same code that lays out its layers, so the list cannot drift from the model.
+#[derive(Debug, Clone)]
+pub struct ParameterShapes {
+    device: Device,
+    shapes: Vec<(String, Vec<usize>)>,
+}
+
+impl ParameterShapes {
+    /// An empty record; `device` only names where the never-initialized layers would live.
+    pub fn new(device: &Device) -> Self {
+        Self {
+            device: device.clone(),
+            shapes: Vec::new(),
+        }
+    }
+
+    /// Every tensor asked for, as (Hugging Face name, shape as the built model holds it: a Linear
+    /// weight `[in, out]`, PyTorch's transpose), in build order.
+    pub fn into_shapes(self) -> Vec<(String, Vec<usize>)> {
+        self.shapes
+    }
+
+    fn record(&mut self, name: String, shape: Vec<usize>) {
+        self.shapes.push((name, shape));
+    }
+}
+
+impl WeightSource for ParameterShapes {
+    type Error = Infallible;
+
+    fn linear(
+        &mut self,
+        prefix: &str,
+        input: usize,
+        out: usize,
+        bias: bool,
+    ) -> Result<Linear, Infallible> {
+        // burn's layout, as the built model holds it (PyTorch stores the transpose).
+        self.record(format!("{prefix}.weight"), vec![input, out]);
+        if bias {
+            self.record(format!("{prefix}.bias"), vec![out]);
+        }
+        Ok(LinearConfig::new(input, out)
+            .with_bias(bias)
+            .with_initializer(Initializer::Zeros)
+            .init(&self.device))
+    }
+
+    fn embedding(
+        &mut self,
+        prefix: &str,
+        vocab: usize,
+        dim: usize,
+    ) -> Result<Embedding, Infallible> {
+        self.record(format!("{prefix}.weight"), vec![vocab, dim]);
+        Ok(EmbeddingConfig::new(vocab, dim)
+            .with_initializer(Initializer::Zeros)
+            .init(&self.device))
+    }
+
+    fn rms_norm(&mut self, prefix: &str, dim: usize, epsilon: f64) -> Result<RmsNorm, Infallible> {
+        self.record(format!("{prefix}.weight"), vec![dim]);
+        Ok(RmsNormConfig::new(dim)
+            .with_epsilon(epsilon)
+            .init(&self.device))
+    }
+
+    fn layer_norm(
+        &mut self,
+        prefix: &str,
+        dim: usize,
+        epsilon: f64,
+    ) -> Result<LayerNorm, Infallible> {
+        self.record(format!("{prefix}.weight"), vec![dim]);
+        self.record(format!("{prefix}.bias"), vec![dim]);
         Ok(LayerNormConfig::new(dim)
             .with_epsilon(epsilon)
             .init(&self.device))

@@ -560,23 +560,27 @@ fn generate_rejects_inputs_that_do_not_fit() {
 }
 
 #[test]
-fn parameter_sizes_from_the_config_name_every_parameter_of_the_model() {
+fn parameter_shapes_from_the_config_name_every_parameter_of_the_model() {
     use std::collections::BTreeMap;
     for name in FIXTURES {
         let config =
             peft_models::AutoConfig::from_file(model_dir(name).join("config.json")).unwrap();
-        let from_config: BTreeMap<String, usize> = config.parameter_sizes().into_iter().collect();
+        let from_config: BTreeMap<String, Vec<usize>> =
+            config.parameter_shapes().into_iter().collect();
         let model = load(name, DType::F32);
-        let built: BTreeMap<String, usize> = peft_core::params::param_infos(&model)
+        let built: BTreeMap<String, Vec<usize>> = peft_core::params::param_infos(&model)
             .into_iter()
-            .map(|p| (p.name, p.shape.iter().product()))
+            .map(|p| (p.name, p.shape))
             .collect();
         assert_eq!(
             from_config, built,
-            "{name}: config-derived sizes vs the built model's HF names"
+            "{name}: config-derived shapes vs the built model's HF names"
         );
         assert_eq!(
-            from_config.values().sum::<usize>(),
+            from_config
+                .values()
+                .map(|s| s.iter().product::<usize>())
+                .sum::<usize>(),
             model.num_params(),
             "{name}"
         );

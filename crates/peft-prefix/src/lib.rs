@@ -29,9 +29,14 @@ use peft_core::adapter_file::{
 };
 use peft_core::json_config::JsonConfig;
 use peft_core::json_config::fields;
+use peft_core::method::parse_options;
 use peft_core::params::initialize_now;
-use peft_core::{Adapter, CausalLm, Injection, LayerKv, ModelGeometry, ModelInput};
+use peft_core::{
+    Adapter, BaseShape, CausalLm, InitText, Injection, LayerKv, Method, MethodConfig,
+    ModelGeometry, ModelInput, Preset, TrainableParameters,
+};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 pub use peft_core::adapter_config::AdapterError;
 
@@ -397,8 +402,129 @@ impl PrefixEncoder {
         out.extend(linear_tensors("transform.2", &transform[1]));
         Some(out)
     }
+}
 
-    /// Loads a prefix-tuning adapter directory for a base model of `geometry`: trainable form when
+impl Adapter for PrefixEncoder {
+    fn num_virtual_tokens(&self) -> usize {
+        // Prefix positions are key/values, not input tokens.
+        0
+    }
+
+    fn save<M: CausalLm>(
+        &self,
+        dir: &Path,
+        base: &M,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<(), AdapterError> {
+        self.write(dir, &BaseShape::of(base), base_model_name_or_path)
+    }
+
+    fn load<M: CausalLm>(dir: &Path, base: M) -> Result<(M, Self), AdapterError> {
+        let adapter = Self::read(dir, &BaseShape::of(&base), &base.device())?;
+        Ok((base, adapter))
+    }
+
+    fn into_inference(self) -> Self {
+        PrefixEncoder::into_inference(self)
+    }
+
+    fn inject(&self, batch: usize) -> Injection {
+        Injection {
+            virtual_embeds: None,
+            prefix: Some(self.key_values(batch)),
+        }
+    }
+}
+
+/// The options `PrefixTuningConfig::from_options` reads: PEFT's keys and ours, sizes taken as
+/// given so that [`PrefixTuningConfig::validate`] names what is wrong with them. (Not a `flatten`
+/// of [`PrefixTuningKeys`]: serde's `flatten` loses the key path errors name.)
+#[derive(Debug, Deserialize)]
+struct PrefixTuningOptions {
+    num_virtual_tokens: usize,
+    #[serde(default)]
+    prefix_projection: bool,
+    #[serde(default)]
+    encoder_hidden_size: Option<usize>,
+    #[serde(default)]
+    init_weights: Option<InitWeights>,
+    #[serde(default)]
+    prefix_dropout: f64,
+    #[serde(default)]
+    init_text: Option<String>,
+}
+
+impl MethodConfig for PrefixTuningConfig {
+    type Method = PrefixEncoder;
+
+    /// Keys: `num_virtual_tokens`, `prefix_projection`, `encoder_hidden_size`, `init_weights`
+    /// (`"zero"` or null), and ours: `prefix_dropout`, `init_text` (see
+    /// [`PrefixTuningConfig::init_text`]).
+    fn from_options(
+        options: &Map<String, Value>,
+        geometry: &ModelGeometry,
+    ) -> Result<Self, AdapterError> {
+        let options: PrefixTuningOptions = parse_options(options)?;
+        Ok(Self::for_model(options.num_virtual_tokens, geometry)
+            .with_prefix_projection(options.prefix_projection)
+            .with_encoder_hidden_size(options.encoder_hidden_size)
+            .with_zero_init(options.init_weights == Some(InitWeights::Zero))
+            .with_prefix_dropout(options.prefix_dropout)
+            .with_init_text(options.init_text))
+    }
+
+    fn validate(&self, geometry: &ModelGeometry) -> Result<(), AdapterError> {
+        PrefixTuningConfig::validate(self, geometry)
+    }
+
+    fn init_text(&self) -> Option<InitText<'_>> {
+        self.init_text.as_deref().map(|text| InitText {
+            text,
+            as_system_message: true,
+        })
+    }
+
+    fn init<M: CausalLm>(
+        &self,
+        base: &M,
+        init_text_ids: &[u32],
+    ) -> Result<PrefixEncoder, AdapterError> {
+        PrefixTuningConfig::validate(self, &base.geometry())?;
+        match self.init_text {
+            Some(_) => self.init_from_text(base, init_text_ids),
+            None => Ok(PrefixTuningConfig::init(self, &base.device())),
+        }
+    }
+
+    fn trainable_parameters(&self, base: &BaseShape) -> Result<TrainableParameters, AdapterError> {
+        Ok(TrainableParameters {
+            trainable: self.num_params(),
+            all: base.num_params().saturating_add(self.num_params()),
+        })
+    }
+}
+
+impl Method for PrefixEncoder {
+    const PEFT_TYPE: &'static str = PEFT_TYPE;
+    type Config = PrefixTuningConfig;
+    const PRESETS: &'static [Preset] = &[
+        Preset {
+            name: "prefix-tuning",
+            summary: "Prefix Tuning (PEFT PREFIX_TUNING, prefix_projection true)",
+            options: r#"{"prefix_projection": true}"#,
+            learning_rate: 1e-2,
+            tiny_model_learning_rate: 1e-2,
+        },
+        Preset {
+            name: "p-tuning-v2",
+            summary: "P-Tuning v2 (PEFT PREFIX_TUNING, prefix_projection false)",
+            options: r#"{"prefix_projection": false}"#,
+            learning_rate: 1e-2,
+            tiny_model_learning_rate: 1e-1,
+        },
+    ];
+
+    /// Reads a prefix-tuning adapter directory for a base model of shape `base`: trainable form when
     /// our `adapter_encoder.safetensors` is there (projection only), else from PEFT's
     /// `adapter_model.safetensors` (trainable without projection, where the file is the prefix;
     /// inference form with projection).
@@ -408,11 +534,8 @@ impl PrefixEncoder {
     /// A missing or malformed file, another method, an adapter made for another base model
     /// (`token_dim`, `num_layers`, `num_attention_heads`: GQA-reduced as PEFT writes them), or a
     /// tensor absent or of the wrong shape; each names the file and the key or tensor.
-    pub fn load(
-        dir: &Path,
-        geometry: &ModelGeometry,
-        device: &Device,
-    ) -> Result<Self, AdapterError> {
+    fn read(dir: &Path, base: &BaseShape, device: &Device) -> Result<Self, AdapterError> {
+        let geometry = &base.geometry;
         let (file, raw) = PrefixTuningFile::read(dir, PEFT_TYPE)?;
         let expected = PrefixTuningConfig::for_model(file.shared.num_virtual_tokens, geometry);
         file.shared.check_base(
@@ -462,9 +585,10 @@ impl PrefixEncoder {
     /// Saves into `dir`: `adapter_config.json` with PEFT's keys, `adapter_model.safetensors` with
     /// `prompt_embeddings` (PEFT loads both), and with a trainable projection
     /// `adapter_encoder.safetensors`. Each file is written atomically.
-    pub fn save(
+    fn write(
         &self,
         dir: &Path,
+        _base: &BaseShape,
         base_model_name_or_path: Option<&str>,
     ) -> Result<(), AdapterError> {
         let config = &self.config;
@@ -492,38 +616,6 @@ impl PrefixEncoder {
             self.encoder_tensors(),
         )?;
         Ok(())
-    }
-}
-
-impl Adapter for PrefixEncoder {
-    fn num_virtual_tokens(&self) -> usize {
-        // Prefix positions are key/values, not input tokens.
-        0
-    }
-
-    fn save<M: CausalLm>(
-        &self,
-        dir: &Path,
-        _base: &M,
-        base_model_name_or_path: Option<&str>,
-    ) -> Result<(), AdapterError> {
-        PrefixEncoder::save(self, dir, base_model_name_or_path)
-    }
-
-    fn load<M: CausalLm>(dir: &Path, base: M) -> Result<(M, Self), AdapterError> {
-        let adapter = PrefixEncoder::load(dir, &base.geometry(), &base.device())?;
-        Ok((base, adapter))
-    }
-
-    fn into_inference(self) -> Self {
-        PrefixEncoder::into_inference(self)
-    }
-
-    fn inject(&self, batch: usize) -> Injection {
-        Injection {
-            virtual_embeds: None,
-            prefix: Some(self.key_values(batch)),
-        }
     }
 }
 

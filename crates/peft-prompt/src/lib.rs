@@ -4,8 +4,8 @@
 //! embeddings; the base model stays frozen. Equal to PEFT's `PromptEmbedding`: same forward,
 //! same loss, same gradients (see `tests/peft_parity.rs`).
 //!
-//! Files are PEFT's: [`PromptEmbedding::load`] reads a directory PEFT's `save_pretrained` wrote, and
-//! [`PromptEmbedding::save`] writes one PEFT's `PeftModel.from_pretrained` reads.
+//! Files are PEFT's: [`Method::read`] reads a directory PEFT's `save_pretrained` wrote, and
+//! [`Method::write`] writes one PEFT's `PeftModel.from_pretrained` reads.
 #![warn(missing_docs)]
 
 use std::path::Path;
@@ -17,9 +17,14 @@ use peft_core::adapter_config::{
     PromptLearningConfig, PromptLearningFile, check_num_virtual_tokens, write_adapter_dir,
 };
 use peft_core::adapter_file::{PROMPT_EMBEDDINGS, read_prompt_embeddings};
+use peft_core::method::parse_options;
 use peft_core::params::initialize_now;
-use peft_core::{Adapter, CausalLm, Injection, ModelGeometry};
+use peft_core::{
+    Adapter, BaseShape, CausalLm, InitText, Injection, Method, MethodConfig, ModelGeometry, Preset,
+    TrainableParameters,
+};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 pub use peft_core::adapter_config::AdapterError;
 
@@ -231,20 +236,118 @@ impl PromptEmbedding {
     pub fn prompt_embeddings(&self) -> Tensor<2> {
         self.embedding.weight.val()
     }
+}
 
-    /// Loads a prompt-tuning adapter directory (`adapter_config.json` +
-    /// `adapter_model.safetensors`, as PEFT writes them) for a base model of `geometry`.
+impl Adapter for PromptEmbedding {
+    fn num_virtual_tokens(&self) -> usize {
+        self.embedding.weight.dims()[0]
+    }
+
+    fn save<M: CausalLm>(
+        &self,
+        dir: &Path,
+        base: &M,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<(), AdapterError> {
+        self.write(dir, &BaseShape::of(base), base_model_name_or_path)
+    }
+
+    fn load<M: CausalLm>(dir: &Path, base: M) -> Result<(M, Self), AdapterError> {
+        let adapter = Self::read(dir, &BaseShape::of(&base), &base.device())?;
+        Ok((base, adapter))
+    }
+
+    fn inject(&self, batch: usize) -> Injection {
+        Injection::virtual_tokens(self.prompt_embeddings(), batch)
+    }
+}
+
+/// The options `PromptTuningConfig::from_options` reads: PEFT's keys. (Not a `flatten` of
+/// [`PromptTuningKeys`]: serde's `flatten` loses the key path errors name.)
+#[derive(Debug, Deserialize)]
+struct PromptTuningOptions {
+    num_virtual_tokens: usize,
+    #[serde(default = "random_init", with = "init_spelling")]
+    prompt_tuning_init: PromptTuningInit,
+    #[serde(default)]
+    prompt_tuning_init_text: Option<String>,
+}
+
+impl MethodConfig for PromptTuningConfig {
+    type Method = PromptEmbedding;
+
+    /// Keys: `num_virtual_tokens`, `prompt_tuning_init`, `prompt_tuning_init_text`.
+    fn from_options(
+        options: &Map<String, Value>,
+        geometry: &ModelGeometry,
+    ) -> Result<Self, AdapterError> {
+        let options: PromptTuningOptions = parse_options(options)?;
+        Ok(Self::new(options.num_virtual_tokens, geometry.hidden_size)
+            .with_prompt_tuning_init(options.prompt_tuning_init)
+            .with_prompt_tuning_init_text(options.prompt_tuning_init_text))
+    }
+
+    fn validate(&self, geometry: &ModelGeometry) -> Result<(), AdapterError> {
+        PromptTuningConfig::validate(self, geometry)
+    }
+
+    fn init_text(&self) -> Option<InitText<'_>> {
+        (self.prompt_tuning_init == PromptTuningInit::Text)
+            .then_some(self.prompt_tuning_init_text.as_deref())
+            .flatten()
+            .map(|text| InitText {
+                text,
+                as_system_message: false,
+            })
+    }
+
+    fn init<M: CausalLm>(
+        &self,
+        base: &M,
+        init_text_ids: &[u32],
+    ) -> Result<PromptEmbedding, AdapterError> {
+        PromptTuningConfig::validate(self, &base.geometry())?;
+        Ok(match self.prompt_tuning_init {
+            PromptTuningInit::Random => PromptTuningConfig::init(self, &base.device()),
+            PromptTuningInit::Text if init_text_ids.is_empty() => {
+                return Err(AdapterError::Init {
+                    field: "prompt_tuning_init_text",
+                    message: "encodes to no tokens".into(),
+                });
+            }
+            _ => self.init_from_embeddings(base.word_embeddings(), init_text_ids),
+        })
+    }
+
+    fn trainable_parameters(&self, base: &BaseShape) -> Result<TrainableParameters, AdapterError> {
+        Ok(TrainableParameters {
+            trainable: self.num_params(),
+            all: base.num_params().saturating_add(self.num_params()),
+        })
+    }
+}
+
+impl Method for PromptEmbedding {
+    const PEFT_TYPE: &'static str = PEFT_TYPE;
+    type Config = PromptTuningConfig;
+    const PRESETS: &'static [Preset] = &[Preset {
+        name: "prompt-tuning",
+        summary: "Prompt Tuning (PEFT PROMPT_TUNING)",
+        options: "{}",
+        learning_rate: 3e-2,
+        tiny_model_learning_rate: 1e-1,
+    }];
+
+    /// Reads a prompt-tuning adapter directory (`adapter_config.json` +
+    /// `adapter_model.safetensors`, as PEFT writes them) for a base model of shape `base`.
     ///
     /// # Errors
     ///
     /// A missing or malformed file, another method, an adapter made for another base model
     /// (`token_dim`, `num_layers`, `num_attention_heads`), or a `prompt_embeddings` tensor absent
     /// or of the wrong shape; each names the file and the key or tensor.
-    pub fn load(
-        dir: &Path,
-        geometry: &ModelGeometry,
-        device: &Device,
-    ) -> Result<Self, AdapterError> {
+    fn read(dir: &Path, base: &BaseShape, device: &Device) -> Result<Self, AdapterError> {
+        let geometry = &base.geometry;
         let (file, raw) = PromptTuningFile::read(dir, PEFT_TYPE)?;
         file.shared.check_base(
             &raw,
@@ -267,12 +370,13 @@ impl PromptEmbedding {
     /// Saves in PEFT's format into `dir` (created if needed): `adapter_config.json` with PEFT's
     /// keys and `adapter_model.safetensors` with `prompt_embeddings`. Each file is written
     /// atomically.
-    pub fn save(
+    fn write(
         &self,
         dir: &Path,
-        geometry: &ModelGeometry,
+        base: &BaseShape,
         base_model_name_or_path: Option<&str>,
     ) -> Result<(), AdapterError> {
+        let geometry = &base.geometry;
         let config = &self.config;
         let file = PromptTuningFile {
             shared: PromptLearningConfig::new(
@@ -298,30 +402,6 @@ impl PromptEmbedding {
             None,
         )?;
         Ok(())
-    }
-}
-
-impl Adapter for PromptEmbedding {
-    fn num_virtual_tokens(&self) -> usize {
-        self.embedding.weight.dims()[0]
-    }
-
-    fn save<M: CausalLm>(
-        &self,
-        dir: &Path,
-        base: &M,
-        base_model_name_or_path: Option<&str>,
-    ) -> Result<(), AdapterError> {
-        PromptEmbedding::save(self, dir, &base.geometry(), base_model_name_or_path)
-    }
-
-    fn load<M: CausalLm>(dir: &Path, base: M) -> Result<(M, Self), AdapterError> {
-        let adapter = PromptEmbedding::load(dir, &base.geometry(), &base.device())?;
-        Ok((base, adapter))
-    }
-
-    fn inject(&self, batch: usize) -> Injection {
-        Injection::virtual_tokens(self.prompt_embeddings(), batch)
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use burn::tensor::DType;
-use peft_core::{CausalLm, ModelGeometry};
+use peft_core::{BaseShape, CausalLm, Method, ModelGeometry};
 use peft_models::AutoCausalLm;
 use peft_prompt::{AdapterError, PromptEmbedding};
 use serde_json::Value;
@@ -42,7 +42,11 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>
 }
 
 fn load(dir: &Path, geometry: &ModelGeometry) -> Result<PromptEmbedding, AdapterError> {
-    PromptEmbedding::load(dir, geometry, &Device::default())
+    PromptEmbedding::read(
+        dir,
+        &BaseShape::new(*geometry, Vec::new()),
+        &Device::default(),
+    )
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::DType;
-use peft_core::{CausalLm, PeftModel};
+use peft_core::{BaseShape, Method, PeftModel};
 use peft_models::AutoCausalLm;
 use peft_prompt::PromptEmbedding;
 
@@ -58,9 +58,9 @@ fn prompt_tuning_matches_peft_forward_loss_and_sgd_step() {
             DType::F32,
         )
         .unwrap();
-        let geometry = base.geometry();
         let adapter_dir = fixtures().join(format!("adapters/{model}/prompt-tuning"));
-        let prompt = PromptEmbedding::load(&adapter_dir, &geometry, &device).unwrap();
+        let shape = BaseShape::of(&base);
+        let prompt = PromptEmbedding::read(&adapter_dir, &shape, &device).unwrap();
         let peft = PeftModel::new(base, prompt);
 
         let ids = expected.ints("input_ids", &device);
@@ -124,9 +124,9 @@ fn prompt_tuning_matches_peft_forward_loss_and_sgd_step() {
         // Saved in PEFT's format, it loads back bit-identical.
         let tmp = std::env::temp_dir().join(format!("peft-prompt-{model}-{}", std::process::id()));
         peft.adapter
-            .save(&tmp, &geometry, Some("fixtures/models"))
+            .write(&tmp, &shape, Some("fixtures/models"))
             .unwrap();
-        let again = PromptEmbedding::load(&tmp, &geometry, &device).unwrap();
+        let again = PromptEmbedding::read(&tmp, &shape, &device).unwrap();
         assert_eq!(
             again.prompt_embeddings().into_data(),
             peft.adapter.prompt_embeddings().into_data()

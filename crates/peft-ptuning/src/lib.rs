@@ -30,9 +30,14 @@ use peft_core::adapter_file::{
     read_prompt_embeddings,
 };
 use peft_core::json_config::fields;
+use peft_core::method::parse_options;
 use peft_core::params::initialize_now;
-use peft_core::{Adapter, CausalLm, Injection, ModelGeometry};
+use peft_core::{
+    Adapter, BaseShape, CausalLm, Injection, Method, MethodConfig, ModelGeometry, Preset,
+    TrainableParameters,
+};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 pub use lstm::{BiLstm, BiLstmConfig};
 pub use peft_core::adapter_config::AdapterError;
@@ -304,38 +309,6 @@ impl PromptEncoder {
         Some(out)
     }
 
-    /// Loads a P-tuning adapter directory for a base model of `geometry`: trainable form when our
-    /// `adapter_encoder.safetensors` is there, else inference form from PEFT's
-    /// `adapter_model.safetensors`.
-    ///
-    /// # Errors
-    ///
-    /// A missing or malformed file, another method, an adapter made for another base model
-    /// (`token_dim`, `num_layers`, `num_attention_heads`), a wrong encoder key, or a tensor absent
-    /// or of the wrong shape; each names the file and the key or tensor.
-    pub fn load(
-        dir: &Path,
-        geometry: &ModelGeometry,
-        device: &Device,
-    ) -> Result<Self, AdapterError> {
-        let (file, raw) = PTuningFile::read(dir, PEFT_TYPE)?;
-        file.shared.check_base(
-            &raw,
-            geometry,
-            geometry.hidden_size,
-            geometry.num_attention_heads,
-        )?;
-        let config = PTuningConfig::from_file(&file);
-        let encoder_path = dir.join(ADAPTER_ENCODER);
-        if encoder_path.exists() {
-            return Self::load_encoder(&TensorFile::open(&encoder_path)?, config, device);
-        }
-        let (n, d) = (config.num_virtual_tokens, config.token_dim);
-        let why = format!("num_virtual_tokens {n} x the base model's hidden_size {d}");
-        let weights = read_prompt_embeddings(dir, [n, d], &why, device)?;
-        Ok(Self::from_prompt_embeddings(weights, config))
-    }
-
     fn load_encoder(
         file: &TensorFile,
         config: PTuningConfig,
@@ -397,16 +370,135 @@ impl PromptEncoder {
         );
         Ok(encoder)
     }
+}
+
+impl Adapter for PromptEncoder {
+    fn num_virtual_tokens(&self) -> usize {
+        self.embedding.weight.dims()[0]
+    }
+
+    fn save<M: CausalLm>(
+        &self,
+        dir: &Path,
+        base: &M,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<(), AdapterError> {
+        self.write(dir, &BaseShape::of(base), base_model_name_or_path)
+    }
+
+    fn load<M: CausalLm>(dir: &Path, base: M) -> Result<(M, Self), AdapterError> {
+        let adapter = Self::read(dir, &BaseShape::of(&base), &base.device())?;
+        Ok((base, adapter))
+    }
+
+    fn into_inference(self) -> Self {
+        PromptEncoder::into_inference(self)
+    }
+
+    fn inject(&self, batch: usize) -> Injection {
+        Injection::virtual_tokens(self.prompt_embeddings(), batch)
+    }
+}
+
+/// The options `PTuningConfig::from_options` reads: PEFT's keys, sizes taken as given so that
+/// [`PTuningConfig::validate`] names what is wrong with them.
+#[derive(Debug, Deserialize)]
+struct PTuningOptions {
+    num_virtual_tokens: usize,
+    #[serde(default = "mlp", with = "encoder_spelling")]
+    encoder_reparameterization_type: EncoderType,
+    #[serde(default)]
+    encoder_hidden_size: Option<usize>,
+    #[serde(default)]
+    encoder_num_layers: Option<usize>,
+    #[serde(default)]
+    encoder_dropout: f64,
+}
+
+impl MethodConfig for PTuningConfig {
+    type Method = PromptEncoder;
+
+    /// Keys: `num_virtual_tokens`, `encoder_reparameterization_type`, `encoder_hidden_size`,
+    /// `encoder_num_layers`, `encoder_dropout`.
+    fn from_options(
+        options: &Map<String, Value>,
+        geometry: &ModelGeometry,
+    ) -> Result<Self, AdapterError> {
+        let options: PTuningOptions = parse_options(options)?;
+        Ok(Self::new(options.num_virtual_tokens, geometry.hidden_size)
+            .with_encoder_reparameterization_type(options.encoder_reparameterization_type)
+            .with_encoder_hidden_size(options.encoder_hidden_size)
+            .with_encoder_num_layers(options.encoder_num_layers.unwrap_or(2))
+            .with_encoder_dropout(options.encoder_dropout))
+    }
+
+    fn validate(&self, geometry: &ModelGeometry) -> Result<(), AdapterError> {
+        PTuningConfig::validate(self, geometry)
+    }
+
+    fn init<M: CausalLm>(&self, base: &M, _: &[u32]) -> Result<PromptEncoder, AdapterError> {
+        PTuningConfig::validate(self, &base.geometry())?;
+        Ok(PTuningConfig::init(self, &base.device()))
+    }
+
+    fn trainable_parameters(&self, base: &BaseShape) -> Result<TrainableParameters, AdapterError> {
+        Ok(TrainableParameters {
+            trainable: self.num_params(),
+            all: base.num_params().saturating_add(self.num_params()),
+        })
+    }
+}
+
+impl Method for PromptEncoder {
+    const PEFT_TYPE: &'static str = PEFT_TYPE;
+    type Config = PTuningConfig;
+    const PRESETS: &'static [Preset] = &[Preset {
+        name: "p-tuning",
+        summary: "P-Tuning v1 (PEFT P_TUNING), an MLP or LSTM encoder",
+        options: "{}",
+        learning_rate: 1e-3,
+        tiny_model_learning_rate: 1e-2,
+    }];
+
+    /// Reads a P-tuning adapter directory for a base model of shape `base`: trainable form when our
+    /// `adapter_encoder.safetensors` is there, else inference form from PEFT's
+    /// `adapter_model.safetensors`.
+    ///
+    /// # Errors
+    ///
+    /// A missing or malformed file, another method, an adapter made for another base model
+    /// (`token_dim`, `num_layers`, `num_attention_heads`), a wrong encoder key, or a tensor absent
+    /// or of the wrong shape; each names the file and the key or tensor.
+    fn read(dir: &Path, base: &BaseShape, device: &Device) -> Result<Self, AdapterError> {
+        let geometry = &base.geometry;
+        let (file, raw) = PTuningFile::read(dir, PEFT_TYPE)?;
+        file.shared.check_base(
+            &raw,
+            geometry,
+            geometry.hidden_size,
+            geometry.num_attention_heads,
+        )?;
+        let config = PTuningConfig::from_file(&file);
+        let encoder_path = dir.join(ADAPTER_ENCODER);
+        if encoder_path.exists() {
+            return Self::load_encoder(&TensorFile::open(&encoder_path)?, config, device);
+        }
+        let (n, d) = (config.num_virtual_tokens, config.token_dim);
+        let why = format!("num_virtual_tokens {n} x the base model's hidden_size {d}");
+        let weights = read_prompt_embeddings(dir, [n, d], &why, device)?;
+        Ok(Self::from_prompt_embeddings(weights, config))
+    }
 
     /// Saves into `dir`: `adapter_config.json` with PEFT's keys, `adapter_model.safetensors` with
     /// `prompt_embeddings` (PEFT loads both), and in trainable form `adapter_encoder.safetensors`.
     /// Each file is written atomically.
-    pub fn save(
+    fn write(
         &self,
         dir: &Path,
-        geometry: &ModelGeometry,
+        base: &BaseShape,
         base_model_name_or_path: Option<&str>,
     ) -> Result<(), AdapterError> {
+        let geometry = &base.geometry;
         let config = &self.config;
         let file = PTuningFile {
             shared: PromptLearningConfig::new(
@@ -432,34 +524,6 @@ impl PromptEncoder {
             self.encoder_tensors(),
         )?;
         Ok(())
-    }
-}
-
-impl Adapter for PromptEncoder {
-    fn num_virtual_tokens(&self) -> usize {
-        self.embedding.weight.dims()[0]
-    }
-
-    fn save<M: CausalLm>(
-        &self,
-        dir: &Path,
-        base: &M,
-        base_model_name_or_path: Option<&str>,
-    ) -> Result<(), AdapterError> {
-        PromptEncoder::save(self, dir, &base.geometry(), base_model_name_or_path)
-    }
-
-    fn load<M: CausalLm>(dir: &Path, base: M) -> Result<(M, Self), AdapterError> {
-        let adapter = PromptEncoder::load(dir, &base.geometry(), &base.device())?;
-        Ok((base, adapter))
-    }
-
-    fn into_inference(self) -> Self {
-        PromptEncoder::into_inference(self)
-    }
-
-    fn inject(&self, batch: usize) -> Injection {
-        Injection::virtual_tokens(self.prompt_embeddings(), batch)
     }
 }
 
