@@ -397,4 +397,55 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn counts_and_checks_from_the_base_shape_and_refuses_to_write_biases_it_does_not_hold() {
+        let geometry = ModelGeometry {
+            num_layers: 1,
+            hidden_size: 4,
+            num_attention_heads: 1,
+            num_key_value_heads: 1,
+            head_dim: 4,
+            vocab_size: 8,
+            max_positions: None,
+        };
+        let base = BaseShape::new(
+            geometry,
+            vec![
+                ("h.0.attn.weight".into(), vec![4, 12]),
+                ("h.0.attn.bias".into(), vec![12]),
+                ("h.0.mlp.bias".into(), vec![4]),
+            ],
+        );
+        let config = BitFitConfig::new().with_bias_pattern(Some("attn".into()));
+        let counts = config.trainable_parameters(&base).unwrap();
+        assert_eq!((counts.trainable, counts.all), (12, 48 + 12 + 4));
+        let none = BitFitConfig::new().with_bias_pattern(Some("lm_head".into()));
+        let err = none
+            .init()
+            .unwrap()
+            .check_base(&base)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("matches none of the base model's 2 biases (e.g. `h.0.attn.bias`)"),
+            "{err}"
+        );
+        let bad = BitFitConfig::new().with_bias_pattern(Some("(".into()));
+        let err = bad.trainable_parameters(&base).unwrap_err().to_string();
+        assert!(
+            err.starts_with("bias_pattern: \"(\" is not a valid regular expression"),
+            "{err}"
+        );
+        // Made by init, the adapter's biases are in the model: only Adapter::save can write them.
+        let dir = std::env::temp_dir().join("peft-bitfit-never-written");
+        let err = config
+            .init()
+            .unwrap()
+            .write(&dir, &base, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("holds no biases"), "{err}");
+        assert!(!dir.exists());
+    }
 }

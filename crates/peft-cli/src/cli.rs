@@ -952,6 +952,51 @@ mod tests {
     }
 
     #[test]
+    fn options_of_the_wrong_type_or_value_name_their_flag_and_key() {
+        let geometry = ModelGeometry {
+            num_layers: 2,
+            hidden_size: 16,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 4,
+            vocab_size: 32,
+            max_positions: Some(64),
+        };
+        let error = |args: &[&str]| {
+            let parsed =
+                Flags::try_parse_from(std::iter::once("peft").chain(args.iter().copied())).unwrap();
+            parsed.method.config(&geometry).unwrap_err().to_string()
+        };
+        let err = error(&[
+            "--method",
+            "prompt-tuning",
+            "--option",
+            "prompt_tuning_init=WORDS",
+        ]);
+        assert!(
+            err.starts_with("--prompt-tuning-init: prompt_tuning_init: must be \"RANDOM\""),
+            "{err}"
+        );
+        let err = error(&["--method", "p-tuning", "--option", "encoder_num_layers=two"]);
+        assert!(
+            err.starts_with(
+                "--encoder-num-layers: encoder_num_layers: invalid type: string \"two\""
+            ),
+            "{err}"
+        );
+        let err = error(&["--method", "p-tuning-v2", "--option", "prefix_dropout=1.5"]);
+        assert!(
+            err.starts_with("--option: prefix_dropout: must be in [0, 1), found 1.5"),
+            "{err}"
+        );
+        let err = error(&["--method", "prefix-tuning", "--num-virtual-tokens", "64"]);
+        assert!(
+            err.starts_with("--num-virtual-tokens: num_virtual_tokens: is 64, but the base model"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn method_values_are_the_presets_of_the_facade_table() {
         let names: Vec<&str> = peft::presets().iter().map(|p| p.preset.name).collect();
         assert_eq!(

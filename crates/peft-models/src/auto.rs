@@ -306,6 +306,38 @@ mod tests {
     }
 
     #[test]
+    fn parameter_shapes_come_from_the_layout_and_allocate_nothing() {
+        // Llama-3.1-405B's sizes (its `rope_scaling` left out): 405,853,388,800 parameters,
+        // 1.6 TB of f32, listed from the layout alone.
+        let config = AutoConfig::from_hf(
+            &HfConfig::from_str(
+                r#"{"model_type": "llama", "vocab_size": 128256, "hidden_size": 16384,
+                    "intermediate_size": 53248, "num_hidden_layers": 126,
+                    "num_attention_heads": 128, "num_key_value_heads": 8}"#,
+                "config.json",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let shapes = config.parameter_shapes();
+        let total: usize = shapes
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        assert_eq!(total, 405_853_388_800);
+        assert_eq!(config.base_shape().num_params(), total);
+        // 9 tensors a layer, the embedding, the final norm and the untied head; Linear weights
+        // in burn's `[in, out]`.
+        assert_eq!(shapes.len(), 126 * 9 + 3);
+        assert!(shapes.contains(&(
+            "model.layers.125.self_attn.k_proj.weight".into(),
+            vec![16384, 1024]
+        )));
+        assert_eq!(shapes.last().unwrap().0, "lm_head.weight");
+        assert_eq!(model_types(), ["qwen2", "llama", "bloom"]);
+    }
+
+    #[test]
     fn random_models_of_every_architecture_run() {
         let device = Device::default();
         for dir in [
