@@ -11,7 +11,7 @@ use crate::model::{CausalLm, Injection};
 /// that, for a batch, yields the [`Injection`] the base model receives, says how the base is made
 /// trainable, and reads and writes its adapter directory.
 ///
-/// Methods that inject nothing (BitFit) return `Injection::default()` and unfreeze part of the
+/// Methods that inject nothing (one that trains the base's biases) return `Injection::default()` and unfreeze part of the
 /// base in [`Adapter::prepare_base`] instead.
 pub trait Adapter: Module {
     /// Virtual tokens this adapter prepends to every row (0 for prefix-only and bias methods).
@@ -35,8 +35,8 @@ pub trait Adapter: Module {
         base_model_name_or_path: Option<&str>,
     ) -> Result<(), AdapterError>;
 
-    /// Reads the adapter directory `dir` made for `base`, returning the base (BitFit replaces its
-    /// biases) and the adapter.
+    /// Reads the adapter directory `dir` made for `base`, returning the base (a method that trains
+    /// base parameters puts the trained values into it) and the adapter.
     ///
     /// # Errors
     ///

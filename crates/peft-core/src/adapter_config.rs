@@ -45,8 +45,8 @@ pub enum AdapterError {
     },
 }
 
-/// The `peft_type` of an adapter config: the method's name as PEFT spells it (`PROMPT_TUNING`,
-/// ...). Core knows no method: each method crate exports its own spelling as `PEFT_TYPE`, and the
+/// The `peft_type` of an adapter config: the method's name as PEFT spells it. Core knows no
+/// method: each method crate exports its own spelling as `PEFT_TYPE`, and the
 /// facade holds the list of them.
 pub fn peft_type(cfg: &JsonConfig) -> Result<&str, ConfigError> {
     cfg.opt_str("peft_type")?

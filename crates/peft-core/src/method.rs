@@ -75,7 +75,7 @@ pub trait Method: Adapter + Sized {
 
     /// Reads the adapter directory `dir` made for a base of shape `base`, onto `device`: every
     /// file, key and tensor checked against it. A method whose files hold base parameters
-    /// (BitFit's biases) keeps them in the adapter, for [`Method::write`] or
+    /// (trained biases) keeps them in the adapter, for [`Method::write`] or
     /// [`Adapter::load`] to put into a model.
     ///
     /// # Errors
@@ -90,7 +90,7 @@ pub trait Method: Adapter + Sized {
     /// # Errors
     ///
     /// A file that cannot be written, or a method whose files need the base's weights and an
-    /// adapter that holds none (BitFit made by `init` rather than read: save it with its model
+    /// adapter that holds none (one made by `init` rather than read: save it with its model
     /// through [`Adapter::save`]).
     fn write(
         &self,
