@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers import DynamicCache, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 PINNED = {"transformers": "5.23.0", "torch": "2.15.0"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,6 +121,91 @@ def bloom_legacy():
     )
 
 
+def qwen3_tied():
+    # Explicit head_dim (32) unlike hidden / heads (16): the case PEFT's prompt learning gets wrong.
+    return Qwen3ForCausalLM, Qwen3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        tie_word_embeddings=True, initializer_range=0.2,
+    )
+
+
+def qwen3_window():
+    # Untied, biased projections, and a 6-position window on the layers from max_window_layers on.
+    return Qwen3ForCausalLM, Qwen3Config(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attention_bias=True,
+        use_sliding_window=True, sliding_window=6, max_window_layers=1,
+        tie_word_embeddings=False, initializer_range=0.2,
+    )
+
+
+def llama3():
+    # Llama 3.x RoPE with a short original context, so that low, medium and high frequencies all
+    # occur at head_dim 16; tied head as Llama-3.2-1B.
+    return LlamaForCausalLM, LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 16},
+        tie_word_embeddings=True, rms_norm_eps=1e-5, initializer_range=0.2,
+    )
+
+
+def llama_linear():
+    return LlamaForCausalLM, LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        tie_word_embeddings=False, initializer_range=0.2,
+    )
+
+
+def qwen2_yarn():
+    return Qwen2ForCausalLM, Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 32},
+        tie_word_embeddings=True, initializer_range=0.2,
+    )
+
+
+def qwen2_window():
+    # A 4-position window on the second layer only (max_window_layers 1).
+    return Qwen2ForCausalLM, Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        use_sliding_window=True, sliding_window=4, max_window_layers=1,
+        tie_word_embeddings=True, initializer_range=0.2,
+    )
+
+
+def mistral():
+    # Every layer slides over 5 positions: the 11-token rows, the 3-position prefix and 16 new
+    # tokens all reach past it.
+    return MistralForCausalLM, MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        sliding_window=5, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        tie_word_embeddings=False, initializer_range=0.2,
+    )
+
+
+def qwen2_dynamic():
+    # Dynamic NTK past an 8-position maximum: the 11-token rows rescale (tested on logits only:
+    # transformers' dynamic RoPE keeps state between calls, so later outputs depend on history).
+    return Qwen2ForCausalLM, Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+        tie_word_embeddings=True, initializer_range=0.2,
+    )
+
+
 FIXTURES = {
     "qwen2-gqa-tied": (qwen2_gqa_tied, {}),
     "qwen2-gqa-untied": (qwen2_gqa_untied, {}),
@@ -130,6 +216,15 @@ FIXTURES = {
     "llama-f16": (llama, {"dtype": torch.float16}),
     # Appended last: each fixture's seed comes from its name, but keep the order of the others anyway.
     "llama-biases": (llama_biases, {}),
+    # Issue 20: the families and RoPE / window variants people fine-tune now.
+    "qwen3-tied": (qwen3_tied, {}),
+    "qwen3-window": (qwen3_window, {}),
+    "llama3-rope": (llama3, {}),
+    "llama-linear": (llama_linear, {}),
+    "qwen2-yarn": (qwen2_yarn, {}),
+    "qwen2-window": (qwen2_window, {}),
+    "mistral-window": (mistral, {}),
+    "qwen2-dynamic": (qwen2_dynamic, {}),
 }
 
 PROMPTS = ["The small model reads", "Hello world!", "Prefix tuning gives every layer"]
@@ -185,6 +280,20 @@ def expected_outputs(name, model, tokenizer):
     mask = torch.ones(2, PREFIX_LEN + input_ids.shape[1], dtype=torch.long)
     prefix_logits = model(input_ids=input_ids, past_key_values=cache, attention_mask=mask).logits.float()
 
+    # Row 1 left-padded by 2 after its prefix, positions counted over real keys as `generate`
+    # counts them. A sliding window counts cache slots, padding included, so with a window this
+    # row differs from the unpadded one, in transformers as in ours.
+    cache = DynamicCache()
+    for layer in range(layers):
+        cache.update(prefix_key[layer][1:2], prefix_value[layer][1:2], layer)
+    pad = tokenizer.pad_token_id
+    padded = torch.cat([torch.full((1, 2), pad), input_ids[1:2]], dim=1)
+    full_mask = torch.cat([torch.ones(1, PREFIX_LEN), torch.zeros(1, 2), torch.ones(1, input_ids.shape[1])], dim=1).long()
+    positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 1)[:, PREFIX_LEN:]
+    prefix_padded_logits = model(
+        input_ids=padded, past_key_values=cache, attention_mask=full_mask, position_ids=positions
+    ).logits.float()[:, 2:]
+
     def greedy(prompts):
         tokenizer.padding_side = "left"
         batch = tokenizer(prompts, return_tensors="pt", padding=True)
@@ -220,6 +329,7 @@ def expected_outputs(name, model, tokenizer):
             "prefix_key": prefix_key.contiguous(),
             "prefix_value": prefix_value.contiguous(),
             "prefix_logits": prefix_logits.contiguous(),
+            "prefix_padded_logits": prefix_padded_logits.contiguous(),
         },
         {
             "prompts": PROMPTS,

@@ -199,6 +199,23 @@ impl JsonConfig {
         }
     }
 
+    /// A list of strings under `key` (absent or null: `None`).
+    pub fn opt_str_list(&self, key: &str) -> Result<Option<Vec<String>>> {
+        match self.lookup(&[key]) {
+            None => Ok(None),
+            Some((key, value)) => value
+                .as_array()
+                .and_then(|items| {
+                    items
+                        .iter()
+                        .map(|v| v.as_str().map(str::to_string))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .map(Some)
+                .ok_or_else(|| self.invalid(key, "a list of strings", value)),
+        }
+    }
+
     /// Token ids under `key`: one integer or a list of them (as `eos_token_id` may be).
     pub fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
         let as_id = |v: &Value| v.as_u64().and_then(|v| u32::try_from(v).ok());

@@ -130,7 +130,7 @@ macro_rules! families {
 
 // The families, one line each.
 families! {
-    /// `qwen2` or `llama`.
+    /// `qwen2`, `llama`, `qwen3` or `mistral`.
     Qwen2(Qwen2ForCausalLM),
     /// `bloom`.
     Bloom(BloomForCausalLM),
@@ -290,6 +290,7 @@ mod tests {
             panic!("{config:?}")
         };
         assert_eq!(c.rope_theta, 1_000_000.0);
+        assert_eq!(c.rope_scaling, crate::RopeScaling::Default);
         assert!(c.tie_word_embeddings && c.qkv_bias && !c.o_proj_bias);
         assert_eq!(
             config.geometry(),
@@ -334,7 +335,10 @@ mod tests {
             vec![16384, 1024]
         )));
         assert_eq!(shapes.last().unwrap().0, "lm_head.weight");
-        assert_eq!(model_types(), ["qwen2", "llama", "bloom"]);
+        assert_eq!(
+            model_types(),
+            ["qwen2", "llama", "qwen3", "mistral", "bloom"]
+        );
     }
 
     #[test]

@@ -159,7 +159,14 @@ impl BloomAttention {
         let (q, k, v) = (part(0), part(1), part(2));
         let kv = LayerKv::extend(past, k, v);
         let bias = alibi.clone().expand([b, h, s, kv.len()]);
-        let out = causal_attention(q, kv.key.clone(), kv.value.clone(), key_mask, Some(bias));
+        let out = causal_attention(
+            q,
+            kv.key.clone(),
+            kv.value.clone(),
+            key_mask,
+            Some(bias),
+            None,
+        );
         (linear_rows(&self.dense, merge_heads(out)), kv)
     }
 }

@@ -1,5 +1,5 @@
 //! Pieces shared by the model files: rotate-half RoPE, grouped-query attention over a padding
-//! mask, the tied head, and `Past` (prefix / cache / mask / positions of one forward).
+//! mask and an optional sliding window, the tied head, and `Past` (prefix / cache / mask / positions of one forward).
 
 use crate::fused::{FusedBackend, MASKED_SCORE, fused_backend, grouped_attention};
 use burn::nn::{Embedding, Linear};
@@ -8,26 +8,6 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use peft_core::mask::{join_masks, key_positions, padding_attention_mask, query_positions};
 use peft_core::{KvCache, LayerKv, ModelGeometry, ModelInput};
-
-/// Cosines and sines of rotate-half RoPE for per-row positions `[batch, seq]`, each
-/// `[batch, 1, seq, head_dim]` in `dtype`. Frequencies are computed in f32 as transformers does.
-pub fn rope_cos_sin(
-    positions: Tensor<2, Int>,
-    head_dim: usize,
-    theta: f64,
-    dtype: burn::tensor::DType,
-) -> (Tensor<4>, Tensor<4>) {
-    let [batch, seq] = positions.dims();
-    let device = positions.device();
-    let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-        .collect();
-    let inv_freq = Tensor::<1>::from_data(TensorData::new(inv_freq, [half]), &device);
-    let freqs = positions.float().reshape([batch, seq, 1]) * inv_freq.reshape([1, 1, half]);
-    let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).reshape([batch, 1, seq, head_dim]);
-    (emb.clone().cos().cast(dtype), emb.sin().cast(dtype))
-}
 
 /// Applies rotate-half RoPE to `x` `[batch, heads, seq, head_dim]`.
 pub fn apply_rope(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
@@ -53,20 +33,26 @@ pub fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
 
 /// Causal attention of queries `[b, heads, s, d]` over keys/values `[b, kv_heads, t, d]`
 /// (the queries being the last `s` of the `t` keys), with an optional padding mask of all keys
-/// `[b, t]` and an optional additive bias (ALiBi). Returns `[b, heads, s, d]`.
+/// `[b, t]`, an optional additive bias (ALiBi) and an optional sliding window (a query sees the
+/// last `window` keys up to itself, counted by key index as transformers counts cache positions,
+/// prefix and padding included). Returns `[b, heads, s, d]`.
 pub fn causal_attention(
     query: Tensor<4>,
     key: Tensor<4>,
     value: Tensor<4>,
     key_mask: Option<Tensor<2, Int>>,
     bias: Option<Tensor<4>>,
+    window: Option<usize>,
 ) -> Tensor<4> {
-    let [_, heads, seq, _] = query.dims();
+    let [batch, heads, seq, _] = query.dims();
     let kv_heads = key.dims()[1];
+    let keys = key.dims()[2];
+    // Only a window that hides some key needs a mask.
+    let window = window.filter(|w| keys > *w);
     if query.is_autodiff() {
         // Training: one autodiff node with a fused backward instead of burn's decomposed
         // attention (see `fused`).
-        let mut mask = attention_bias(key_mask, &query, &key);
+        let mut mask = attention_bias(key_mask, &query, &key, window);
         if let Some(bias) = bias {
             mask = mask + bias;
         }
@@ -82,7 +68,11 @@ pub fn causal_attention(
         let [batch, _, _, head_dim] = query.dims();
         let keys = key.dims()[2];
         // The grouped rows stand where the queries were: `[b, kv_heads, n_rep, keys]`.
-        let mask = padding_attention_mask(key_mask, kv_heads, n_rep);
+        let mask = with_window(
+            padding_attention_mask(key_mask, kv_heads, n_rep),
+            window_mask(1, keys, window, &query.device()),
+            [batch, kv_heads, n_rep, keys],
+        );
         let bias = bias.map(|bias| bias.reshape([batch, kv_heads, n_rep, keys]));
         let query = query.reshape([batch, kv_heads, n_rep, head_dim]);
         return attention(query, key, value, mask, bias, attention_options(false))
@@ -98,8 +88,42 @@ pub fn causal_attention(
     } else {
         (repeat_kv(key, n_rep), repeat_kv(value, n_rep))
     };
-    let mask = padding_attention_mask(key_mask, heads, seq);
+    let mask = with_window(
+        padding_attention_mask(key_mask, heads, seq),
+        window_mask(seq, keys, window, &query.device()),
+        [batch, heads, seq, keys],
+    );
     attention(query, key, value, mask, bias, attention_options(true))
+}
+
+/// `[1, 1, seq, keys]`, `true` on the keys a sliding window hides from queries that are the last
+/// `seq` of `keys`: those `window` or more positions before the query (transformers'
+/// `kv_idx > q_idx - sliding_window`). `None` without a window.
+fn window_mask(
+    seq: usize,
+    keys: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Option<Tensor<4, Bool>> {
+    let window = window?;
+    let rows = Tensor::<1, Int>::arange(0..seq as i64, device).reshape([seq, 1]);
+    let cols = Tensor::<1, Int>::arange(0..keys as i64, device).reshape([1, keys]);
+    // Query row r sits at key index r + keys - seq; key c is hidden when c <= that - window.
+    let hidden = cols.lower_equal(rows + (keys - seq) as i64 - window as i64);
+    Some(hidden.reshape([1, 1, seq, keys]))
+}
+
+/// A padding mask and a window mask joined, `shape`.
+fn with_window(
+    padding: Option<Tensor<4, Bool>>,
+    window: Option<Tensor<4, Bool>>,
+    shape: [usize; 4],
+) -> Option<Tensor<4, Bool>> {
+    match (padding, window) {
+        (padding, None) => padding,
+        (None, Some(window)) => Some(window.expand(shape)),
+        (Some(padding), Some(window)) => Some(padding.bool_or(window.expand(shape))),
+    }
 }
 
 /// burn's attention options as every call here sets them: the default `1/√d` scale, no softcap.
@@ -118,12 +142,13 @@ fn attention_takes_grouped_heads(device: &Device) -> bool {
 }
 
 /// The additive attention bias of queries `[b, _, s, _]` that are the last `s` of keys
-/// `[b, _, t, _]`: [`MASKED_SCORE`] on future keys and on keys whose `key_mask` is 0, else 0.
-/// `[b, 1, s, t]`.
+/// `[b, _, t, _]`: [`MASKED_SCORE`] on future keys, on keys whose `key_mask` is 0 and on keys a
+/// sliding `window` hides, else 0. `[b, 1, s, t]`.
 fn attention_bias(
     key_mask: Option<Tensor<2, Int>>,
     query: &Tensor<4>,
     key: &Tensor<4>,
+    window: Option<usize>,
 ) -> Tensor<4> {
     let [batch, _, seq, _] = query.dims();
     let keys = key.dims()[2];
@@ -138,6 +163,10 @@ fn attention_bias(
     let masked = match padding {
         Some(padding) => future.bool_or(padding),
         None => future,
+    };
+    let masked = match window_mask(seq, keys, window, &device) {
+        Some(window) => masked.bool_or(window.expand([batch, 1, seq, keys])),
+        None => masked,
     };
     Tensor::<4>::zeros([batch, 1, seq, keys], &device)
         .mask_fill(masked, MASKED_SCORE)
@@ -299,6 +328,7 @@ impl Past {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rope::Rope;
     use burn::tensor::Tolerance;
 
     #[test]
@@ -309,13 +339,13 @@ mod tests {
             &device,
         );
         let pos = Tensor::<2, Int>::from_data(TensorData::new(vec![0i64], [1, 1]), &device);
-        let (cos, sin) = rope_cos_sin(pos, 4, 10000.0, burn::tensor::DType::F32);
+        let (cos, sin) = Rope::new(10000.0, 4).cos_sin(pos, burn::tensor::DType::F32);
         apply_rope(x.clone(), cos, sin)
             .into_data()
             .assert_approx_eq::<f32>(&x.to_data(), Tolerance::default());
         // Position 1, theta 1: every frequency is 1 rad. Pairs are (x0, x2) and (x1, x3).
         let pos = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64], [1, 1]), &device);
-        let (cos, sin) = rope_cos_sin(pos, 4, 1.0, burn::tensor::DType::F32);
+        let (cos, sin) = Rope::new(1.0, 4).cos_sin(pos, burn::tensor::DType::F32);
         let (c, s) = (1f32.cos(), 1f32.sin());
         let expected = TensorData::new(
             vec![
@@ -333,7 +363,8 @@ mod tests {
 
     #[test]
     fn training_attention_matches_inference_attention() {
-        // Grouped heads, 3 past keys (a prefix), a padded key in row 1 and no fully masked row:
+        // Grouped heads, 3 past keys (a prefix), a padded key in row 1 and no fully masked row,
+        // with and without a sliding window of 3 that hides the prefix from the later queries:
         // the fused training path and burn's attention must agree.
         let device = Device::default();
         let (b, heads, kv_heads, s, past, d) = (2, 4, 2, 5, 3, 8);
@@ -348,20 +379,48 @@ mod tests {
         let mut mask = vec![1i64; b * (past + s)];
         mask[past + s + 4] = 0;
         let mask = Tensor::<2, Int>::from_data(TensorData::new(mask, [b, past + s]), &device);
-        let inference = causal_attention(q.clone(), k.clone(), v.clone(), Some(mask.clone()), None);
-        let autodiff = device.clone().autodiff();
-        let [q, k, v] =
-            [q, k, v].map(|x| Tensor::<4>::from_data(x.into_data(), &autodiff).require_grad());
-        let training = causal_attention(
-            q,
-            k,
-            v,
-            Some(Tensor::from_data(mask.into_data(), &autodiff)),
-            None,
+        let mut outputs = Vec::new();
+        for window in [None, Some(3)] {
+            let inference = causal_attention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                Some(mask.clone()),
+                None,
+                window,
+            );
+            let autodiff = device.clone().autodiff();
+            let [q, k, v] = [q.clone(), k.clone(), v.clone()]
+                .map(|x| Tensor::<4>::from_data(x.into_data(), &autodiff).require_grad());
+            let training = causal_attention(
+                q,
+                k,
+                v,
+                Some(Tensor::from_data(mask.clone().into_data(), &autodiff)),
+                None,
+                window,
+            );
+            training
+                .into_data()
+                .assert_approx_eq::<f32>(&inference.to_data(), Tolerance::absolute(1e-5));
+            outputs.push(inference);
+        }
+        // The window changes the output (it hides keys), and one query decoding over the same
+        // keys sees exactly what the last row of the prefill saw.
+        let diff = (outputs[0].clone() - outputs[1].clone())
+            .abs()
+            .max()
+            .into_scalar::<f32>();
+        assert!(diff > 1e-3, "the window hid nothing ({diff})");
+        let last = q.clone().slice([0..b, 0..heads, s - 1..s, 0..d]);
+        let decoded = causal_attention(last, k, v, Some(mask), None, Some(3));
+        decoded.into_data().assert_approx_eq::<f32>(
+            &outputs[1]
+                .clone()
+                .slice([0..b, 0..heads, s - 1..s, 0..d])
+                .into_data(),
+            Tolerance::absolute(1e-5),
         );
-        training
-            .into_data()
-            .assert_approx_eq::<f32>(&inference.into_data(), Tolerance::absolute(1e-5));
     }
 
     #[test]
@@ -402,6 +461,7 @@ mod tests {
                 v.clone(),
                 key_mask.clone(),
                 bias.clone(),
+                None,
             );
             let repeated = attention(
                 q,

@@ -24,6 +24,7 @@ pub mod fused;
 pub mod hf_config;
 pub mod layers;
 pub mod qwen2;
+pub mod rope;
 pub mod weights;
 
 pub use auto::{AutoCausalLm, AutoConfig, ModelFamily, SpecialTokens, load_tokenizer, model_types};
@@ -32,6 +33,7 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use checkpoint::Checkpoint;
 pub use error::{ModelError, Result};
 pub use hf_config::HfConfig;
-pub use qwen2::{Qwen2Config, Qwen2ForCausalLM};
+pub use qwen2::{AttentionType, Qwen2Config, Qwen2ForCausalLM};
+pub use rope::{Rope, RopeScaling};
 pub use tokenizers::Tokenizer;
 pub use weights::{ParameterShapes, RandomWeights, WeightSource};

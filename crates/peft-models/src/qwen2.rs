@@ -15,12 +15,25 @@ use crate::error::{ModelError, Result};
 use crate::fused::silu_gate;
 use crate::hf_config::HfConfig;
 use crate::layers::{
-    Past, apply_rope, causal_attention, linear_rows, merge_heads, rope_cos_sin, split_heads,
-    tied_lm_head,
+    Past, apply_rope, causal_attention, linear_rows, merge_heads, split_heads, tied_lm_head,
 };
+use crate::rope::{Rope, RopeScaling};
 use crate::weights::{RandomWeights, WeightSource, infallible};
 
-/// Configuration of a Qwen2 or Llama model (the fields of its Hugging Face `config.json`).
+/// Whether a layer attends to every earlier position or to a sliding window of them
+/// (transformers' `layer_types`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionType {
+    /// `full_attention`.
+    FullAttention,
+    /// `sliding_attention`: the last `sliding_window` positions, the query's own included.
+    SlidingAttention,
+}
+
+/// Configuration of a Llama-style decoder: Qwen2, Llama (2 and 3.x), Qwen3 and Mistral, which
+/// differ in biases, q/k norms, RoPE type and sliding windows (the fields of the Hugging Face
+/// `config.json`).
 #[derive(Config, Debug, PartialEq)]
 pub struct Qwen2Config {
     /// Rows of the token embedding matrix (`vocab_size`).
@@ -43,6 +56,17 @@ pub struct Qwen2Config {
     /// RoPE base (`rope_theta`, or `rope_parameters.rope_theta` in transformers 5 configs).
     #[config(default = 10000.0)]
     pub rope_theta: f64,
+    /// RoPE type and its parameters (`rope_parameters` / `rope_scaling`).
+    #[config(default = "RopeScaling::Default")]
+    pub rope_scaling: RopeScaling,
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3's `q_norm` / `k_norm`).
+    #[config(default = false)]
+    pub qk_norm: bool,
+    /// Window of the sliding-attention layers (`sliding_window`, where the model uses it).
+    pub sliding_window: Option<usize>,
+    /// Attention of each layer (`layer_types`); empty: every layer attends fully.
+    #[config(default = "Vec::new()")]
+    pub layer_types: Vec<AttentionType>,
     /// Biases on q/k/v projections (always for Qwen2; Llama's `attention_bias`).
     #[config(default = true)]
     pub qkv_bias: bool,
@@ -63,13 +87,13 @@ pub struct Qwen2Config {
 }
 
 impl Qwen2Config {
-    /// Reads a `qwen2` or `llama` config.json. Unsupported variants (sliding-window attention,
-    /// RoPE scaling, activations other than SiLU) are rejected with the key named.
+    /// Reads a `qwen2`, `llama`, `qwen3` or `mistral` config.json as transformers reads it.
+    /// Unsupported variants (RoPE types other than default, linear, dynamic, yarn and llama3,
+    /// activations other than SiLU) are rejected with the key named.
     pub fn from_hf(cfg: &HfConfig) -> Result<Self> {
         let model_type = cfg.opt_str("model_type")?.unwrap_or("qwen2");
-        let llama = match model_type {
-            "qwen2" => false,
-            "llama" => true,
+        match model_type {
+            "qwen2" | "llama" | "qwen3" | "mistral" => {}
             other => {
                 return Err(ModelError::UnsupportedModelType {
                     path: cfg.path().to_path_buf(),
@@ -77,7 +101,7 @@ impl Qwen2Config {
                     supported: Qwen2ForCausalLM::MODEL_TYPES.join(", "),
                 });
             }
-        };
+        }
         let hidden_size = cfg.usize(&["hidden_size"])?;
         let num_attention_heads = cfg.usize(&["num_attention_heads"])?;
         let num_key_value_heads = cfg
@@ -114,47 +138,124 @@ impl Qwen2Config {
                 .unsupported("hidden_act", format!("must be \"silu\", found {act:?}"))
                 .into());
         }
-        if cfg.bool_or("use_sliding_window", false)? {
-            return Err(cfg
-                .unsupported(
-                    "use_sliding_window",
-                    "true is not supported (full attention only)",
-                )
-                .into());
-        }
-        let mut rope_theta = cfg.opt_positive_f64(&["rope_theta"])?;
-        for key in ["rope_parameters", "rope_scaling"] {
-            if let Some(rope) = cfg.opt_object(key)? {
-                let kind = rope.opt_str("rope_type")?.or(rope.opt_str("type")?);
-                if let Some(kind) = kind.filter(|k| *k != "default") {
-                    return Err(cfg
-                        .unsupported(
-                            key,
-                            format!("has rope_type {kind:?}; only \"default\" RoPE is supported"),
-                        )
-                        .into());
-                }
-                rope_theta = rope.opt_positive_f64(&["rope_theta"])?.or(rope_theta);
-            }
-        }
-        let attention_bias = cfg.bool_or("attention_bias", false)?;
+        let num_hidden_layers = cfg.usize(&["num_hidden_layers"])?;
+        let max_position_embeddings = cfg.opt_usize(&["max_position_embeddings"])?;
+        let rope = Rope::from_hf(cfg, head_dim, max_position_embeddings)?;
+        let (sliding_window, layer_types) =
+            Self::sliding_windows(cfg, model_type, num_hidden_layers)?;
+        // Biases: Qwen2 always has them on q/k/v (never on o); Llama and Qwen3 on all four
+        // projections with `attention_bias`; Mistral never. Only Llama has `mlp_bias`.
+        let attention_bias = match model_type {
+            "llama" | "qwen3" => cfg.bool_or("attention_bias", false)?,
+            _ => false,
+        };
         Ok(Self {
             vocab_size: cfg.usize(&["vocab_size"])?,
             hidden_size,
             intermediate_size: cfg.usize(&["intermediate_size"])?,
-            num_hidden_layers: cfg.usize(&["num_hidden_layers"])?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
             rms_norm_eps: cfg.opt_positive_f64(&["rms_norm_eps"])?.unwrap_or(1e-6),
-            rope_theta: rope_theta.unwrap_or(10000.0),
-            qkv_bias: !llama || attention_bias,
-            o_proj_bias: llama && attention_bias,
-            mlp_bias: llama && cfg.bool_or("mlp_bias", false)?,
+            rope_theta: rope.theta,
+            rope_scaling: rope.scaling,
+            qk_norm: model_type == "qwen3",
+            sliding_window,
+            layer_types,
+            qkv_bias: model_type == "qwen2" || attention_bias,
+            o_proj_bias: attention_bias,
+            mlp_bias: model_type == "llama" && cfg.bool_or("mlp_bias", false)?,
             tie_word_embeddings: cfg.bool_or("tie_word_embeddings", false)?,
-            max_position_embeddings: cfg.opt_usize(&["max_position_embeddings"])?,
+            max_position_embeddings,
             initializer_range: cfg.opt_f64(&["initializer_range"])?.unwrap_or(0.02),
         })
+    }
+
+    /// The window and the attention of each layer, as transformers' configs set them: Mistral
+    /// slides every layer when `sliding_window` is set; Qwen2 and Qwen3 only with
+    /// `use_sliding_window`, on the layers `layer_types` names (by default those from
+    /// `max_window_layers` on); Llama never.
+    fn sliding_windows(
+        cfg: &HfConfig,
+        model_type: &str,
+        layers: usize,
+    ) -> Result<(Option<usize>, Vec<AttentionType>)> {
+        let window = match model_type {
+            "mistral" => cfg.opt_usize(&["sliding_window"])?,
+            "qwen2" | "qwen3" if cfg.bool_or("use_sliding_window", false)? => {
+                Some(cfg.opt_usize(&["sliding_window"])?.unwrap_or(4096))
+            }
+            _ => None,
+        };
+        let Some(window) = window else {
+            return Ok((None, Vec::new()));
+        };
+        if window == 0 {
+            return Err(cfg
+                .unsupported("sliding_window", "must be at least 1, found 0")
+                .into());
+        }
+        let types = if model_type == "mistral" {
+            vec![AttentionType::SlidingAttention; layers]
+        } else if let Some(types) = cfg.opt_str_list("layer_types")? {
+            if types.len() != layers {
+                return Err(cfg
+                    .unsupported(
+                        "layer_types",
+                        format!(
+                            "has {} entries for {layers} layers (num_hidden_layers)",
+                            types.len()
+                        ),
+                    )
+                    .into());
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "full_attention" => Ok(AttentionType::FullAttention),
+                    "sliding_attention" => Ok(AttentionType::SlidingAttention),
+                    other => Err(cfg
+                        .unsupported(
+                            "layer_types",
+                            format!(
+                                "has {other:?}; only \"full_attention\" and \"sliding_attention\" \
+                                 are supported"
+                            ),
+                        )
+                        .into()),
+                })
+                .collect::<Result<_>>()?
+        } else {
+            let first = cfg.opt_usize(&["max_window_layers"])?.unwrap_or(28);
+            (0..layers)
+                .map(|i| {
+                    if i >= first {
+                        AttentionType::SlidingAttention
+                    } else {
+                        AttentionType::FullAttention
+                    }
+                })
+                .collect()
+        };
+        Ok((Some(window), types))
+    }
+
+    /// The model's RoPE.
+    pub fn rope(&self) -> Rope {
+        Rope {
+            theta: self.rope_theta,
+            head_dim: self.head_dim,
+            scaling: self.rope_scaling.clone(),
+        }
+    }
+
+    /// The attention window of layer `layer`, if it slides.
+    pub fn window_of(&self, layer: usize) -> Option<usize> {
+        match self.layer_types.get(layer) {
+            Some(AttentionType::SlidingAttention) => self.sliding_window,
+            _ => None,
+        }
     }
 
     /// A model with random weights (for benchmarks and tests; real weights come from
@@ -175,7 +276,7 @@ impl Qwen2Config {
             num_key_value_heads: self.num_key_value_heads,
             head_dim: self.head_dim,
             vocab_size: self.vocab_size,
-            max_positions: self.max_position_embeddings,
+            max_positions: self.rope().max_positions(self.max_position_embeddings),
         }
     }
 }
@@ -217,6 +318,12 @@ pub struct Qwen2Attention {
     pub num_key_value_heads: usize,
     /// Size of a head.
     pub head_dim: usize,
+    /// Per-head RMSNorm of the queries before RoPE (Qwen3).
+    pub q_norm: Option<RmsNorm>,
+    /// Per-head RMSNorm of the keys before RoPE (Qwen3).
+    pub k_norm: Option<RmsNorm>,
+    /// The window, on a sliding-attention layer.
+    pub sliding_window: Option<usize>,
 }
 
 impl Qwen2Attention {
@@ -245,10 +352,21 @@ impl Qwen2Attention {
             self.num_key_value_heads,
             self.head_dim,
         );
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(q_norm), Some(k_norm)) => (q_norm.forward(q), k_norm.forward(k)),
+            _ => (q, k),
+        };
         let q = apply_rope(q, cos.clone(), sin.clone());
         let k = apply_rope(k, cos.clone(), sin.clone());
         let kv = LayerKv::extend(past, k, v);
-        let out = causal_attention(q, kv.key.clone(), kv.value.clone(), key_mask, None);
+        let out = causal_attention(
+            q,
+            kv.key.clone(),
+            kv.value.clone(),
+            key_mask,
+            None,
+            self.sliding_window,
+        );
         (linear_rows(&self.o_proj, merge_heads(out)), kv)
     }
 }
@@ -347,6 +465,17 @@ impl Qwen2ForCausalLM {
                     num_heads: h,
                     num_key_value_heads: kv,
                     head_dim: hd,
+                    q_norm: if c.qk_norm {
+                        Some(src.rms_norm(&format!("{p}.self_attn.q_norm"), hd, eps)?)
+                    } else {
+                        None
+                    },
+                    k_norm: if c.qk_norm {
+                        Some(src.rms_norm(&format!("{p}.self_attn.k_norm"), hd, eps)?)
+                    } else {
+                        None
+                    },
+                    sliding_window: c.window_of(i),
                 },
                 mlp: Qwen2Mlp {
                     gate_proj: src.linear(&format!("{p}.mlp.gate_proj"), d, inter, c.mlp_bias)?,
@@ -382,7 +511,7 @@ impl Qwen2ForCausalLM {
 }
 
 impl ModelFamily for Qwen2ForCausalLM {
-    const MODEL_TYPES: &'static [&'static str] = &["qwen2", "llama"];
+    const MODEL_TYPES: &'static [&'static str] = &["qwen2", "llama", "qwen3", "mistral"];
     type Config = Qwen2Config;
 
     fn read_config(cfg: &HfConfig) -> Result<Qwen2Config> {
@@ -423,12 +552,7 @@ impl CausalLm for Qwen2ForCausalLM {
         let dtype = input.inputs_embeds.dtype();
         let (x, past) = Past::resolve(input, &self.geometry());
         let positions = past.query_positions();
-        let (cos, sin) = rope_cos_sin(
-            positions,
-            self.config.head_dim,
-            self.config.rope_theta,
-            dtype,
-        );
+        let (cos, sin) = self.config.rope().cos_sin(positions, dtype);
         let (x, cache) = past.run(&self.model.layers, x, |layer, x, kv, mask| {
             layer.forward(x, &cos, &sin, kv, mask)
         });

@@ -10,7 +10,7 @@ use peft_core::{CausalLm, GenerationConfig, Injection, KvCache, LayerKv, ModelIn
 use peft_models::{AutoCausalLm, SpecialTokens};
 use serde_json::Value;
 
-const FIXTURES: [&str; 8] = [
+const FIXTURES: [&str; 15] = [
     "qwen2-gqa-tied",
     "qwen2-gqa-untied",
     "llama-mqa-sharded",
@@ -19,6 +19,16 @@ const FIXTURES: [&str; 8] = [
     "qwen2-bf16",
     "llama-f16",
     "llama-biases",
+    // Issue 20: Qwen3 (q/k norms, explicit head_dim), Llama 3.x, linear and YaRN RoPE, sliding
+    // windows (Qwen2 and Qwen3 on some layers, Mistral on all) shorter than the rows, the prefix
+    // and the generated continuations.
+    "qwen3-tied",
+    "qwen3-window",
+    "llama3-rope",
+    "llama-linear",
+    "qwen2-yarn",
+    "qwen2-window",
+    "mistral-window",
 ];
 
 fn fixtures() -> PathBuf {
@@ -39,7 +49,13 @@ struct Expected {
     prefix_key: (Vec<usize>, Vec<f32>),
     prefix_value: (Vec<usize>, Vec<f32>),
     prefix_logits: Vec<f32>,
+    /// Row 1 left-padded by 2 after its prefix, as transformers computes it (`[1, seq, vocab]`);
+    /// absent from the fixtures made before issue 20, whose models have no window.
+    prefix_padded_logits: Option<Vec<f32>>,
 }
+
+/// Fixtures whose layers slide over a window shorter than the rows.
+const WINDOWED: [&str; 3] = ["qwen3-window", "qwen2-window", "mistral-window"];
 
 fn f32_tensor(st: &safetensors::SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<f32>) {
     let t = st.tensor(name).unwrap();
@@ -80,6 +96,10 @@ fn expected(name: &str) -> Expected {
         prefix_key: f32_tensor(&st, "prefix_key"),
         prefix_value: f32_tensor(&st, "prefix_value"),
         prefix_logits: f32_tensor(&st, "prefix_logits").1,
+        prefix_padded_logits: st
+            .names()
+            .contains(&"prefix_padded_logits")
+            .then(|| f32_tensor(&st, "prefix_padded_logits").1),
     }
 }
 
@@ -428,7 +448,9 @@ fn prefix_key_values_match_transformers_past_key_values() {
             "{name}: prefix logits differ from transformers by {diff}"
         );
 
-        // Row 1 left-padded by 2: positions stay p + (real tokens before), so it matches too.
+        // Row 1 left-padded by 2: positions stay p + (real tokens before), so it matches the row
+        // unpadded; with a window, which counts cache slots (padding included, as transformers
+        // counts them), it matches what transformers computes for the padded row.
         let mut row = vec![0, 0];
         row.extend(&exp.input_ids[1]);
         let mut mask = vec![0, 0];
@@ -438,7 +460,15 @@ fn prefix_key_values_match_transformers_past_key_values() {
             .with_prefix(Some(prefix(&exp, 1..2)));
         let (logits, _) = model.forward(input);
         let ours: Vec<f32> = logits.into_data().try_into_vec_as::<f32>().unwrap();
-        let diff = max_abs_diff(&ours[2 * v..], rows(&exp.prefix_logits, seq, v, 1, 0, seq));
+        let reference = match &exp.prefix_padded_logits {
+            Some(padded) => &padded[..],
+            None => rows(&exp.prefix_logits, seq, v, 1, 0, seq),
+        };
+        assert!(
+            exp.prefix_padded_logits.is_some() || !WINDOWED.contains(&name),
+            "{name}: a windowed fixture needs transformers' padded prefix row"
+        );
+        let diff = max_abs_diff(&ours[2 * v..], reference);
         assert!(
             diff <= 1e-4,
             "{name}: left-padded prefix row differs by {diff}"
@@ -585,4 +615,48 @@ fn parameter_shapes_from_the_config_name_every_parameter_of_the_model() {
             "{name}"
         );
     }
+}
+
+#[test]
+fn dynamic_rope_past_the_configured_length_matches_transformers_on_a_fresh_model() {
+    // max_position_embeddings 8, rows of 11 tokens (and 14 with the prefix): the NTK base grows
+    // with the longest row of the forward, as transformers' `dynamic_frequency_update` does on a
+    // model that has seen nothing longer. (Its later outputs depend on what it saw before, so
+    // padding, caching and generation are not compared.)
+    let name = "qwen2-dynamic";
+    let exp = expected(name);
+    let model = load(name, DType::F32);
+    assert_eq!(
+        model.geometry().max_positions,
+        None,
+        "dynamic RoPE has no length limit"
+    );
+    let ours = logits_of(&model, &exp.input_ids, None);
+    let diff = max_abs_diff(&ours, &exp.logits);
+    assert!(
+        diff <= 1e-4,
+        "{name}: logits differ from transformers by {diff}"
+    );
+    let input = ModelInput::new(model.embed_tokens(ints(&exp.input_ids)))
+        .with_prefix(Some(prefix(&exp, 0..2)));
+    let ours: Vec<f32> = model
+        .forward(input)
+        .0
+        .into_data()
+        .try_into_vec_as()
+        .unwrap();
+    let diff = max_abs_diff(&ours, &exp.prefix_logits);
+    assert!(
+        diff <= 1e-4,
+        "{name}: prefix logits differ from transformers by {diff}"
+    );
+    // Within the configured length it is plain RoPE: the first 8 positions equal the default.
+    let plain = peft_models::Rope::new(10000.0, 16).inv_freq(0);
+    let peft_models::AutoConfig::Qwen2(config) =
+        peft_models::AutoConfig::from_file(model_dir(name).join("config.json")).unwrap()
+    else {
+        panic!("qwen2")
+    };
+    assert_eq!(config.rope().inv_freq(7), plain);
+    assert_ne!(config.rope().inv_freq(10).0, plain.0);
 }
