@@ -46,8 +46,11 @@ from transformers import AutoModelForCausalLM
 PINNED = {"peft": "0.21.2", "torch": "2.15.0", "transformers": "5.23.0"}
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
-MODELS = ["qwen2-gqa-tied", "llama-mqa-sharded", "bloom-6-heads"]
-BITFIT_MODELS = ["qwen2-gqa-tied", "llama-biases", "bloom-6-heads"]
+MODELS = ["qwen2-gqa-tied", "llama-mqa-sharded", "bloom-6-heads",
+          # Issue 20: Qwen3 (explicit head_dim), Llama 3.x RoPE, Mistral's sliding window.
+          "qwen3-tied", "llama3-rope", "mistral-window"]
+# Qwen3's biased variant; Llama 3 and Mistral checkpoints have no biases for BitFit to train.
+BITFIT_MODELS = ["qwen2-gqa-tied", "llama-biases", "bloom-6-heads", "qwen3-window"]
 NUM_VIRTUAL = 4
 LR = 0.1
 GREEDY_NEW = 8
@@ -263,11 +266,17 @@ def main():
     torch.set_num_threads(2)
     out_expected = FIXTURES / "expected" / "adapters"
     out_expected.mkdir(parents=True, exist_ok=True)
+    # `--models a,b` remakes only those models' fixtures (the others keep their committed bytes).
+    only = None
+    if len(sys.argv) == 3 and sys.argv[1] == "--models":
+        only = set(sys.argv[2].split(","))
     for model_name in MODELS:
-        for method, config in methods().items():
-            prompt_learning(model_name, method, config, out_expected)
+        if only is None or model_name in only:
+            for method, config in methods().items():
+                prompt_learning(model_name, method, config, out_expected)
     for model_name in BITFIT_MODELS:
-        bitfit(model_name, out_expected)
+        if only is None or model_name in only:
+            bitfit(model_name, out_expected)
 
 
 if __name__ == "__main__":
