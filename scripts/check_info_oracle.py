@@ -28,7 +28,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 PINNED = {"peft": "0.21.2", "torch": "2.15.0", "transformers": "5.23.0"}
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "fixtures" / "configs"
-NAMES = ["qwen2.5-0.5b", "qwen2.5-1.5b", "bloomz-560m", "bloom-1b4-zh"]
+NAMES = ["qwen2.5-0.5b", "qwen2.5-1.5b", "bloomz-560m", "bloom-1b4-zh",
+         # Issue 20: the configs as their model cards publish them.
+         "qwen3-0.6b", "qwen3-4b", "llama-3.2-1b", "llama-3.1-8b", "mistral-7b-v0.3"]
 VIRTUAL = 10
 
 # From the design notes (trainable parameters, 10 virtual tokens), to compare against.
@@ -45,6 +47,16 @@ TABLE = {
     "bloom-1b4-zh": {"base": 1_303_111_680, "prompt-tuning": 20_480, "p-tuning-mlp": 5_267_456,
                      "p-tuning-lstm": 58_777_600, "p-tuning-v2": 983_040, "prefix-tuning": 205_641_728,
                      "bitfit": 544_768},
+}
+
+# The published sizes of the issue-20 models (their model cards' parameter counts): the configs
+# written into fixtures/configs must build models of exactly this size.
+PUBLISHED = {
+    "qwen3-0.6b": 596_049_920,
+    "qwen3-4b": 4_022_468_096,
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-3.1-8b": 8_030_261_248,
+    "mistral-7b-v0.3": 7_248_023_552,
 }
 
 
@@ -104,6 +116,13 @@ def main():
         params = list(model.named_parameters())
         counts = [sum(p.numel() for _, p in params if p.requires_grad), sum(p.numel() for _, p in params)]
         entry["bitfit"], entry["lines"]["bitfit"] = counts, line(*counts)
+        if name in PUBLISHED:
+            if entry["base"] != PUBLISHED[name]:
+                mismatches.append(f"{name} base: {entry['base']:,d}, published {PUBLISHED[name]:,d}")
+            for method in entry["lines"]:
+                print(f"  {method:14} {entry['lines'][method]}")
+            results[name] = entry
+            continue
         for method in ["prompt-tuning", "p-tuning-mlp", "p-tuning-lstm", "p-tuning-v2", "prefix-tuning", "bitfit"]:
             trainable, total = entry[method]
             want = TABLE[name][method]

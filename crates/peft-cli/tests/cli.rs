@@ -311,7 +311,7 @@ fn forward_and_generate_with_adapters_of_every_method() {
 }
 
 #[test]
-fn info_prints_peft_lines_for_the_four_real_configs() {
+fn info_prints_peft_lines_for_the_real_configs() {
     // fixtures/configs/oracle.json: what PEFT's print_trainable_parameters printed for these
     // configs (scripts/check_info_oracle.py); 10 virtual tokens, P-tuning encoder width 1024.
     let oracle: serde_json::Value = serde_json::from_str(
@@ -345,6 +345,12 @@ fn info_prints_peft_lines_for_the_four_real_configs() {
         "qwen2.5-1.5b",
         "bloomz-560m",
         "bloom-1b4-zh",
+        // Issue 20: explicit head_dim (Qwen3), llama3 RoPE, Mistral.
+        "qwen3-0.6b",
+        "qwen3-4b",
+        "llama-3.2-1b",
+        "llama-3.1-8b",
+        "mistral-7b-v0.3",
     ] {
         // A directory and a config.json path both work.
         let path = root().join("fixtures/configs").join(config);
@@ -369,7 +375,7 @@ fn info_prints_peft_lines_for_the_four_real_configs() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 24);
+    assert_eq!(checked, 54);
     // A bias subset, and bad flags.
     let bloomz = root().join("fixtures/configs/bloomz-560m");
     let out = peft(&[
