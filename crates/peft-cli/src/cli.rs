@@ -462,7 +462,8 @@ pub fn adapter_init_error(error: AdapterError) -> CliError {
 /// Arguments of `peft info`.
 #[derive(Debug, clap::Args)]
 pub struct InfoArgs {
-    /// Hugging Face model directory, or its config.json (weights are not read).
+    /// Hugging Face model directory or Hub id in the local cache, or its config.json (weights
+    /// are not read).
     #[arg(long)]
     pub model: PathBuf,
     /// The method and its options.
@@ -473,7 +474,8 @@ pub struct InfoArgs {
 /// Arguments of `peft export`.
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
-    /// The base model's directory, or its config.json (weights are not read).
+    /// The base model's directory or Hub id in the local cache, or its config.json (weights are
+    /// not read).
     #[arg(long)]
     pub model: PathBuf,
     /// The adapter directory to export (trainable or already inference form).
@@ -487,7 +489,8 @@ pub struct ExportArgs {
 /// Arguments of `peft forward`.
 #[derive(Debug, clap::Args)]
 pub struct ForwardArgs {
-    /// Hugging Face model directory (config.json + model.safetensors or a sharded index).
+    /// Hugging Face model directory (config.json + model.safetensors or a sharded index), or a
+    /// Hub id `ORG/NAME[@REVISION]` in the local Hugging Face cache.
     #[arg(long)]
     pub model: PathBuf,
     /// Adapter directory (adapter_config.json + adapter_model.safetensors, as PEFT writes them);
@@ -509,7 +512,7 @@ pub struct ForwardArgs {
 /// Arguments of `peft generate`.
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
-    /// Hugging Face model directory (with tokenizer.json).
+    /// Hugging Face model directory (with tokenizer.json), or a Hub id in the local cache.
     #[arg(long)]
     pub model: PathBuf,
     /// Adapter directory (injected at prefill).
@@ -559,7 +562,9 @@ where
 
 /// Runs a parsed command line on `device`, writing generated text to `out`.
 pub fn run(cli: Cli, device: &Device, out: &mut dyn Write) -> Result<(), CliError> {
-    match cli.command {
+    let mut command = cli.command;
+    resolve_hub_ids(&mut command)?;
+    match command {
         Command::Forward(args) => forward(&args, device),
         Command::Generate(args) => generate_text(&args, device, out),
         Command::Info(args) => info(&args, out),
@@ -567,6 +572,33 @@ pub fn run(cli: Cli, device: &Device, out: &mut dyn Write) -> Result<(), CliErro
         Command::Train(args) => crate::training::train_command(&args, device, out),
         Command::Eval(args) => crate::training::eval_command(&args, device, out),
         Command::Quickstart(args) => crate::quickstart::quickstart(&args, device, out).map(|_| ()),
+    }
+}
+
+/// Replaces a `--model` that is a Hub id (`ORG/NAME[@REVISION]`, not an existing path) by its
+/// snapshot in the local Hugging Face cache; training records the id as the adapter's base model.
+fn resolve_hub_ids(command: &mut Command) -> Result<(), CliError> {
+    let cache = peft_models::hub_cache_dir();
+    let resolve = |model: &mut PathBuf| -> Result<Option<String>, CliError> {
+        let resolved = peft_models::resolve_model(model, &cache)?;
+        let id = (resolved != *model).then(|| model.to_string_lossy().into_owned());
+        *model = resolved;
+        Ok(id)
+    };
+    match command {
+        Command::Forward(args) => resolve(&mut args.model).map(drop),
+        Command::Generate(args) => resolve(&mut args.model).map(drop),
+        Command::Info(args) => resolve(&mut args.model).map(drop),
+        Command::Export(args) => resolve(&mut args.model).map(drop),
+        Command::Eval(args) => resolve(&mut args.model).map(drop),
+        Command::Train(args) => {
+            args.base_model_name_or_path = resolve(&mut args.model)?;
+            Ok(())
+        }
+        Command::Quickstart(args) => match &mut args.model {
+            Some(model) => resolve(model).map(drop),
+            None => Ok(()),
+        },
     }
 }
 

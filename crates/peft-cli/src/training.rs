@@ -48,9 +48,13 @@ pub struct DataArgs {
 /// Arguments of `peft train`.
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
-    /// Hugging Face model directory (config.json, weights, tokenizer.json).
+    /// Hugging Face model directory (config.json, weights, tokenizer.json), or a Hub id
+    /// `ORG/NAME[@REVISION]` in the local Hugging Face cache.
     #[arg(long)]
     pub model: PathBuf,
+    /// What the adapter records as its base model: the Hub id `--model` named, else the path.
+    #[arg(skip)]
+    pub base_model_name_or_path: Option<String>,
     /// The method and its options.
     #[command(flatten)]
     pub method: MethodArgs,
@@ -138,7 +142,7 @@ pub struct TrainArgs {
 /// Arguments of `peft eval`.
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
-    /// Hugging Face model directory.
+    /// Hugging Face model directory, or a Hub id in the local cache.
     #[arg(long)]
     pub model: PathBuf,
     /// Adapter directory.
@@ -491,7 +495,10 @@ pub fn train_command(
         output_dir: args.output.clone(),
         pad_token_id: special.pad_token_id,
         eos_token_ids: special.eos_token_ids.clone(),
-        base_model_name_or_path: args.model.to_str().map(str::to_string),
+        base_model_name_or_path: args
+            .base_model_name_or_path
+            .clone()
+            .or_else(|| args.model.to_str().map(str::to_string)),
         resume: args.resume,
     };
     let started = Instant::now();

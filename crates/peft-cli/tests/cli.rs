@@ -1029,3 +1029,135 @@ fn an_adapter_too_large_for_memory_is_refused_before_it_is_built() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A Hugging Face Hub cache under `dir` as `huggingface_hub` lays it out: the fixture model
+/// `name` as `models--fixtures--NAME`, its files in `blobs/` (named by a fake hash) linked from
+/// `snapshots/COMMIT/`, and `refs/main` holding the commit.
+#[cfg(unix)]
+fn hub_cache(dir: &Path, name: &str, commit: &str) -> PathBuf {
+    let repo = dir.join(format!("models--fixtures--{name}"));
+    let (blobs, snapshot) = (repo.join("blobs"), repo.join("snapshots").join(commit));
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    for (i, entry) in std::fs::read_dir(model(name)).unwrap().enumerate() {
+        let entry = entry.unwrap();
+        let blob = blobs.join(format!("{i:040x}"));
+        std::fs::copy(entry.path(), &blob).unwrap();
+        std::os::unix::fs::symlink(
+            Path::new("../../blobs").join(blob.file_name().unwrap()),
+            snapshot.join(entry.file_name()),
+        )
+        .unwrap();
+    }
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    repo
+}
+
+#[cfg(unix)]
+#[test]
+fn hub_ids_resolve_in_the_local_cache_and_missing_ones_name_id_revision_and_path() {
+    let dir = scratch("hub");
+    let cache = dir.join("hub");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = hub_cache(&cache, "qwen2-gqa-tied", commit);
+    let with_cache = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_peft"))
+            .args(args)
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    // The same logits through the id, the id at its commit, and the directory.
+    let input = dir.join("in.json");
+    std::fs::write(&input, r#"{"input_ids": [[1, 2, 3, 4]]}"#).unwrap();
+    let mut outputs = Vec::new();
+    for model in [
+        "fixtures/qwen2-gqa-tied",
+        &format!("fixtures/qwen2-gqa-tied@{commit}"),
+        model("qwen2-gqa-tied").to_str().unwrap(),
+    ] {
+        let output = dir.join(format!("out-{}.safetensors", outputs.len()));
+        let out = with_cache(&[
+            "forward",
+            "--model",
+            model,
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{model}: {}", stderr(&out));
+        outputs.push(std::fs::read(output).unwrap());
+    }
+    assert!(outputs[0] == outputs[2] && outputs[1] == outputs[2]);
+    let out = with_cache(&[
+        "info",
+        "--model",
+        "fixtures/qwen2-gqa-tied",
+        "--method",
+        "prompt-tuning",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Training records the id, as PEFT records a Hub model.
+    let data = dir.join("train.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"a\", \"completion\": \"b\"}\n").unwrap();
+    let adapter = dir.join("adapter");
+    let out = with_cache(&[
+        "train",
+        "--model",
+        "fixtures/qwen2-gqa-tied",
+        "--method",
+        "prompt-tuning",
+        "--num-virtual-tokens",
+        "2",
+        "--train",
+        data.to_str().unwrap(),
+        "--output",
+        adapter.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--no-exact-match",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["base_model_name_or_path"], "fixtures/qwen2-gqa-tied");
+
+    // What is not cached is named: the id, the revision and the path searched.
+    for (model, expected) in [
+        (
+            "fixtures/no-such-model".to_string(),
+            format!(
+                "`fixtures/no-such-model` (revision main) is neither a directory nor a model in \
+                 the Hugging Face cache: {}: no such directory",
+                cache.join("models--fixtures--no-such-model").display()
+            ),
+        ),
+        (
+            "fixtures/qwen2-gqa-tied@v2".to_string(),
+            format!(
+                "(revision v2) is neither a directory nor a model in the Hugging Face cache: {}: \
+                 the revision is not cached",
+                repo.join("refs/v2").display()
+            ),
+        ),
+        (
+            "fixtures/qwen2-gqa-tied@89abcdef0123456789abcdef0123456789abcdef".to_string(),
+            "the snapshot has no config.json".to_string(),
+        ),
+    ] {
+        let out = with_cache(&["info", "--model", &model, "--method", "prompt-tuning"]);
+        assert_eq!(out.status.code(), Some(1), "{model}");
+        assert!(
+            stderr(&out).contains(&expected),
+            "{model}: {}",
+            stderr(&out)
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

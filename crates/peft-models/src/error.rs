@@ -25,6 +25,21 @@ pub enum ModelError {
         /// What it should have held.
         what: &'static str,
     },
+    /// A model argument that is no directory, read as a Hub id, is not in the local Hub cache.
+    #[error(
+        "`{id}` (revision {revision}) is neither a directory nor a model in the Hugging Face \
+         cache: {searched}: {why}"
+    )]
+    NotInCache {
+        /// The Hub id, `ORG/NAME`.
+        id: String,
+        /// The revision asked for.
+        revision: String,
+        /// The cache path searched.
+        searched: PathBuf,
+        /// What is missing there.
+        why: String,
+    },
     /// `model_type` names an architecture this crate does not implement.
     #[error("{path}: unsupported model_type `{model_type}` (supported: {supported})")]
     UnsupportedModelType {
