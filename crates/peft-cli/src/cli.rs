@@ -65,6 +65,18 @@ pub enum CliError {
     /// Evaluation failed.
     #[error("evaluation: {0}")]
     Eval(#[from] peft_core::CoreError),
+    /// A Hub id that could not be downloaded into the cache.
+    #[error("could not download `{id}` (revision {revision}) into {cache}: {why}")]
+    Download {
+        /// `ORG/NAME`.
+        id: String,
+        /// The revision asked for.
+        revision: String,
+        /// The repository's folder in the Hub cache.
+        cache: PathBuf,
+        /// What failed.
+        why: String,
+    },
     /// A command-line flag has a value the command cannot use.
     #[error("{flag}: {message}")]
     Argument {
@@ -576,27 +588,29 @@ pub fn run(cli: Cli, device: &Device, out: &mut dyn Write) -> Result<(), CliErro
 }
 
 /// Replaces a `--model` that is a Hub id (`ORG/NAME[@REVISION]`, not an existing path) by its
-/// snapshot in the local Hugging Face cache; training records the id as the adapter's base model.
+/// snapshot in the local Hugging Face cache, downloading the files the command reads unless
+/// offline; training records the id as the adapter's base model.
 fn resolve_hub_ids(command: &mut Command) -> Result<(), CliError> {
+    use crate::hub::ModelFiles;
     let cache = peft_models::hub_cache_dir();
-    let resolve = |model: &mut PathBuf| -> Result<Option<String>, CliError> {
-        let resolved = peft_models::resolve_model(model, &cache)?;
-        let id = (resolved != *model).then(|| model.to_string_lossy().into_owned());
+    let resolve = |model: &mut PathBuf, files| -> Result<Option<String>, CliError> {
+        let (resolved, id) = crate::hub::resolve(model, &cache, files)?;
+        let name = id.map(|_| model.to_string_lossy().into_owned());
         *model = resolved;
-        Ok(id)
+        Ok(name)
     };
     match command {
-        Command::Forward(args) => resolve(&mut args.model).map(drop),
-        Command::Generate(args) => resolve(&mut args.model).map(drop),
-        Command::Info(args) => resolve(&mut args.model).map(drop),
-        Command::Export(args) => resolve(&mut args.model).map(drop),
-        Command::Eval(args) => resolve(&mut args.model).map(drop),
+        Command::Forward(args) => resolve(&mut args.model, ModelFiles::Everything).map(drop),
+        Command::Generate(args) => resolve(&mut args.model, ModelFiles::Everything).map(drop),
+        Command::Info(args) => resolve(&mut args.model, ModelFiles::Config).map(drop),
+        Command::Export(args) => resolve(&mut args.model, ModelFiles::Config).map(drop),
+        Command::Eval(args) => resolve(&mut args.model, ModelFiles::Everything).map(drop),
         Command::Train(args) => {
-            args.base_model_name_or_path = resolve(&mut args.model)?;
+            args.base_model_name_or_path = resolve(&mut args.model, ModelFiles::Everything)?;
             Ok(())
         }
         Command::Quickstart(args) => match &mut args.model {
-            Some(model) => resolve(model).map(drop),
+            Some(model) => resolve(model, ModelFiles::Everything).map(drop),
             None => Ok(()),
         },
     }

@@ -1161,3 +1161,256 @@ fn hub_ids_resolve_in_the_local_cache_and_missing_ones_name_id_revision_and_path
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A Hugging Face Hub lookalike on a loopback port, serving the fixture model `name` as
+/// `fixtures/NAME` at one commit: the repository listing (`/api/models/.../revision/...`) and
+/// `resolve/` downloads with the headers `huggingface_hub` clients read (`x-repo-commit`, `etag`,
+/// `content-range`), honouring byte ranges. With `token`, every request must carry it.
+struct MockHub {
+    endpoint: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl MockHub {
+    fn start(name: &str, commit: &'static str, token: Option<&'static str>) -> Self {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(model(name))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = requests.clone();
+        let repo = format!("fixtures/{name}");
+        std::thread::spawn(move || {
+            // Bounded: a test makes a few dozen requests.
+            for stream in listener.incoming().take(200) {
+                let Ok(mut stream) = stream else { continue };
+                stream
+                    .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                    .unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).is_err() {
+                    continue;
+                }
+                let (mut range, mut auth) = (None, None);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                    let (key, value) = line.split_once(':').unwrap_or((&line, ""));
+                    match key.trim().to_ascii_lowercase().as_str() {
+                        "range" => range = Some(value.trim().to_string()),
+                        "authorization" => auth = Some(value.trim().to_string()),
+                        _ => {}
+                    }
+                }
+                let path = request_line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_string();
+                log.lock().unwrap().push(path.clone());
+                let respond = |stream: &mut std::net::TcpStream,
+                               status: &str,
+                               headers: &[(&str, String)],
+                               body: &[u8]| {
+                    let mut head = format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+                        body.len()
+                    );
+                    for (k, v) in headers {
+                        head.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                    head.push_str("\r\n");
+                    let _ = stream.write_all(head.as_bytes());
+                    let _ = stream.write_all(body);
+                };
+                if let Some(token) = token
+                    && auth.as_deref() != Some(&format!("Bearer {token}"))
+                {
+                    respond(
+                        &mut stream,
+                        "401 Unauthorized",
+                        &[],
+                        b"{\"error\": \"gated\"}",
+                    );
+                    continue;
+                }
+                if path == format!("/api/models/{repo}/revision/main") {
+                    let siblings: Vec<serde_json::Value> = files
+                        .iter()
+                        .map(|(f, _)| serde_json::json!({"rfilename": f}))
+                        .collect();
+                    let body = serde_json::json!({"sha": commit, "siblings": siblings}).to_string();
+                    respond(
+                        &mut stream,
+                        "200 OK",
+                        &[("Content-Type", "application/json".into())],
+                        body.as_bytes(),
+                    );
+                    continue;
+                }
+                let prefix = format!("/{repo}/resolve/main/");
+                let Some((index, (_, bytes))) = path
+                    .strip_prefix(&prefix)
+                    .and_then(|f| files.iter().enumerate().find(|(_, (name, _))| name == f))
+                else {
+                    respond(&mut stream, "404 Not Found", &[], b"");
+                    continue;
+                };
+                let start: usize = range
+                    .as_deref()
+                    .and_then(|r| r.strip_prefix("bytes="))
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                let end = match range.as_deref() {
+                    Some("bytes=0-0") => 1,
+                    _ => bytes.len(),
+                };
+                respond(
+                    &mut stream,
+                    "206 Partial Content",
+                    &[
+                        ("x-repo-commit", commit.to_string()),
+                        ("etag", format!("\"{index:064x}\"")),
+                        (
+                            "content-range",
+                            format!("bytes {start}-{}/{}", end - 1, bytes.len()),
+                        ),
+                    ],
+                    &bytes[start..end],
+                );
+            }
+        });
+        Self { endpoint, requests }
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn hub_ids_not_cached_are_downloaded_with_the_token_and_refused_offline_or_unreachable() {
+    let dir = scratch("hub-download");
+    let commit = "fedcba9876543210fedcba9876543210fedcba98";
+    let hub = MockHub::start("qwen2-gqa-tied", commit, Some("hf_test_token"));
+    let run = |cache: &Path, env: &[(&str, &str)], args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_peft"));
+        command
+            .args(args)
+            .env("HF_HUB_CACHE", cache)
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_TOKEN")
+            .env_remove("HF_HOME");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command.output().unwrap()
+    };
+    let input = dir.join("in.json");
+    std::fs::write(&input, r#"{"input_ids": [[1, 2, 3, 4]]}"#).unwrap();
+    let forward_args = |output: &Path| {
+        vec![
+            "forward".to_string(),
+            "--model".into(),
+            "fixtures/qwen2-gqa-tied".into(),
+            "--input".into(),
+            input.to_str().unwrap().into(),
+            "--output".into(),
+            output.to_str().unwrap().into(),
+        ]
+    };
+    let cache = dir.join("hub");
+    let endpoint = hub.endpoint.as_str();
+
+    // Without the token the gated repository refuses: the error names id, revision and cache.
+    let output = dir.join("refused.safetensors");
+    let args = forward_args(&output);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(&cache, &[("HF_ENDPOINT", endpoint)], &args);
+    assert_eq!(out.status.code(), Some(1));
+    let expected = format!(
+        "could not download `fixtures/qwen2-gqa-tied` (revision main) into {}: listing the \
+         repository:",
+        cache.join("models--fixtures--qwen2-gqa-tied").display()
+    );
+    assert!(stderr(&out).contains(&expected), "{}", stderr(&out));
+    assert!(!output.exists());
+
+    // With HF_TOKEN it downloads config, tokenizer and weights into the cache's layout and gives
+    // the directory's logits.
+    let output = dir.join("downloaded.safetensors");
+    let args = forward_args(&output);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(
+        &cache,
+        &[("HF_ENDPOINT", endpoint), ("HF_TOKEN", "hf_test_token")],
+        &args,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let repo = cache.join("models--fixtures--qwen2-gqa-tied");
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs/main"))
+            .unwrap()
+            .trim(),
+        commit
+    );
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        let cached = repo.join("snapshots").join(commit).join(file);
+        assert_eq!(
+            std::fs::read(&cached).unwrap(),
+            std::fs::read(model("qwen2-gqa-tied").join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    let direct = dir.join("direct.safetensors");
+    let out = forward(&model("qwen2-gqa-tied"), &input, &direct, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(&output).unwrap(),
+        std::fs::read(&direct).unwrap()
+    );
+
+    // Cached now: offline, and with the Hub gone quiet, the same id still works.
+    let requests = hub.requests.lock().unwrap().len();
+    let again = dir.join("again.safetensors");
+    let args = forward_args(&again);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(&cache, &[("HF_HUB_OFFLINE", "1")], &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        hub.requests.lock().unwrap().len(),
+        requests,
+        "offline asked the Hub"
+    );
+
+    // Offline and not cached, or the Hub unreachable: named errors, nothing written.
+    let empty = dir.join("empty-cache");
+    let out = run(&empty, &[("HF_HUB_OFFLINE", "1")], &args);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("(HF_HUB_OFFLINE is set: nothing is downloaded)"),
+        "{}",
+        stderr(&out)
+    );
+    let unreachable = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = format!("http://{}", unreachable.local_addr().unwrap());
+    drop(unreachable);
+    let out = run(&empty, &[("HF_ENDPOINT", closed.as_str())], &args);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("could not download `fixtures/qwen2-gqa-tied` (revision main)"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

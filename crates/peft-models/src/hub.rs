@@ -91,12 +91,7 @@ pub fn resolve_model(arg: &Path, cache: &Path) -> Result<PathBuf> {
         why,
     };
     if !repo_dir.is_dir() {
-        return Err(not_cached(
-            repo_dir,
-            "no such directory (and downloading is not built in: fetch it with \
-             `huggingface-cli download` or pass a directory)"
-                .into(),
-        ));
+        return Err(not_cached(repo_dir, "no such directory".into()));
     }
     let is_commit = id.revision.len() == 40 && id.revision.chars().all(|c| c.is_ascii_hexdigit());
     let commit = if is_commit {
