@@ -15,7 +15,7 @@ use peft_models::{
 };
 use peft_train::data::{
     ALPACA_TEMPLATE, DataOptions, Dataset, TextEncoder, TokenizeOptions, TokenizedDataset,
-    TokenizerEncoder,
+    TokenizedExample, TokenizerEncoder,
 };
 use peft_train::optim::AdamWConfig;
 use peft_train::trainer::{
@@ -160,6 +160,10 @@ pub struct EvalArgs {
     /// Skip the exact-match score (greedy generation).
     #[arg(long)]
     pub no_exact_match: bool,
+    /// Also write one JSON line per row to this file: its line, prompt, target, greedy
+    /// continuation, exact match and loss (written as rows finish; the file appears whole).
+    #[arg(long)]
+    pub predictions: Option<PathBuf>,
     /// Compute dtype.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Dtype,
@@ -206,6 +210,17 @@ impl ModelText {
         }
     }
 
+    /// `ids` as text, special tokens left out.
+    fn decode(&self, ids: &[u32]) -> Result<String, CliError> {
+        self.tokenizer.decode(ids, true).map_err(|e| {
+            ModelError::Tokenizer {
+                path: self.dir.join("tokenizer.json"),
+                message: e.to_string(),
+            }
+            .into()
+        })
+    }
+
     /// Ids of `text` with the tokenizer's special tokens.
     fn encode(&self, text: &str) -> Result<Vec<u32>, CliError> {
         self.encode_with(text, true)
@@ -243,6 +258,71 @@ impl ModelText {
         self.check_in_vocab(&ids, || format!("the text {text:?}"))?;
         Ok(ids)
     }
+}
+
+/// Writes `peft eval --predictions`: one JSON object per row, streamed into a temporary file
+/// beside `path` that replaces `path` once every row is written (removed on failure).
+fn write_predictions(
+    path: &Path,
+    text: &ModelText,
+    model: &PeftModel<AutoCausalLm, AutoAdapter>,
+    rows: &[TokenizedExample],
+    options: &EvalOptions,
+) -> Result<(), CliError> {
+    let io = |source| CliError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let name = path.file_name().ok_or_else(|| CliError::Argument {
+        flag: "--predictions",
+        message: format!("{} names no file", path.display()),
+    })?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let write = || -> Result<(), CliError> {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+        let mut failure = None;
+        peft_train::predict(model, rows, options, |row, p| {
+            let line = (|| -> Result<(), CliError> {
+                let (prompt, target) = (
+                    text.decode(row.prompt_ids())?,
+                    text.decode(row.target_ids())?,
+                );
+                let generated = p.generated.as_deref().map(|g| text.decode(g)).transpose()?;
+                let json = serde_json::json!({
+                    "line": row.line,
+                    "prompt": prompt,
+                    "target": target,
+                    "generated": generated,
+                    "exact_match": p.exact_match,
+                    "loss": p.loss,
+                    "scored_tokens": p.scored,
+                });
+                writeln!(file, "{json}").map_err(io)
+            })();
+            match line {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    failure = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        file.into_inner()
+            .map_err(|e| io(e.into_error()))?
+            .sync_all()
+            .map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 /// Refuses an adapter whose training state (f32 parameters, gradients and AdamW's two moments:
@@ -542,7 +622,28 @@ fn encode_init_text(text: &ModelText, init_text: &str) -> Result<Vec<u32>, CliEr
 pub fn eval_command(args: &EvalArgs, device: &Device, out: &mut dyn Write) -> Result<(), CliError> {
     let text = ModelText::read(&args.model)?;
     let data = read_data(&text, &args.data, &args.rows)?;
-    let special = text.special;
+    let special = text.special.clone();
+    // Checked before the model is read: a run should not end in a file it cannot write.
+    if let Some(path) = &args.predictions {
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if !parent.is_dir() || path.is_dir() {
+            return Err(CliError::Argument {
+                flag: "--predictions",
+                message: format!(
+                    "{} cannot be written: {}",
+                    path.display(),
+                    if path.is_dir() {
+                        "it is a directory".to_string()
+                    } else {
+                        format!("no directory {}", parent.display())
+                    }
+                ),
+            });
+        }
+    }
     if args.batch_size == 0 {
         return Err(CliError::Argument {
             flag: "--batch-size",
@@ -563,6 +664,9 @@ pub fn eval_command(args: &EvalArgs, device: &Device, out: &mut dyn Write) -> Re
         eos_token_ids: special.eos_token_ids,
     };
     let metrics = evaluate(&model, &data.examples, &options, 0)?;
+    if let Some(path) = &args.predictions {
+        write_predictions(path, &text, &model, &data.examples, &options)?;
+    }
     writeln!(
         out,
         "data: {} ({})",

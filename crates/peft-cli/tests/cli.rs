@@ -1414,3 +1414,94 @@ fn hub_ids_not_cached_are_downloaded_with_the_token_and_refused_offline_or_unrea
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn eval_writes_one_prediction_per_row_consistent_with_its_summary() {
+    let dir = scratch("predictions");
+    let rows: String = (0..6)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"Count {i}\", \"completion\": \" {}\"}}\n",
+                i + 1
+            )
+        })
+        .chain(std::iter::once("{\"text\": \"a text row\"}\n".to_string()))
+        .collect();
+    let (out, adapter) = train_on(&dir, "prompt-tuning", &rows, &["--epochs", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let data = dir.join("train.jsonl");
+    let predictions = dir.join("predictions.jsonl");
+    let model_dir = model("qwen2-gqa-tied");
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--batch-size",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        peft(&args)
+    };
+    let out = eval(&["--predictions", predictions.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&predictions)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 7, "{lines:?}");
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["line"], i + 1);
+        assert!(line["loss"].as_f64().unwrap().is_finite());
+    }
+    assert_eq!(lines[0]["prompt"], "Count 0");
+    assert_eq!(lines[0]["target"], " 1");
+    // The text row has no continuation; the completion rows each have one, and the summary's
+    // exact-match count and loss are those of the rows.
+    assert!(lines[6]["generated"].is_null() && lines[6]["exact_match"].is_null());
+    let hits = lines[..6]
+        .iter()
+        .filter(|l| l["exact_match"].as_bool().unwrap())
+        .count();
+    assert!(
+        summary.contains(&format!("({hits} of 6)")),
+        "{summary}\n{lines:?}"
+    );
+    let scored: f64 = lines
+        .iter()
+        .map(|l| l["scored_tokens"].as_f64().unwrap())
+        .sum();
+    let loss: f64 = lines
+        .iter()
+        .map(|l| l["loss"].as_f64().unwrap() * l["scored_tokens"].as_f64().unwrap())
+        .sum::<f64>()
+        / scored;
+    assert!(
+        summary.contains(&format!("loss {loss:.4}")),
+        "{summary}: rows give {loss}"
+    );
+    // Nothing but the file is left beside it.
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("predictions"))
+        .collect();
+    assert_eq!(names, ["predictions.jsonl"]);
+
+    // A file that cannot be written is refused before the model is read.
+    let missing = dir.join("no/such/dir/p.jsonl");
+    let out = eval(&["--predictions", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("--predictions: ") && stderr(&out).contains("no directory"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -855,6 +855,85 @@ pub fn exact_match<M: CausalLm, A: Adapter>(
     Ok(Some(hits as f64 / completions.len() as f64))
 }
 
+/// What the model does with one evaluation row (`peft eval --predictions`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// Mean cross-entropy over the row's scored tokens, the row alone (no padding).
+    pub loss: f64,
+    /// Tokens the loss scored.
+    pub scored: usize,
+    /// Greedy continuation of the prompt, as long as the target at most (an EOS included when
+    /// generated); `None` for text rows or without exact match.
+    pub generated: Option<Vec<u32>>,
+    /// Whether `generated` starts with the target (EOS included); `None` as `generated`.
+    pub exact_match: Option<bool>,
+}
+
+/// One [`Prediction`] per row, in row order, handed to `each` batch by batch as they are
+/// computed (so a caller can stream them to a file); `each` may stop early with
+/// `ControlFlow::Break`. Greedy continuations are generated `options.batch_size` rows at a time,
+/// left-padded, as [`exact_match`] generates them; each row's loss is computed on the row alone.
+///
+/// # Errors
+///
+/// A row the model cannot take (too long for its context).
+pub fn predict<M: CausalLm, A: Adapter>(
+    model: &PeftModel<M, A>,
+    rows: &[TokenizedExample],
+    options: &EvalOptions,
+    mut each: impl FnMut(&TokenizedExample, Prediction) -> ControlFlow<()>,
+) -> Result<(), CoreError> {
+    let device = model.base.device();
+    let virtual_tokens = model.adapter.num_virtual_tokens();
+    for chunk in rows.chunks(options.batch_size.max(1)) {
+        let completions: Vec<&TokenizedExample> = chunk
+            .iter()
+            .filter(|r| options.exact_match && r.is_completion())
+            .collect();
+        let mut generated = if completions.is_empty() {
+            Vec::new()
+        } else {
+            let prompts: Vec<Vec<u32>> = completions
+                .iter()
+                .map(|r| r.prompt_ids().to_vec())
+                .collect();
+            let longest = completions
+                .iter()
+                .map(|r| r.target_ids().len())
+                .max()
+                .unwrap_or(1);
+            let config = GenerationConfig::new()
+                .with_max_new_tokens(longest)
+                .with_eos_token_ids(options.eos_token_ids.clone())
+                .with_pad_token_id(options.pad_token_id);
+            model
+                .generate(&prompts, &config, |_| ControlFlow::Continue(()))?
+                .new_tokens
+        }
+        .into_iter();
+        for row in chunk {
+            let batch = Batch::collate(&[row], options.pad_token_id, virtual_tokens, &device);
+            let loss: f32 = model
+                .loss(batch.input_ids, None, batch.labels)
+                .into_scalar();
+            let generated = (options.exact_match && row.is_completion())
+                .then(|| generated.next())
+                .flatten();
+            let exact_match = generated.as_ref().map(|g| g.starts_with(row.target_ids()));
+            let prediction = Prediction {
+                loss: f64::from(loss),
+                scored: batch.scored,
+                generated,
+                exact_match,
+            };
+            if each(row, prediction).is_break() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
