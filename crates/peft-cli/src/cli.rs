@@ -530,9 +530,19 @@ pub struct GenerateArgs {
     /// Adapter directory (injected at prefill).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// The prompt text.
-    #[arg(long)]
-    pub prompt: String,
+    /// The prompt text (or `--input`).
+    #[arg(long, required_unless_present = "input", conflicts_with = "input")]
+    pub prompt: Option<String>,
+    /// Many prompts: a JSONL file of `{"prompt": ...}` or `{"messages": [...]}` rows (chat rows
+    /// through the model's chat template), generated in batches into `--output`.
+    #[arg(long, requires = "output")]
+    pub input: Option<PathBuf>,
+    /// With `--input`: the JSONL file of continuations (one row per prompt, in input order).
+    #[arg(long, requires = "input")]
+    pub output: Option<PathBuf>,
+    /// With `--input`: prompts per batch (left-padded).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
@@ -855,14 +865,32 @@ pub fn generate_text(
         device,
         args.dtype.into(),
     )?;
+    if let (Some(input), Some(output)) = (&args.input, &args.output) {
+        let rows = crate::generate_file::generate_file(
+            input,
+            output,
+            args.batch_size,
+            &args.model,
+            &tokenizer,
+            &config,
+            model,
+            adapter,
+        )?;
+        return writeln!(out, "{rows} prompts -> {}", output.display()).map_err(|source| {
+            CliError::Io {
+                path: "<stdout>".into(),
+                source,
+            }
+        });
+    }
+    let prompt_text = args.prompt.as_deref().unwrap_or_default();
     let virtual_tokens = adapter.as_ref().map_or(0, Adapter::num_virtual_tokens);
-    let encoding =
-        tokenizer
-            .encode(args.prompt.as_str(), true)
-            .map_err(|e| ModelError::Tokenizer {
-                path: tokenizer_path.clone(),
-                message: e.to_string(),
-            })?;
+    let encoding = tokenizer
+        .encode(prompt_text, true)
+        .map_err(|e| ModelError::Tokenizer {
+            path: tokenizer_path.clone(),
+            message: e.to_string(),
+        })?;
     let prompt: Vec<u32> = encoding.get_ids().to_vec();
     if prompt.is_empty() {
         return Err(CliError::Argument {
@@ -885,7 +913,7 @@ pub fn generate_text(
             other => CliError::Generate(other),
         })?;
 
-    write!(out, "{}", args.prompt).map_err(|source| CliError::Io {
+    write!(out, "{prompt_text}").map_err(|source| CliError::Io {
         path: "<stdout>".into(),
         source,
     })?;

@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+mod generate_file;
 pub mod hub;
 pub mod plot;
 pub mod quickstart;

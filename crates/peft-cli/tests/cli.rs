@@ -1505,3 +1505,132 @@ fn eval_writes_one_prediction_per_row_consistent_with_its_summary() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn generate_from_a_file_in_batches_equals_each_prompt_alone() {
+    // transformers' greedy continuations of the fixture prompts (batched with left padding there
+    // too), and with a PEFT adapter, each prompt alone through `--prompt`.
+    let dir = scratch("generate-file");
+    let name = "qwen2-gqa-tied";
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(expected(name, "json")).unwrap()).unwrap();
+    let prompts: Vec<String> = meta["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    let input = dir.join("prompts.jsonl");
+    let rows: String = prompts
+        .iter()
+        .map(|p| format!("{}\n\n", serde_json::json!({ "prompt": p })))
+        .collect();
+    std::fs::write(&input, rows).unwrap();
+    let tokenizer = peft_models::load_tokenizer(model(name)).unwrap();
+    let adapter = root().join("fixtures/adapters/qwen2-gqa-tied/p-tuning-v2");
+    for with_adapter in [false, true] {
+        let output = dir.join(format!("out-{with_adapter}.jsonl"));
+        let mut args: Vec<String> = vec![
+            "generate".into(),
+            "--model".into(),
+            model(name).to_str().unwrap().to_string(),
+            "--input".into(),
+            input.to_str().unwrap().to_string(),
+            "--output".into(),
+            output.to_str().unwrap().to_string(),
+            "--batch-size".into(),
+            "2".into(),
+            "--max-new-tokens".into(),
+            "16".into(),
+        ];
+        if with_adapter {
+            args.extend(["--adapter".into(), adapter.to_str().unwrap().to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = peft(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("3 prompts -> "));
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3);
+        for (i, line) in lines.iter().enumerate() {
+            // Blank lines are skipped but counted.
+            assert_eq!(line["line"], 2 * i + 1);
+            assert_eq!(line["prompt"], prompts[i]);
+            let expected = if with_adapter {
+                let mut single = vec!["generate", "--model", "", "--prompt", &prompts[i]];
+                let model_dir = model(name);
+                single[2] = model_dir.to_str().unwrap();
+                single.extend([
+                    "--max-new-tokens",
+                    "16",
+                    "--adapter",
+                    adapter.to_str().unwrap(),
+                ]);
+                let out = peft(&single);
+                assert!(out.status.success(), "{}", stderr(&out));
+                let text = String::from_utf8(out.stdout).unwrap();
+                text.strip_prefix(prompts[i].as_str())
+                    .unwrap()
+                    .trim_end_matches('\n')
+                    .to_string()
+            } else {
+                let tokens: Vec<u32> =
+                    serde_json::from_value(meta["greedy_single"][i].clone()).unwrap();
+                tokenizer.decode(&tokens, true).unwrap()
+            };
+            assert_eq!(
+                line["generated"],
+                expected.as_str(),
+                "row {i}, adapter {with_adapter}"
+            );
+            assert!(["stop", "length"].contains(&line["finish_reason"].as_str().unwrap()));
+        }
+    }
+
+    // Bad rows are named by file and line, and nothing is written.
+    let output = dir.join("refused.jsonl");
+    for (rows, expected) in [
+        (
+            "{\"prompt\": \"a\"}\n{\"prompt\": 3}\n",
+            "prompts.jsonl:2: must be an object with a string `prompt`",
+        ),
+        (
+            "{\"prompt\": \"a\"}\nnot json\n",
+            "prompts.jsonl:2: not JSON",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+            "prompts.jsonl:1: a chat row, but the model",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"user\"}]}\n",
+            "prompts.jsonl:1: messages[0].content must be a string",
+        ),
+    ] {
+        std::fs::write(&input, rows).unwrap();
+        let out = peft(&[
+            "generate",
+            "--model",
+            model(name).to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{rows}");
+        assert!(stderr(&out).contains(expected), "{}", stderr(&out));
+        assert!(!output.exists());
+    }
+    // --input needs --output, and excludes --prompt.
+    let out = peft(&["generate", "--model", "m", "--input", "x.jsonl"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = peft(&[
+        "generate", "--model", "m", "--prompt", "p", "--input", "x", "--output", "y",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::remove_dir_all(dir).unwrap();
+}
