@@ -140,13 +140,13 @@ pub struct PromptLearningConfig {
     /// Virtual tokens.
     #[serde(deserialize_with = "fields::positive")]
     pub num_virtual_tokens: usize,
-    /// Width of one virtual token (hidden size; prefix tuning: key/value width, GQA-reduced).
+    /// Width of one virtual token (hidden size; for prefix key/values: their width, GQA-reduced).
     #[serde(deserialize_with = "fields::positive")]
     pub token_dim: usize,
     /// Transformer stacks the prompt feeds: 1 for a decoder-only model (the only value read).
     #[serde(default, deserialize_with = "fields::opt_positive")]
     pub num_transformer_submodules: Option<usize>,
-    /// Attention heads the adapter was shaped for (prefix tuning with GQA: key/value heads).
+    /// Attention heads the adapter was shaped for (prefix key/values with GQA: key/value heads).
     #[serde(deserialize_with = "fields::positive")]
     pub num_attention_heads: usize,
     /// Decoder layers of the base model.

@@ -1,8 +1,9 @@
 //! PEFT's inference file for prompt-learning methods: `adapter_model.safetensors` holding one F32
 //! tensor `prompt_embeddings` (metadata `{"format": "pt"}`), and atomic file writing.
 //!
-//! `prompt_embeddings` is the encoder's output: `[num_virtual_tokens, hidden]` for prompt tuning
-//! and P-tuning, `[num_virtual_tokens, layers * 2 * token_dim]` for prefix tuning.
+//! `prompt_embeddings` is the encoder's output: `[num_virtual_tokens, hidden]` for methods that
+//! prepend virtual tokens, `[num_virtual_tokens, layers * 2 * token_dim]` for methods that give
+//! every layer prefix key/values.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use burn::tensor::DType;
 
 /// File name PEFT uses for adapter weights.
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
-/// Our trainable checkpoint of an encoder-based method (P-tuning, prefix tuning): the encoder's
+/// Our trainable checkpoint of a method whose prompt comes out of an encoder: the encoder's
 /// weights under the names of PEFT's `prompt_encoder` state dict. PEFT ignores the file.
 pub const ADAPTER_ENCODER: &str = "adapter_encoder.safetensors";
 /// The tensor PEFT saves for prompt-learning methods.

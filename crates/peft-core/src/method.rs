@@ -70,7 +70,7 @@ pub trait Method: Adapter + Sized {
     type Config: MethodConfig<Method = Self>;
 
     /// The named configurations `peft train --method` offers for this method (one method can
-    /// have several, e.g. prefix tuning with and without projection).
+    /// have several, e.g. a prefix with and without a projection).
     const PRESETS: &'static [Preset];
 
     /// Reads the adapter directory `dir` made for a base of shape `base`, onto `device`: every

@@ -102,16 +102,16 @@ impl KvCache {
 #[derive(Debug, Clone, Default)]
 pub struct Injection {
     /// `[batch, num_virtual_tokens, hidden_size]`, prepended to the input embeddings
-    /// (prompt tuning, P-tuning). The attention mask gains ones for them.
+    /// (soft-prompt methods). The attention mask gains ones for them.
     pub virtual_embeds: Option<Tensor<3>>,
     /// One [`LayerKv`] of `[batch, num_key_value_heads, num_virtual_tokens, head_dim]` per layer
-    /// (prefix tuning, P-tuning v2).
+    /// (prefix methods).
     pub prefix: Option<Vec<LayerKv>>,
 }
 
 impl Injection {
     /// Virtual embeddings `[num_virtual_tokens, hidden]`, computed once, broadcast over a batch of
-    /// `batch` rows (prompt tuning, P-tuning).
+    /// `batch` rows (soft-prompt methods).
     pub fn virtual_tokens(embeddings: Tensor<2>, batch: usize) -> Self {
         let [n, d] = embeddings.dims();
         Self {
