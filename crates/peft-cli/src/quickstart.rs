@@ -200,6 +200,8 @@ pub fn quickstart(
         max_length: 64,
         template: ALPACA_TEMPLATE.to_string(),
         skip_bad_rows: false,
+        train_on: crate::training::TrainOnArg::All,
+        chat_template: None,
     };
     let (train_data, eval_data) = (
         read_data(&text, &train_path, &rows)?,

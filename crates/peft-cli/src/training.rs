@@ -14,8 +14,8 @@ use peft_models::{
     load_tokenizer,
 };
 use peft_train::data::{
-    ALPACA_TEMPLATE, DataOptions, Dataset, TextEncoder, TokenizeOptions, TokenizedDataset,
-    TokenizedExample, TokenizerEncoder,
+    ALPACA_TEMPLATE, ChatOptions, ChatRenderer, DataOptions, Dataset, Message, TextEncoder,
+    TokenizeOptions, TokenizedDataset, TokenizedExample, TokenizerEncoder, TrainOn,
 };
 use peft_train::optim::AdamWConfig;
 use peft_train::trainer::{
@@ -43,6 +43,36 @@ pub struct DataArgs {
     /// Skip (and count) bad rows instead of stopping at the first.
     #[arg(long)]
     pub skip_bad_rows: bool,
+    /// Chat rows ({"messages": [...]}): which assistant turns the loss scores.
+    #[arg(long, value_enum, default_value = "all")]
+    pub train_on: TrainOnArg,
+    /// Chat rows: a Jinja chat template file to use instead of the model's.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+}
+
+/// `--train-on`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrainOnArg {
+    /// Every assistant turn.
+    All,
+    /// The last assistant turn only.
+    Last,
+}
+
+/// The model's chat template (or `--chat-template`) as the data pipeline renders with it.
+struct TemplateRenderer(ChatTemplate);
+
+impl ChatRenderer for TemplateRenderer {
+    fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
+        let messages: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
+            .collect();
+        self.0
+            .render(&messages, add_generation_prompt)
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Arguments of `peft train`.
@@ -370,7 +400,32 @@ pub(crate) fn read_data(
             skip_bad_rows: args.skip_bad_rows,
         },
     )?;
-    let data = TokenizedDataset::new(
+    // The template is read only for data that has chat rows.
+    let template = if dataset.examples.iter().any(|e| e.messages.is_some()) {
+        let model_template = ChatTemplate::from_dir(&text.dir)?;
+        match &args.chat_template {
+            Some(file) => Some(ChatTemplate {
+                source: std::fs::read_to_string(file).map_err(|source| CliError::Io {
+                    path: file.clone(),
+                    source,
+                })?,
+                path: file.clone(),
+                special_tokens: model_template.map(|t| t.special_tokens).unwrap_or_default(),
+            }),
+            None => model_template,
+        }
+    } else {
+        None
+    };
+    let renderer = template.map(TemplateRenderer);
+    let chat = renderer.as_ref().map(|renderer| ChatOptions {
+        renderer,
+        train_on: match args.train_on {
+            TrainOnArg::All => TrainOn::AllAssistantTurns,
+            TrainOnArg::Last => TrainOn::LastAssistantTurn,
+        },
+    });
+    let data = TokenizedDataset::with_chat(
         dataset,
         &TokenizerEncoder(&text.tokenizer),
         &TokenizeOptions {
@@ -378,6 +433,7 @@ pub(crate) fn read_data(
             eos_token_id: text.special.eos_token_ids.first().copied(),
             skip_bad_rows: args.skip_bad_rows,
         },
+        chat.as_ref(),
     )?;
     for row in &data.examples {
         text.check_in_vocab(&row.input_ids, || {

@@ -1634,3 +1634,63 @@ fn generate_from_a_file_in_batches_equals_each_prompt_alone() {
     assert_eq!(out.status.code(), Some(2));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn train_on_chat_rows_with_a_template_file_and_refuse_them_without_one() {
+    let dir = scratch("chat-train");
+    let rows: String = (0..8)
+        .map(|i| {
+            format!(
+                "{}\n",
+                serde_json::json!({"messages": [
+                    {"role": "system", "content": "You count."},
+                    {"role": "user", "content": format!("After {i}?")},
+                    {"role": "assistant", "content": format!("{}", i + 1)},
+                ]})
+            )
+        })
+        .collect();
+    // The fixture model has no chat template: the row is refused by file and line.
+    let (out, adapter) = train_on(&dir, "prompt-tuning", &rows, &["--epochs", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("train.jsonl:1: a chat row, but the model has no chat template"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!adapter.exists());
+    // With --chat-template it trains on the assistant turns, and eval reads the same rows.
+    let template = root().join("fixtures/expected/chat/chatml.jinja");
+    let (out, adapter) = train_on(
+        &dir,
+        "prompt-tuning",
+        &rows,
+        &[
+            "--epochs",
+            "1",
+            "--chat-template",
+            template.to_str().unwrap(),
+            "--train-on",
+            "last",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = peft(&[
+        "eval",
+        "--model",
+        model("qwen2-gqa-tied").to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        dir.join("train.jsonl").to_str().unwrap(),
+        "--chat-template",
+        template.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("of 8)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

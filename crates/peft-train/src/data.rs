@@ -6,6 +6,7 @@
 //! | `{"prompt", "completion"}` | `prompt` | `completion` + EOS |
 //! | `{"instruction", "input", "output"}` | the template filled in (see [`ALPACA_TEMPLATE`]) | `output` + EOS |
 //! | `{"text"}` | none | `text` + EOS, every token |
+//! | `{"messages": [{"role", "content"}, ...]}` | the conversation through the model's chat template | the assistant turns (each up to its EOS), or the last only ([`TrainOn`]) |
 //!
 //! The prompt is tokenized with the tokenizer's special tokens (a BOS where the tokenizer adds
 //! one), the target without, and the two are joined, as the seeds' PEFT scripts do. Prompt tokens
@@ -74,10 +75,51 @@ pub enum DataError {
 pub struct Example {
     /// 1-based line of the row in its file.
     pub line: usize,
-    /// Text the model conditions on (not scored); `None` for `{"text"}` rows.
+    /// Text the model conditions on (not scored); `None` for `{"text"}` and chat rows.
     pub prompt: Option<String>,
-    /// Text the model learns to produce (scored).
+    /// Text the model learns to produce (scored); empty for chat rows.
     pub target: String,
+    /// A chat row's messages, rendered by the model's chat template at tokenization.
+    pub messages: Option<Vec<Message>>,
+}
+
+/// One message of a chat row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// Renders a conversation as the model's chat template does (implemented over peft-models'
+/// `ChatTemplate` by its users; tests use stand-ins).
+pub trait ChatRenderer {
+    /// The text of `messages`; with `add_generation_prompt`, followed by what opens the
+    /// assistant's turn.
+    ///
+    /// # Errors
+    ///
+    /// What the template raises, as text.
+    fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String>;
+}
+
+/// Which assistant turns of a chat row the loss scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrainOn {
+    /// Every assistant turn.
+    #[default]
+    AllAssistantTurns,
+    /// The last assistant turn only.
+    LastAssistantTurn,
+}
+
+/// How chat rows are tokenized.
+pub struct ChatOptions<'a> {
+    /// The model's chat template.
+    pub renderer: &'a dyn ChatRenderer,
+    /// The turns scored.
+    pub train_on: TrainOn,
 }
 
 /// A row that was skipped, and why.
@@ -165,10 +207,17 @@ impl Dataset {
                 continue;
             }
             match parse_row(raw, &options.template) {
-                Ok((prompt, target)) => examples.push(Example {
+                Ok(Row::Pair(prompt, target)) => examples.push(Example {
                     line,
                     prompt,
                     target,
+                    messages: None,
+                }),
+                Ok(Row::Chat(messages)) => examples.push(Example {
+                    line,
+                    prompt: None,
+                    target: String::new(),
+                    messages: Some(messages),
                 }),
                 Err(reason) if options.skip_bad_rows => skipped.push(SkippedRow { line, reason }),
                 Err(message) => {
@@ -194,12 +243,68 @@ impl Dataset {
     }
 }
 
-/// `(prompt, target)` of one JSONL row, or why the row is bad.
-fn parse_row(raw: &str, template: &str) -> Result<(Option<String>, String), String> {
+/// A parsed row: `(prompt, target)` (no prompt for text rows), or a chat row's messages.
+enum Row {
+    Pair(Option<String>, String),
+    Chat(Vec<Message>),
+}
+
+/// The messages of a chat row: each a `role` among system, user and assistant and a string
+/// `content`, at least one assistant turn with text.
+fn parse_messages(value: &Value) -> Result<Vec<Message>, String> {
+    let items = value
+        .as_array()
+        .ok_or_else(|| format!("field \"messages\" must be a list, found {value}"))?;
+    let messages = items
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field = |key: &str| match m.get(key) {
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(other) => Err(format!(
+                    "field \"messages[{i}].{key}\" must be a string, found {other}"
+                )),
+                None => Err(format!("missing field \"messages[{i}].{key}\"")),
+            };
+            let role = field("role")?;
+            if !matches!(role.as_str(), "system" | "user" | "assistant") {
+                return Err(format!(
+                    "field \"messages[{i}].role\" is {role:?}; expected \"system\", \"user\" or \
+                     \"assistant\""
+                ));
+            }
+            Ok(Message {
+                role,
+                content: field("content")?,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if !messages
+        .iter()
+        .any(|m| m.role == "assistant" && !m.content.trim().is_empty())
+    {
+        return Err("field \"messages\" has no assistant turn with text to learn".into());
+    }
+    Ok(messages)
+}
+
+/// One JSONL row, or why the row is bad.
+fn parse_row(raw: &str, template: &str) -> Result<Row, String> {
     let value: Value = serde_json::from_str(raw).map_err(|e| format!("not valid JSON: {e}"))?;
     let Value::Object(row) = value else {
         return Err("expected a JSON object".into());
     };
+    if let Some(messages) = row.get("messages") {
+        return parse_messages(messages).map(Row::Chat);
+    }
+    pair_row(&row, template).map(|(prompt, target)| Row::Pair(prompt, target))
+}
+
+/// `(prompt, target)` of a prompt/completion, instruction or text row.
+fn pair_row(
+    row: &serde_json::Map<String, Value>,
+    template: &str,
+) -> Result<(Option<String>, String), String> {
     let field = |key: &str| -> Result<Option<&str>, String> {
         match row.get(key) {
             None | Some(Value::Null) => Ok(None),
@@ -237,7 +342,7 @@ fn parse_row(raw: &str, template: &str) -> Result<(Option<String>, String), Stri
         let keys: Vec<&str> = row.keys().map(String::as_str).collect();
         Err(format!(
             "found keys {keys:?}; expected {{\"prompt\", \"completion\"}}, \
-             {{\"instruction\", \"input\", \"output\"}} or {{\"text\"}}"
+             {{\"instruction\", \"input\", \"output\"}}, {{\"text\"}} or {{\"messages\"}}"
         ))
     }
 }
@@ -247,6 +352,17 @@ fn parse_row(raw: &str, template: &str) -> Result<(Option<String>, String), Stri
 pub trait TextEncoder {
     /// The ids of `text`, with the tokenizer's special tokens (BOS) when `add_special_tokens`.
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String>;
+
+    /// The ids of `text` (no special tokens added) and the byte where each token starts in it,
+    /// for chat rows, whose scored turns are found by position.
+    ///
+    /// # Errors
+    ///
+    /// An encoder that cannot say where its tokens start.
+    fn encode_with_starts(&self, text: &str) -> Result<(Vec<u32>, Vec<usize>), String> {
+        let _ = text;
+        Err("this tokenizer does not report token offsets, which chat rows need".into())
+    }
 }
 
 /// A `tokenizer.json` tokenizer seen as the [`TextEncoder`] the data pipeline needs.
@@ -262,6 +378,17 @@ impl TextEncoder for TokenizerEncoder<'_> {
             .encode(text, add_special_tokens)
             .map(|encoding| encoding.get_ids().to_vec())
             .map_err(|e| e.to_string())
+    }
+
+    fn encode_with_starts(&self, text: &str) -> Result<(Vec<u32>, Vec<usize>), String> {
+        // `encode` reports byte offsets.
+        let encoding = self.0.encode(text, false).map_err(|e| e.to_string())?;
+        let starts = encoding
+            .get_offsets()
+            .iter()
+            .map(|&(start, _)| start)
+            .collect();
+        Ok((encoding.get_ids().to_vec(), starts))
     }
 }
 
@@ -336,6 +463,22 @@ impl TokenizedDataset {
         encoder: &dyn TextEncoder,
         options: &TokenizeOptions,
     ) -> Result<Self, DataError> {
+        Self::with_chat(dataset, encoder, options, None)
+    }
+
+    /// [`TokenizedDataset::new`] for data that may hold chat rows, rendered by `chat`'s template
+    /// (a chat row without one is a bad row).
+    ///
+    /// # Errors
+    ///
+    /// As [`TokenizedDataset::new`], and a chat row the template refuses, renders in a way whose
+    /// assistant turns cannot be located, or that does not fit `max_length`.
+    pub fn with_chat(
+        dataset: Dataset,
+        encoder: &dyn TextEncoder,
+        options: &TokenizeOptions,
+        chat: Option<&ChatOptions<'_>>,
+    ) -> Result<Self, DataError> {
         let Dataset {
             path,
             examples,
@@ -343,7 +486,18 @@ impl TokenizedDataset {
         } = dataset;
         let mut rows = Vec::with_capacity(examples.len());
         for example in examples {
-            match tokenize_example(&example, encoder, options) {
+            let row = match &example.messages {
+                Some(messages) => match chat {
+                    Some(chat) => tokenize_chat(example.line, messages, encoder, options, chat),
+                    None => Err(
+                        "a chat row, but the model has no chat template (chat_template in \
+                         tokenizer_config.json, or chat_template.jinja)"
+                            .into(),
+                    ),
+                },
+                None => tokenize_example(&example, encoder, options),
+            };
+            match row {
                 Ok(row) => rows.push(row),
                 Err(reason) if options.skip_bad_rows => skipped.push(SkippedRow {
                     line: example.line,
@@ -376,6 +530,95 @@ impl TokenizedDataset {
     pub fn completions(&self) -> impl Iterator<Item = &TokenizedExample> {
         self.examples.iter().filter(|e| e.is_completion())
     }
+}
+
+/// A chat row: the whole conversation rendered and tokenized at once (the ids transformers'
+/// `apply_chat_template` gives), scoring the tokens that start inside an assistant turn: from the
+/// end of the conversation before it with the generation prompt, to the end of the conversation
+/// through it, cut after the turn's last EOS (the template's end-of-turn text after it is not
+/// learned). Tokens after the last scored one are dropped; the prompt, for exact match, is
+/// everything before the last assistant turn.
+fn tokenize_chat(
+    line: usize,
+    messages: &[Message],
+    encoder: &dyn TextEncoder,
+    options: &TokenizeOptions,
+    chat: &ChatOptions<'_>,
+) -> Result<TokenizedExample, String> {
+    let render = |messages: &[Message], generation_prompt: bool| {
+        chat.renderer
+            .render(messages, generation_prompt)
+            .map_err(|e| format!("the chat template refuses the row: {e}"))
+    };
+    let full = render(messages, false)?;
+    let turns: Vec<usize> = messages
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.role == "assistant")
+        .map(|(i, _)| i)
+        .collect();
+    let turns = match chat.train_on {
+        TrainOn::AllAssistantTurns => &turns[..],
+        TrainOn::LastAssistantTurn => &turns[turns.len().saturating_sub(1)..],
+    };
+    let mut spans = Vec::with_capacity(turns.len());
+    for &i in turns {
+        let before = render(&messages[..i], true)?;
+        let through = render(&messages[..=i], false)?;
+        if !full.starts_with(&before) || !full.starts_with(&through) || before.len() > through.len()
+        {
+            return Err(format!(
+                "the chat template does not render the conversation before message {i} as a \
+                 beginning of the whole, so the assistant turn cannot be located"
+            ));
+        }
+        spans.push(before.len()..through.len());
+    }
+    let (ids, starts) = encoder
+        .encode_with_starts(&full)
+        .map_err(|e| format!("the tokenizer rejects the conversation: {e}"))?;
+    let mut labels = vec![IGNORE_INDEX; ids.len()];
+    let mut last_start = None;
+    for span in &spans {
+        let tokens: Vec<usize> = (0..ids.len())
+            .filter(|&k| span.contains(&starts[k]))
+            .collect();
+        // Up to the turn's last EOS, where the template ends a turn with one.
+        let end = match options.eos_token_id {
+            Some(eos) => tokens
+                .iter()
+                .rposition(|&k| ids[k] == eos)
+                .map_or(tokens.len(), |p| p + 1),
+            None => tokens.len(),
+        };
+        for &k in &tokens[..end] {
+            labels[k] = i64::from(ids[k]);
+        }
+        if let Some(&first) = tokens.first() {
+            last_start = Some(first);
+        }
+    }
+    let Some(last_scored) = labels.iter().rposition(|&l| l != IGNORE_INDEX) else {
+        return Err("the conversation's assistant turns encode to no tokens".into());
+    };
+    let len = last_scored + 1;
+    if len > options.max_length {
+        return Err(format!(
+            "the conversation is {len} tokens, more than max_length {}",
+            options.max_length
+        ));
+    }
+    let mut input_ids = ids;
+    input_ids.truncate(len);
+    labels.truncate(len);
+    Ok(TokenizedExample {
+        line,
+        input_ids,
+        labels,
+        prompt_len: last_start.unwrap_or(0),
+        is_text: false,
+        truncated: false,
+    })
 }
 
 fn tokenize_example(
