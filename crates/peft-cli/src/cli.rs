@@ -859,6 +859,19 @@ pub fn generate_text(
         .with_eos_token_ids(special.eos_token_ids.clone())
         .with_pad_token_id(special.pad_token_id);
     config.validate().map_err(CliError::Generate)?;
+    // Many prompts: every row is read and checked before the model is.
+    let prompt_rows = match &args.input {
+        Some(input) => {
+            if args.batch_size == 0 {
+                return Err(CliError::Argument {
+                    flag: "--batch-size",
+                    message: "must be at least 1".into(),
+                });
+            }
+            crate::generate_file::read_prompts(input, &args.model, &tokenizer)?
+        }
+        None => Vec::new(),
+    };
     let (model, adapter) = load_model(
         &args.model,
         args.adapter.as_deref(),
@@ -867,6 +880,7 @@ pub fn generate_text(
     )?;
     if let (Some(input), Some(output)) = (&args.input, &args.output) {
         let rows = crate::generate_file::generate_file(
+            &prompt_rows,
             input,
             output,
             args.batch_size,

@@ -20,15 +20,15 @@ use peft::AutoAdapter;
 use crate::cli::CliError;
 
 /// One input row, tokenized.
-struct PromptRow {
+pub(crate) struct PromptRow {
     line: usize,
     /// The text the model continues (a chat row's rendering).
     text: String,
     ids: Vec<u32>,
 }
 
-/// Reads and tokenizes `path`, checking every row before anything is generated.
-fn read_prompts(
+/// Reads and tokenizes `path`, checking every row before the model is even read.
+pub(crate) fn read_prompts(
     path: &Path,
     model_dir: &Path,
     tokenizer: &Tokenizer,
@@ -108,9 +108,11 @@ fn read_prompts(
     Ok(rows)
 }
 
-/// Generates for every row of `input` in batches of `batch_size`, writing `output`.
+/// Generates for every row of `rows` (read from `input`) in batches of `batch_size`, writing
+/// `output`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn generate_file(
+    rows: &[PromptRow],
     input: &Path,
     output: &Path,
     batch_size: usize,
@@ -120,15 +122,8 @@ pub(crate) fn generate_file(
     model: AutoCausalLm,
     adapter: Option<AutoAdapter>,
 ) -> Result<usize, CliError> {
-    if batch_size == 0 {
-        return Err(CliError::Argument {
-            flag: "--batch-size",
-            message: "must be at least 1".into(),
-        });
-    }
-    let rows = read_prompts(input, model_dir, tokenizer)?;
     let virtual_tokens = adapter.as_ref().map_or(0, Adapter::num_virtual_tokens);
-    for row in &rows {
+    for row in rows {
         let ids: Vec<i64> = row.ids.iter().map(|&t| i64::from(t)).collect();
         peft_core::CausalLm::check_input(
             &model,
