@@ -66,7 +66,10 @@ pub enum CliError {
     #[error("evaluation: {0}")]
     Eval(#[from] peft_core::CoreError),
     /// A Hub id that could not be downloaded into the cache.
-    #[error("could not download `{id}` (revision {revision}) into {cache}: {why}")]
+    #[error(
+        "`{id}` is not a directory, and as a Hub id could not be downloaded (revision \
+         {revision}) into {cache}: {why}"
+    )]
     Download {
         /// `ORG/NAME`.
         id: String,

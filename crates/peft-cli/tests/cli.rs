@@ -1339,8 +1339,8 @@ fn hub_ids_not_cached_are_downloaded_with_the_token_and_refused_offline_or_unrea
     let out = run(&cache, &[("HF_ENDPOINT", endpoint)], &args);
     assert_eq!(out.status.code(), Some(1));
     let expected = format!(
-        "could not download `fixtures/qwen2-gqa-tied` (revision main) into {}: listing the \
-         repository:",
+        "`fixtures/qwen2-gqa-tied` is not a directory, and as a Hub id could not be downloaded \
+         (revision main) into {}: listing the repository:",
         cache.join("models--fixtures--qwen2-gqa-tied").display()
     );
     assert!(stderr(&out).contains(&expected), "{}", stderr(&out));
@@ -1408,7 +1408,10 @@ fn hub_ids_not_cached_are_downloaded_with_the_token_and_refused_offline_or_unrea
     let out = run(&empty, &[("HF_ENDPOINT", closed.as_str())], &args);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("could not download `fixtures/qwen2-gqa-tied` (revision main)"),
+        stderr(&out).contains(
+            "`fixtures/qwen2-gqa-tied` is not a directory, and as a Hub id could not be \
+             downloaded (revision main)"
+        ),
         "{}",
         stderr(&out)
     );
