@@ -11,7 +11,7 @@
 //!
 //! - [`core`]: the `CausalLm` / adapter contract, masks, generation.
 //! - [`train`]: JSONL data, the training loop, AdamW, checkpoints.
-//! - [`models`]: Qwen2, Llama and BLOOM loading Hugging Face checkpoints.
+//! - [`models`]: Qwen2, Llama 2 and 3.x, Qwen3, Mistral and BLOOM loading Hugging Face checkpoints.
 //! - [`prompt`], [`ptuning`], [`prefix`], [`bitfit`]: the methods.
 #![warn(missing_docs)]
 

@@ -1,4 +1,5 @@
-//! Base models for peft-burn: Qwen2, Llama and BLOOM in burn, loading Hugging Face checkpoints.
+//! Base models for peft-burn: Qwen2, Llama 2 and 3.x, Qwen3, Mistral and BLOOM in burn, loading
+//! Hugging Face checkpoints.
 //!
 //! Each model implements [`peft_core::CausalLm`], so every adapter and the generation loop of
 //! peft-core work on it unchanged. Outputs match transformers (see the parity tests in
