@@ -98,15 +98,22 @@ impl KvCache {
 }
 
 /// What an adapter adds to a batch: virtual input embeddings to prepend and/or per-layer
-/// prefix key/values. Row `i` of each tensor belongs to row `i` of the batch.
+/// prefix key/values. Row `i` of each tensor belongs to row `i` of the batch, so rows of one batch
+/// may carry different adapters ([`Injection::stack`]).
 #[derive(Debug, Clone, Default)]
 pub struct Injection {
     /// `[batch, num_virtual_tokens, hidden_size]`, prepended to the input embeddings
-    /// (soft-prompt methods). The attention mask gains ones for them.
+    /// (soft-prompt methods). The attention mask gains `virtual_mask` (ones without it) for them.
     pub virtual_embeds: Option<Tensor<3>>,
+    /// `[batch, num_virtual_tokens]`, 1 on a row's virtual tokens and 0 on the slots that pad a
+    /// row with fewer; `None`: every slot is real.
+    pub virtual_mask: Option<Tensor<2, Int>>,
     /// One [`LayerKv`] of `[batch, num_key_value_heads, num_virtual_tokens, head_dim]` per layer
     /// (prefix methods).
     pub prefix: Option<Vec<LayerKv>>,
+    /// `[batch, prefix_len]`, 1 on a row's prefix positions and 0 on padding slots; `None`: all
+    /// real.
+    pub prefix_mask: Option<Tensor<2, Int>>,
 }
 
 impl Injection {
@@ -116,8 +123,112 @@ impl Injection {
         let [n, d] = embeddings.dims();
         Self {
             virtual_embeds: Some(embeddings.unsqueeze::<3>().expand([batch, n, d])),
-            prefix: None,
+            ..Self::default()
         }
+    }
+
+    /// Per-layer prefix key/values for the whole batch (prefix methods).
+    pub fn prefix(layers: Vec<LayerKv>) -> Self {
+        Self {
+            prefix: Some(layers),
+            ..Self::default()
+        }
+    }
+
+    /// One batch from the injections of single rows (each made for a batch of 1), so that every
+    /// row of a batch can carry its own adapter, of any method, or none (`Injection::default()`).
+    /// Rows with fewer virtual tokens or prefix positions than the longest are padded on the left
+    /// with zeros that the masks mark as padding: with padding-aware positions, each row then
+    /// computes what it computes alone (on models without a sliding window, whose window would
+    /// count the padding slots).
+    ///
+    /// # Panics
+    ///
+    /// If a row's tensors are not of batch 1, or rows disagree on hidden size, heads, head size or
+    /// number of layers.
+    pub fn stack(rows: Vec<Injection>) -> Self {
+        let batch = rows.len();
+        let widest = |len: &dyn Fn(&Injection) -> usize| rows.iter().map(len).max().unwrap_or(0);
+        let n = widest(&|r| r.virtual_embeds.as_ref().map_or(0, |v| v.dims()[1]));
+        let p = widest(&|r| {
+            r.prefix
+                .as_ref()
+                .and_then(|l| l.first())
+                .map_or(0, LayerKv::len)
+        });
+        let mask = |lens: Vec<usize>, width: usize, device: &Device| {
+            let values: Vec<i64> = lens
+                .iter()
+                .flat_map(|&len| (0..width).map(move |i| i64::from(i >= width - len)))
+                .collect();
+            Tensor::<2, Int>::from_data(TensorData::new(values, [batch, width]), device)
+        };
+        let mut out = Injection::default();
+        if let Some(template) = rows.iter().find_map(|r| r.virtual_embeds.clone()) {
+            let [_, _, d] = template.dims();
+            let device = template.device();
+            let dtype = template.dtype();
+            let mut lens = Vec::with_capacity(batch);
+            let padded: Vec<Tensor<3>> = rows
+                .iter()
+                .map(|r| {
+                    let v = r.virtual_embeds.clone();
+                    let len = v.as_ref().map_or(0, |v| v.dims()[1]);
+                    lens.push(len);
+                    let pad = Tensor::<3>::zeros([1, n - len, d], &device).cast(dtype);
+                    match v {
+                        Some(v) if len == n => v,
+                        Some(v) => Tensor::cat(vec![pad, v], 1),
+                        None => pad,
+                    }
+                })
+                .collect();
+            out.virtual_embeds = Some(Tensor::cat(padded, 0));
+            out.virtual_mask = Some(mask(lens, n, &device));
+        }
+        if let Some(template) = rows.iter().find_map(|r| r.prefix.clone()) {
+            let device = template[0].key.device();
+            let lens: Vec<usize> = rows
+                .iter()
+                .map(|r| {
+                    r.prefix
+                        .as_ref()
+                        .and_then(|l| l.first())
+                        .map_or(0, LayerKv::len)
+                })
+                .collect();
+            let layers = template
+                .iter()
+                .enumerate()
+                .map(|(layer, kv)| {
+                    let [_, h, _, hd] = kv.key.dims();
+                    let dtype = kv.key.dtype();
+                    let side = |pick: &dyn Fn(&LayerKv) -> Tensor<4>| {
+                        let parts: Vec<Tensor<4>> = rows
+                            .iter()
+                            .zip(&lens)
+                            .map(|(r, &len)| {
+                                let pad =
+                                    Tensor::<4>::zeros([1, h, p - len, hd], &device).cast(dtype);
+                                match r.prefix.as_ref().map(|l| pick(&l[layer])) {
+                                    Some(t) if len == p => t,
+                                    Some(t) => Tensor::cat(vec![pad, t], 2),
+                                    None => pad,
+                                }
+                            })
+                            .collect();
+                        Tensor::cat(parts, 0)
+                    };
+                    LayerKv {
+                        key: side(&|kv| kv.key.clone()),
+                        value: side(&|kv| kv.value.clone()),
+                    }
+                })
+                .collect();
+            out.prefix = Some(layers);
+            out.prefix_mask = Some(mask(lens, p, &device));
+        }
+        out
     }
 
     /// The model input for token embeddings `[batch, seq, hidden]` and their padding mask with this
@@ -136,9 +247,18 @@ impl Injection {
         let (embeds, attention_mask) = match self.virtual_embeds {
             Some(virtual_embeds) => {
                 let [batch, n, _] = virtual_embeds.dims();
+                let [_, seq, _] = embeds.dims();
                 let device = embeds.device();
-                let mask = attention_mask
-                    .map(|m| Tensor::cat(vec![Tensor::ones([batch, n], &device), m], 1));
+                let mask = match (self.virtual_mask, attention_mask) {
+                    (None, None) => None,
+                    (virtual_mask, mask) => Some(Tensor::cat(
+                        vec![
+                            virtual_mask.unwrap_or_else(|| Tensor::ones([batch, n], &device)),
+                            mask.unwrap_or_else(|| Tensor::ones([batch, seq], &device)),
+                        ],
+                        1,
+                    )),
+                };
                 (
                     Tensor::cat(vec![virtual_embeds.cast(dtype), embeds], 1),
                     mask,
@@ -158,6 +278,7 @@ impl Injection {
         ModelInput::new(embeds)
             .with_attention_mask(attention_mask)
             .with_prefix(prefix)
+            .with_prefix_mask(self.prefix_mask)
     }
 }
 
@@ -175,6 +296,9 @@ pub struct ModelInput {
     /// position, never rotated. Only allowed when `cache` is `None` or empty: the returned cache
     /// then starts with the prefix.
     pub prefix: Option<Vec<LayerKv>>,
+    /// `[batch, prefix_len]`, 1 on real prefix positions and 0 on padding slots (rows of
+    /// different prefix lengths in one batch); `None`: all real.
+    pub prefix_mask: Option<Tensor<2, Int>>,
     /// Positions computed so far. Positions are padding-aware: a real token sits at
     /// (number of real cached and prefix positions before it) + (number of real tokens before it
     /// in this input).
@@ -188,8 +312,15 @@ impl ModelInput {
             inputs_embeds,
             attention_mask: None,
             prefix: None,
+            prefix_mask: None,
             cache: None,
         }
+    }
+
+    /// Sets the padding mask of the prefix positions (`[batch, prefix_len]`, 1 = real).
+    pub fn with_prefix_mask(mut self, mask: Option<Tensor<2, Int>>) -> Self {
+        self.prefix_mask = mask;
+        self
     }
 
     /// Sets the padding mask (`[batch, seq]`, 1 = real).

@@ -237,7 +237,7 @@ impl Past {
             (Some(_), Some(_)) => panic!(
                 "a prefix cannot be combined with a non-empty cache: the cache already holds the prefix"
             ),
-            (Some(prefix), None) => (Some(prefix), None),
+            (Some(prefix), None) => (Some(prefix), input.prefix_mask),
             (None, Some(cache)) => (Some(cache.layers), cache.attention_mask),
             (None, None) => (None, None),
         };

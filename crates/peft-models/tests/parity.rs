@@ -515,7 +515,7 @@ fn injected_virtual_embeddings_act_like_the_prompt_tokens_they_embed() {
         let tails: Vec<Vec<u32>> = prompts.iter().map(|p| p[2..].to_vec()).collect();
         let injection = Injection {
             virtual_embeds: Some(model.embed_tokens(ints(&heads))),
-            prefix: None,
+            ..Injection::default()
         };
         let special = SpecialTokens::from_dir(model_dir(name)).unwrap();
         let config = GenerationConfig::new()
@@ -544,10 +544,7 @@ fn injected_prefix_is_applied_at_prefill() {
             .iter()
             .map(|r| r.iter().map(|&t| t as u32).collect())
             .collect();
-        let injection = Injection {
-            virtual_embeds: None,
-            prefix: Some(prefix(&exp, 0..2)),
-        };
+        let injection = Injection::prefix(prefix(&exp, 0..2));
         let config = GenerationConfig::new().with_max_new_tokens(1);
         let out = generate(&model, &prompts, injection, &config, |_| {
             ControlFlow::Continue(())
@@ -582,7 +579,7 @@ fn generate_rejects_inputs_that_do_not_fit() {
     assert!(run(&[vec![1, 999]], Injection::default()).contains("token id 999"));
     let wrong_width = Injection {
         virtual_embeds: Some(Tensor::zeros([1, 2, 7], &Device::default())),
-        prefix: None,
+        ..Injection::default()
     };
     assert!(
         run(&[vec![1]], wrong_width).contains("virtual_embeds: is [1, _, 7], expected [1, _, 64]")

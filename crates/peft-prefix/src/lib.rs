@@ -429,10 +429,7 @@ impl Adapter for PrefixEncoder {
     }
 
     fn inject(&self, batch: usize) -> Injection {
-        Injection {
-            virtual_embeds: None,
-            prefix: Some(self.key_values(batch)),
-        }
+        Injection::prefix(self.key_values(batch))
     }
 }
 
