@@ -95,6 +95,91 @@ impl KvCache {
             attention_mask: None,
         }
     }
+
+    /// Rows of this cache's batch (`[batch, ...]` -> `[rows.len(), ...]`), in the order given.
+    ///
+    /// # Panics
+    ///
+    /// If `rows` is empty or names a row outside the batch.
+    pub fn select_rows(&self, rows: &[usize]) -> Self {
+        let device = self.layers[0].key.device();
+        let index = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+                [rows.len()],
+            ),
+            &device,
+        );
+        Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|kv| LayerKv {
+                    key: kv.key.clone().select(0, index.clone()),
+                    value: kv.value.clone().select(0, index.clone()),
+                })
+                .collect(),
+            attention_mask: self
+                .attention_mask
+                .clone()
+                .map(|m| m.select(0, index.clone())),
+        }
+    }
+
+    /// One cache of the rows of `caches`, in order: shorter caches are left-padded with masked
+    /// zeros to the longest, so that with padding-aware positions every row decodes as it would
+    /// alone (on models without a sliding window). How a running batch takes in new rows.
+    ///
+    /// # Panics
+    ///
+    /// If `caches` is empty or they disagree on layers, heads or head size.
+    pub fn join_rows(caches: Vec<KvCache>) -> Self {
+        let longest = caches.iter().map(KvCache::len).max().unwrap_or(0);
+        let first = &caches[0].layers[0].key;
+        let device = first.device();
+        let dtype = first.dtype();
+        let layers = caches[0].layers.len();
+        let mut masks = Vec::with_capacity(caches.len());
+        let mut keys: Vec<Vec<Tensor<4>>> = vec![Vec::new(); layers];
+        let mut values: Vec<Vec<Tensor<4>>> = vec![Vec::new(); layers];
+        for cache in caches {
+            let len = cache.len();
+            let pad = longest - len;
+            let [batch, heads, _, head_dim] = cache.layers[0].key.dims();
+            let mask = cache
+                .attention_mask
+                .unwrap_or_else(|| Tensor::ones([batch, len], &device));
+            masks.push(if pad == 0 {
+                mask
+            } else {
+                Tensor::cat(vec![Tensor::zeros([batch, pad], &device), mask], 1)
+            });
+            for (layer, kv) in cache.layers.into_iter().enumerate() {
+                let padded = |t: Tensor<4>| {
+                    if pad == 0 {
+                        t
+                    } else {
+                        let zeros =
+                            Tensor::<4>::zeros([batch, heads, pad, head_dim], &device).cast(dtype);
+                        Tensor::cat(vec![zeros, t], 2)
+                    }
+                };
+                keys[layer].push(padded(kv.key));
+                values[layer].push(padded(kv.value));
+            }
+        }
+        Self {
+            layers: keys
+                .into_iter()
+                .zip(values)
+                .map(|(k, v)| LayerKv {
+                    key: Tensor::cat(k, 0),
+                    value: Tensor::cat(v, 0),
+                })
+                .collect(),
+            attention_mask: Some(Tensor::cat(masks, 0)),
+        }
+    }
 }
 
 /// What an adapter adds to a batch: virtual input embeddings to prepend and/or per-layer

@@ -1,0 +1,279 @@
+//! The batch scheduler: a queue of requests, a running batch with one KV cache, one decode step
+//! at a time.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use burn::prelude::*;
+use peft::AutoAdapter;
+use peft::core::{Adapter, CausalLm, CoreError, Injection, KvCache, ModelInput};
+
+/// A generation request: greedy decoding of `prompt` with `adapter` (or the bare base).
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The caller's id, echoed in every [`Event`].
+    pub id: u64,
+    /// Prompt token ids (at least one).
+    pub prompt: Vec<u32>,
+    /// The adapter of this row, in its inference form; `None` serves the base model.
+    pub adapter: Option<Arc<AutoAdapter>>,
+    /// Most new tokens.
+    pub max_new_tokens: usize,
+    /// Ids that end the request (included in its tokens).
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// What one [`Engine::step`] produced for a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A new token of request `id`.
+    Token {
+        /// The request.
+        id: u64,
+        /// The token.
+        token: u32,
+    },
+    /// Request `id` is done: it produced an EOS or its `max_new_tokens`.
+    Finished {
+        /// The request.
+        id: u64,
+        /// Every token it produced.
+        tokens: Vec<u32>,
+    },
+}
+
+/// Why a request cannot be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The queue holds `max_queue` requests already.
+    #[error("the queue is full ({max_queue} requests waiting)")]
+    QueueFull {
+        /// The queue's bound.
+        max_queue: usize,
+    },
+    /// The request does not fit the model (empty prompt, token outside the vocabulary, longer
+    /// than the context once its adapter's tokens and `max_new_tokens` are added).
+    #[error("request {id}: {source}")]
+    Invalid {
+        /// The request.
+        id: u64,
+        /// What is wrong.
+        source: CoreError,
+    },
+}
+
+/// A running row.
+struct Row {
+    request: Request,
+    tokens: Vec<u32>,
+    /// The token to feed at the next decode step.
+    next: u32,
+}
+
+/// One base model serving requests of many adapters in shared batches.
+pub struct Engine<M: CausalLm> {
+    model: M,
+    max_batch_size: usize,
+    max_queue: usize,
+    queue: VecDeque<Request>,
+    rows: Vec<Row>,
+    cache: Option<KvCache>,
+}
+
+impl<M: CausalLm> Engine<M> {
+    /// An engine over `model` running at most `max_batch_size` rows at once and queueing at most
+    /// `max_queue` more (both at least 1).
+    pub fn new(model: M, max_batch_size: usize, max_queue: usize) -> Self {
+        Self {
+            model,
+            max_batch_size: max_batch_size.max(1),
+            max_queue: max_queue.max(1),
+            queue: VecDeque::new(),
+            rows: Vec::new(),
+            cache: None,
+        }
+    }
+
+    /// Queues `request`; it joins the running batch at the next [`Engine::step`] with room.
+    ///
+    /// # Errors
+    ///
+    /// A full queue, or a request that does not fit the model (checked now, not when it runs).
+    pub fn submit(&mut self, request: Request) -> Result<(), EngineError> {
+        if self.queue.len() >= self.max_queue {
+            return Err(EngineError::QueueFull {
+                max_queue: self.max_queue,
+            });
+        }
+        let extra = request
+            .adapter
+            .as_ref()
+            .map_or(0, |a| a.num_virtual_tokens() + prefix_len(a))
+            + request.max_new_tokens;
+        let ids: Vec<i64> = request.prompt.iter().map(|&t| i64::from(t)).collect();
+        let problem = if request.prompt.is_empty() {
+            Some(CoreError::Shape {
+                what: "prompt",
+                message: "needs at least one token".into(),
+            })
+        } else {
+            self.model.check_input(&[ids], None, extra).err()
+        };
+        if let Some(source) = problem {
+            return Err(EngineError::Invalid {
+                id: request.id,
+                source,
+            });
+        }
+        self.queue.push_back(request);
+        Ok(())
+    }
+
+    /// Rows decoding now.
+    pub fn running(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Requests waiting for room.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether nothing is running or waiting.
+    pub fn is_idle(&self) -> bool {
+        self.rows.is_empty() && self.queue.is_empty()
+    }
+
+    /// Drops request `id` wherever it is (a client that went away frees its row).
+    pub fn cancel(&mut self, id: u64) {
+        self.queue.retain(|r| r.id != id);
+        if let Some(at) = self.rows.iter().position(|r| r.request.id == id) {
+            self.remove_rows(&[at]);
+        }
+    }
+
+    /// One step: queued requests join while there is room (each prefilled alone, its cache
+    /// joined to the batch's), then every running row decodes one token. Returns the tokens and
+    /// the requests that finished.
+    pub fn step(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        // Join: a new row's prefill yields its first token.
+        while self.rows.len() < self.max_batch_size {
+            let Some(request) = self.queue.pop_front() else {
+                break;
+            };
+            let (token, cache) = self.prefill(&request);
+            self.cache = Some(match self.cache.take() {
+                Some(running) => KvCache::join_rows(vec![running, cache]),
+                None => cache,
+            });
+            self.rows.push(Row {
+                tokens: Vec::new(),
+                next: token,
+                request,
+            });
+            // The first token is emitted below with the others, so that a row's tokens come
+            // out in order, one per step.
+        }
+        if self.rows.is_empty() {
+            return events;
+        }
+        // Emit each row's pending token; rows that finish leave before the decode.
+        let mut done = Vec::new();
+        for (at, row) in self.rows.iter_mut().enumerate() {
+            let token = row.next;
+            row.tokens.push(token);
+            events.push(Event::Token {
+                id: row.request.id,
+                token,
+            });
+            if row.request.eos_token_ids.contains(&token)
+                || row.tokens.len() >= row.request.max_new_tokens
+            {
+                events.push(Event::Finished {
+                    id: row.request.id,
+                    tokens: row.tokens.clone(),
+                });
+                done.push(at);
+            }
+        }
+        self.remove_rows(&done);
+        if self.rows.is_empty() {
+            return events;
+        }
+        // Decode: every running row's pending token through the model.
+        let device = self.model.device();
+        let batch = self.rows.len();
+        let next: Vec<i64> = self.rows.iter().map(|r| i64::from(r.next)).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(next, [batch, 1]), &device);
+        let input = ModelInput::new(self.model.embed_tokens(ids)).with_cache(self.cache.take());
+        let out = self.model.forward_hidden(input);
+        let tokens = greedy(&self.model, out.hidden_states);
+        self.cache = Some(out.cache);
+        for (row, token) in self.rows.iter_mut().zip(tokens) {
+            row.next = token;
+        }
+        events
+    }
+
+    /// The first new token of `request` and its cache, the row alone (batch of one).
+    fn prefill(&self, request: &Request) -> (u32, KvCache) {
+        let device = self.model.device();
+        let ids: Vec<i64> = request.prompt.iter().map(|&t| i64::from(t)).collect();
+        let ids =
+            Tensor::<2, Int>::from_data(TensorData::new(ids, [1, request.prompt.len()]), &device);
+        let injection = request
+            .adapter
+            .as_ref()
+            .map_or_else(Injection::default, |a| a.inject(1));
+        let out = self
+            .model
+            .forward_hidden(injection.into_input(self.model.embed_tokens(ids), None));
+        (greedy(&self.model, out.hidden_states)[0], out.cache)
+    }
+
+    fn remove_rows(&mut self, rows: &[usize]) {
+        if rows.is_empty() {
+            return;
+        }
+        let keep: Vec<usize> = (0..self.rows.len()).filter(|r| !rows.contains(r)).collect();
+        self.cache = if keep.is_empty() {
+            None
+        } else {
+            self.cache.take().map(|c| c.select_rows(&keep))
+        };
+        let mut at = 0;
+        self.rows.retain(|_| {
+            let kept = keep.contains(&at);
+            at += 1;
+            kept
+        });
+    }
+}
+
+/// Prefix positions an adapter injects (virtual tokens are counted by the adapter itself).
+fn prefix_len(adapter: &AutoAdapter) -> usize {
+    adapter
+        .inject(1)
+        .prefix
+        .as_ref()
+        .and_then(|layers| layers.first())
+        .map_or(0, |kv| kv.len())
+}
+
+/// The argmax token of the last position of each row of `hidden` `[batch, seq, hidden]`.
+fn greedy<M: CausalLm>(model: &M, hidden: Tensor<3>) -> Vec<u32> {
+    let [b, s, d] = hidden.dims();
+    let last = hidden.slice([0..b, s - 1..s, 0..d]);
+    let vocab = model.geometry().vocab_size;
+    model
+        .lm_head(last)
+        .reshape([b, vocab])
+        .argmax(1)
+        .into_data()
+        .try_into_vec_as::<i64>()
+        .expect("argmax yields integers")
+        .into_iter()
+        .map(|t| t as u32)
+        .collect()
+}

@@ -1,0 +1,161 @@
+//! The engine decodes requests of different adapters (every prompt-learning method, of different
+//! lengths, and none) in shared batches, rows joining and leaving between steps, and every request
+//! gets exactly the greedy tokens it gets generated alone.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use peft::core::{Adapter, CausalLm, GenerationConfig, Injection, PeftModel, generate};
+use peft::models::AutoCausalLm;
+use peft::prefix::PrefixTuningConfig;
+use peft::prompt::PromptTuningConfig;
+use peft::ptuning::{EncoderType, PTuningConfig};
+use peft::{AutoAdapter, AutoAdapterConfig};
+use peft_serve::{Engine, EngineError, Event, Request};
+
+fn model(name: &str) -> AutoCausalLm {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/models")
+        .join(name);
+    AutoCausalLm::from_pretrained(dir, &Device::default(), DType::F32).unwrap()
+}
+
+fn adapters(base: &AutoCausalLm) -> Vec<Option<Arc<AutoAdapter>>> {
+    let g = base.geometry();
+    let configs = [
+        AutoAdapterConfig::PromptTuning(PromptTuningConfig::new(2, g.hidden_size)),
+        AutoAdapterConfig::PTuning(PTuningConfig::for_model(5, &g)),
+        AutoAdapterConfig::PTuning(
+            PTuningConfig::for_model(3, &g).with_encoder_reparameterization_type(EncoderType::Lstm),
+        ),
+        AutoAdapterConfig::PrefixTuning(
+            PrefixTuningConfig::for_model(3, &g).with_prefix_projection(true),
+        ),
+        AutoAdapterConfig::PrefixTuning(PrefixTuningConfig::for_model(6, &g)),
+    ];
+    base.device().seed(11);
+    let mut out: Vec<Option<Arc<AutoAdapter>>> = configs
+        .iter()
+        .map(|c| Some(Arc::new(c.init(base, &[]).unwrap().into_inference())))
+        .collect();
+    out.push(None);
+    out
+}
+
+fn alone(base: &AutoCausalLm, request: &Request) -> Vec<u32> {
+    let config = GenerationConfig::new()
+        .with_max_new_tokens(request.max_new_tokens)
+        .with_eos_token_ids(request.eos_token_ids.clone());
+    let one = std::slice::from_ref(&request.prompt);
+    match &request.adapter {
+        Some(a) => PeftModel::new(base.clone(), (**a).clone())
+            .generate(one, &config, |_| ControlFlow::Continue(())),
+        None => generate(base, one, Injection::default(), &config, |_| {
+            ControlFlow::Continue(())
+        }),
+    }
+    .unwrap()
+    .new_tokens
+    .remove(0)
+}
+
+#[test]
+fn continuous_batches_of_mixed_adapters_give_each_request_its_tokens_alone() {
+    for name in ["qwen2-gqa-tied", "bloom-6-heads"] {
+        let base = model(name);
+        let adapters = adapters(&base);
+        // 10 requests: prompts of 2-9 tokens, 2-7 new tokens, adapters in turn; one stops at a
+        // token it produces (its EOS is its own first greedy token).
+        let mut requests: Vec<Request> = (0..10u64)
+            .map(|i| Request {
+                id: i,
+                prompt: (0..2 + (i as usize * 3) % 8)
+                    .map(|t| ((i as usize * 41 + t * 13) % 500 + 1) as u32)
+                    .collect(),
+                adapter: adapters[i as usize % adapters.len()].clone(),
+                max_new_tokens: 2 + (i as usize * 5) % 6,
+                eos_token_ids: Vec::new(),
+            })
+            .collect();
+        let first = alone(&base, &requests[4])[0];
+        requests[4].eos_token_ids = vec![first];
+        let expected: HashMap<u64, Vec<u32>> =
+            requests.iter().map(|r| (r.id, alone(&base, r))).collect();
+        assert_eq!(expected[&4], vec![first]);
+
+        // At most 3 rows at once; half the requests arrive after the batch has started.
+        let mut engine = Engine::new(base.clone(), 3, 16);
+        let (early, late) = requests.split_at(5);
+        for r in early {
+            engine.submit(r.clone()).unwrap();
+        }
+        let mut got: HashMap<u64, Vec<u32>> = HashMap::new();
+        let mut finished: HashMap<u64, Vec<u32>> = HashMap::new();
+        let mut steps = 0;
+        let mut most = 0;
+        while !engine.is_idle() || steps < 3 {
+            if steps == 2 {
+                for r in late {
+                    engine.submit(r.clone()).unwrap();
+                }
+            }
+            for event in engine.step() {
+                match event {
+                    Event::Token { id, token } => got.entry(id).or_default().push(token),
+                    Event::Finished { id, tokens } => {
+                        assert!(finished.insert(id, tokens).is_none(), "{id} twice");
+                    }
+                }
+            }
+            most = most.max(engine.running());
+            steps += 1;
+            assert!(steps < 200, "{name}: the engine does not finish");
+        }
+        assert_eq!(most, 3, "{name}: the batch never filled");
+        for r in &requests {
+            assert_eq!(
+                got[&r.id], expected[&r.id],
+                "{name}: request {} streamed",
+                r.id
+            );
+            assert_eq!(finished[&r.id], expected[&r.id], "{name}: request {}", r.id);
+        }
+    }
+}
+
+#[test]
+fn bounded_queue_invalid_requests_and_cancellation() {
+    let base = model("qwen2-gqa-tied");
+    let mut engine = Engine::new(base, 1, 2);
+    let request = |id: u64, prompt: Vec<u32>| Request {
+        id,
+        prompt,
+        adapter: None,
+        max_new_tokens: 4,
+        eos_token_ids: Vec::new(),
+    };
+    engine.submit(request(1, vec![1, 2])).unwrap();
+    engine.submit(request(2, vec![3])).unwrap();
+    let err = engine.submit(request(3, vec![4])).unwrap_err();
+    assert!(
+        matches!(err, EngineError::QueueFull { max_queue: 2 }),
+        "{err}"
+    );
+    engine.cancel(2);
+    let err = engine.submit(request(4, vec![])).unwrap_err();
+    assert!(err.to_string().starts_with("request 4: "), "{err}");
+    let err = engine.submit(request(5, vec![9999])).unwrap_err();
+    assert!(err.to_string().contains("9999"), "{err}");
+    let err = engine.submit(request(6, vec![1; 200])).unwrap_err();
+    assert!(err.to_string().starts_with("request 6: "), "{err}");
+    // Request 1 runs; cancelled mid-way, it frees its row and emits nothing more.
+    let events = engine.step();
+    assert_eq!(events.len(), 1);
+    engine.cancel(1);
+    assert!(engine.is_idle());
+    assert!(engine.step().is_empty());
+}
