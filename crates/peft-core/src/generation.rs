@@ -200,6 +200,41 @@ pub fn generate<M: CausalLm>(
 }
 
 /// Picks one token per row from logits `[batch, vocab]`.
+/// One sequence's sampled choices with its own seeded stream: the draws [`generate`] makes for a
+/// batch of one, so that a row sampled among others (a serving batch) gets the tokens it gets
+/// alone.
+#[derive(Debug)]
+pub struct TokenSampler {
+    config: GenerationConfig,
+    rng: StdRng,
+}
+
+impl TokenSampler {
+    /// A sampler for `config` (its temperature, top-k, top-p and seed).
+    pub fn new(config: &GenerationConfig) -> Self {
+        Self {
+            config: config.clone(),
+            rng: StdRng::seed_from_u64(config.seed),
+        }
+    }
+
+    /// The next token from one row's logits `[vocab]`: a draw when the config samples, else the
+    /// first largest logit.
+    pub fn choose(&mut self, logits: &[f32]) -> u32 {
+        if self.config.do_sample {
+            sample_row(logits, &self.config, &mut self.rng)
+        } else {
+            let mut best = 0;
+            for (i, &l) in logits.iter().enumerate() {
+                if l > logits[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        }
+    }
+}
+
 fn next_tokens(logits: Tensor<2>, config: &GenerationConfig, rng: &mut StdRng) -> Vec<u32> {
     if !config.do_sample {
         return logits

@@ -31,7 +31,7 @@ pub mod peft_model;
 
 pub use adapter::Adapter;
 pub use error::CoreError;
-pub use generation::{GenerationConfig, GenerationOutput, GenerationStep, generate};
+pub use generation::{GenerationConfig, GenerationOutput, GenerationStep, TokenSampler, generate};
 pub use loss::{IGNORE_INDEX, cross_entropy_ignoring, projected_cross_entropy};
 pub use method::{BaseShape, InitText, Method, MethodConfig, Preset};
 pub use model::{CausalLm, Injection, KvCache, LayerKv, ModelGeometry, ModelInput, ModelOutput};

@@ -6,9 +6,13 @@ use std::sync::Arc;
 
 use burn::prelude::*;
 use peft::AutoAdapter;
-use peft::core::{Adapter, CausalLm, CoreError, Injection, KvCache, ModelInput};
+use peft::core::{
+    Adapter, CausalLm, CoreError, GenerationConfig, Injection, KvCache, ModelInput, TokenSampler,
+};
 
-/// A generation request: greedy decoding of `prompt` with `adapter` (or the bare base).
+/// A generation request: `prompt` continued with `adapter` (or the bare base) as `config` says
+/// (`max_new_tokens`, `eos_token_ids`, greedy or sampled with its own seed; `pad_token_id` is
+/// unused: rows are never padded with tokens).
 #[derive(Debug, Clone)]
 pub struct Request {
     /// The caller's id, echoed in every [`Event`].
@@ -17,10 +21,8 @@ pub struct Request {
     pub prompt: Vec<u32>,
     /// The adapter of this row, in its inference form; `None` serves the base model.
     pub adapter: Option<Arc<AutoAdapter>>,
-    /// Most new tokens.
-    pub max_new_tokens: usize,
-    /// Ids that end the request (included in its tokens).
-    pub eos_token_ids: Vec<u32>,
+    /// How to decode.
+    pub config: GenerationConfig,
 }
 
 /// What one [`Engine::step`] produced for a request.
@@ -68,6 +70,8 @@ struct Row {
     tokens: Vec<u32>,
     /// The token to feed at the next decode step.
     next: u32,
+    /// The row's own choices (its sampling stream).
+    sampler: TokenSampler,
 }
 
 /// One base model serving requests of many adapters in shared batches.
@@ -109,15 +113,24 @@ impl<M: CausalLm> Engine<M> {
             .adapter
             .as_ref()
             .map_or(0, |a| a.num_virtual_tokens() + prefix_len(a))
-            + request.max_new_tokens;
+            + request.config.max_new_tokens;
         let ids: Vec<i64> = request.prompt.iter().map(|&t| i64::from(t)).collect();
         let problem = if request.prompt.is_empty() {
             Some(CoreError::Shape {
                 what: "prompt",
                 message: "needs at least one token".into(),
             })
+        } else if request.config.max_new_tokens == 0 {
+            Some(CoreError::Shape {
+                what: "max_new_tokens",
+                message: "must be at least 1".into(),
+            })
         } else {
-            self.model.check_input(&[ids], None, extra).err()
+            request
+                .config
+                .validate()
+                .err()
+                .or_else(|| self.model.check_input(&[ids], None, extra).err())
         };
         if let Some(source) = problem {
             return Err(EngineError::Invalid {
@@ -162,7 +175,8 @@ impl<M: CausalLm> Engine<M> {
             let Some(request) = self.queue.pop_front() else {
                 break;
             };
-            let (token, cache) = self.prefill(&request);
+            let mut sampler = TokenSampler::new(&request.config);
+            let (token, cache) = self.prefill(&request, &mut sampler);
             self.cache = Some(match self.cache.take() {
                 Some(running) => KvCache::join_rows(vec![running, cache]),
                 None => cache,
@@ -171,6 +185,7 @@ impl<M: CausalLm> Engine<M> {
                 tokens: Vec::new(),
                 next: token,
                 request,
+                sampler,
             });
             // The first token is emitted below with the others, so that a row's tokens come
             // out in order, one per step.
@@ -187,8 +202,8 @@ impl<M: CausalLm> Engine<M> {
                 id: row.request.id,
                 token,
             });
-            if row.request.eos_token_ids.contains(&token)
-                || row.tokens.len() >= row.request.max_new_tokens
+            if row.request.config.eos_token_ids.contains(&token)
+                || row.tokens.len() >= row.request.config.max_new_tokens
             {
                 events.push(Event::Finished {
                     id: row.request.id,
@@ -208,16 +223,17 @@ impl<M: CausalLm> Engine<M> {
         let ids = Tensor::<2, Int>::from_data(TensorData::new(next, [batch, 1]), &device);
         let input = ModelInput::new(self.model.embed_tokens(ids)).with_cache(self.cache.take());
         let out = self.model.forward_hidden(input);
-        let tokens = greedy(&self.model, out.hidden_states);
+        let logits = last_logits(&self.model, out.hidden_states);
         self.cache = Some(out.cache);
-        for (row, token) in self.rows.iter_mut().zip(tokens) {
-            row.next = token;
+        let vocab = self.model.geometry().vocab_size;
+        for (i, row) in self.rows.iter_mut().enumerate() {
+            row.next = row.sampler.choose(&logits[i * vocab..(i + 1) * vocab]);
         }
         events
     }
 
     /// The first new token of `request` and its cache, the row alone (batch of one).
-    fn prefill(&self, request: &Request) -> (u32, KvCache) {
+    fn prefill(&self, request: &Request, sampler: &mut TokenSampler) -> (u32, KvCache) {
         let device = self.model.device();
         let ids: Vec<i64> = request.prompt.iter().map(|&t| i64::from(t)).collect();
         let ids =
@@ -229,7 +245,8 @@ impl<M: CausalLm> Engine<M> {
         let out = self
             .model
             .forward_hidden(injection.into_input(self.model.embed_tokens(ids), None));
-        (greedy(&self.model, out.hidden_states)[0], out.cache)
+        let logits = last_logits(&self.model, out.hidden_states);
+        (sampler.choose(&logits), out.cache)
     }
 
     fn remove_rows(&mut self, rows: &[usize]) {
@@ -261,19 +278,15 @@ fn prefix_len(adapter: &AutoAdapter) -> usize {
         .map_or(0, |kv| kv.len())
 }
 
-/// The argmax token of the last position of each row of `hidden` `[batch, seq, hidden]`.
-fn greedy<M: CausalLm>(model: &M, hidden: Tensor<3>) -> Vec<u32> {
+/// The logits of the last position of each row of `hidden` `[batch, seq, hidden]`, as f32,
+/// row after row.
+fn last_logits<M: CausalLm>(model: &M, hidden: Tensor<3>) -> Vec<f32> {
     let [b, s, d] = hidden.dims();
     let last = hidden.slice([0..b, s - 1..s, 0..d]);
-    let vocab = model.geometry().vocab_size;
     model
         .lm_head(last)
-        .reshape([b, vocab])
-        .argmax(1)
+        .cast(burn::tensor::DType::F32)
         .into_data()
-        .try_into_vec_as::<i64>()
-        .expect("argmax yields integers")
-        .into_iter()
-        .map(|t| t as u32)
-        .collect()
+        .try_into_vec_as::<f32>()
+        .expect("logits are floats")
 }

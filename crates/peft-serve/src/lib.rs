@@ -5,7 +5,9 @@
 //! Mixing works because the model contract injects per row: each row's adapter gives its own
 //! virtual tokens or prefix ([`peft::core::Injection::stack`] pads them with masked slots), and
 //! positions are padding-aware, so a row decodes in a batch exactly as it would alone (tested).
-//! BitFit rows (per-row bias deltas), sampling and the HTTP server are not here yet.
+//! Each request decodes greedily or samples from its own seeded stream
+//! ([`peft::core::TokenSampler`]), so a sampled request gets the tokens it gets alone too.
+//! BitFit rows (per-row bias deltas), the adapter store and the HTTP server are not here yet.
 #![warn(missing_docs)]
 
 pub mod engine;

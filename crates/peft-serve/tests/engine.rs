@@ -47,14 +47,12 @@ fn adapters(base: &AutoCausalLm) -> Vec<Option<Arc<AutoAdapter>>> {
 }
 
 fn alone(base: &AutoCausalLm, request: &Request) -> Vec<u32> {
-    let config = GenerationConfig::new()
-        .with_max_new_tokens(request.max_new_tokens)
-        .with_eos_token_ids(request.eos_token_ids.clone());
+    let config = &request.config;
     let one = std::slice::from_ref(&request.prompt);
     match &request.adapter {
         Some(a) => PeftModel::new(base.clone(), (**a).clone())
-            .generate(one, &config, |_| ControlFlow::Continue(())),
-        None => generate(base, one, Injection::default(), &config, |_| {
+            .generate(one, config, |_| ControlFlow::Continue(())),
+        None => generate(base, one, Injection::default(), config, |_| {
             ControlFlow::Continue(())
         }),
     }
@@ -68,21 +66,32 @@ fn continuous_batches_of_mixed_adapters_give_each_request_its_tokens_alone() {
     for name in ["qwen2-gqa-tied", "bloom-6-heads"] {
         let base = model(name);
         let adapters = adapters(&base);
-        // 10 requests: prompts of 2-9 tokens, 2-7 new tokens, adapters in turn; one stops at a
-        // token it produces (its EOS is its own first greedy token).
+        // 10 requests: prompts of 2-9 tokens, 2-7 new tokens, adapters in turn, every third
+        // sampled (temperature, top-p, its own seed); one stops at a token it produces (its EOS
+        // is its own first greedy token).
         let mut requests: Vec<Request> = (0..10u64)
-            .map(|i| Request {
-                id: i,
-                prompt: (0..2 + (i as usize * 3) % 8)
-                    .map(|t| ((i as usize * 41 + t * 13) % 500 + 1) as u32)
-                    .collect(),
-                adapter: adapters[i as usize % adapters.len()].clone(),
-                max_new_tokens: 2 + (i as usize * 5) % 6,
-                eos_token_ids: Vec::new(),
+            .map(|i| {
+                let mut config =
+                    GenerationConfig::new().with_max_new_tokens(2 + (i as usize * 5) % 6);
+                if i % 3 == 2 {
+                    config = config
+                        .with_do_sample(true)
+                        .with_temperature(0.9)
+                        .with_top_p(Some(0.95))
+                        .with_seed(100 + i);
+                }
+                Request {
+                    id: i,
+                    prompt: (0..2 + (i as usize * 3) % 8)
+                        .map(|t| ((i as usize * 41 + t * 13) % 500 + 1) as u32)
+                        .collect(),
+                    adapter: adapters[i as usize % adapters.len()].clone(),
+                    config,
+                }
             })
             .collect();
         let first = alone(&base, &requests[4])[0];
-        requests[4].eos_token_ids = vec![first];
+        requests[4].config.eos_token_ids = vec![first];
         let expected: HashMap<u64, Vec<u32>> =
             requests.iter().map(|r| (r.id, alone(&base, r))).collect();
         assert_eq!(expected[&4], vec![first]);
@@ -135,8 +144,7 @@ fn bounded_queue_invalid_requests_and_cancellation() {
         id,
         prompt,
         adapter: None,
-        max_new_tokens: 4,
-        eos_token_ids: Vec::new(),
+        config: GenerationConfig::new().with_max_new_tokens(4),
     };
     engine.submit(request(1, vec![1, 2])).unwrap();
     engine.submit(request(2, vec![3])).unwrap();
@@ -152,6 +160,10 @@ fn bounded_queue_invalid_requests_and_cancellation() {
     assert!(err.to_string().contains("9999"), "{err}");
     let err = engine.submit(request(6, vec![1; 200])).unwrap_err();
     assert!(err.to_string().starts_with("request 6: "), "{err}");
+    let mut bad = request(7, vec![1]);
+    bad.config = bad.config.with_do_sample(true).with_top_p(Some(2.0));
+    let err = engine.submit(bad).unwrap_err();
+    assert!(err.to_string().contains("top_p"), "{err}");
     // Request 1 runs; cancelled mid-way, it frees its row and emits nothing more.
     let events = engine.step();
     assert_eq!(events.len(), 1);
