@@ -7,9 +7,14 @@
 //! positions are padding-aware, so a row decodes in a batch exactly as it would alone (tested).
 //! Each request decodes greedily or samples from its own seeded stream
 //! ([`peft::core::TokenSampler`]), so a sampled request gets the tokens it gets alone too.
-//! BitFit rows (per-row bias deltas), the adapter store and the HTTP server are not here yet.
+//! Adapters come by name from an [`AdapterStore`]: the subdirectories of one folder, read on
+//! first use for the served base (an adapter for another base is refused with its reason), kept
+//! in a bounded LRU, names that would leave the folder refused. BitFit rows (per-row bias deltas)
+//! and the HTTP server are not here yet.
 #![warn(missing_docs)]
 
 pub mod engine;
+pub mod store;
 
 pub use engine::{Engine, EngineError, Event, Request};
+pub use store::{AdapterStore, StoreError};
