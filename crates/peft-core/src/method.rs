@@ -58,6 +58,41 @@ impl BaseShape {
             .map(|(_, shape)| shape.iter().product::<usize>())
             .sum()
     }
+
+    /// PEFT's counts for an adapter of `adapter_params` parameters of its own on this base (the
+    /// base frozen): they train, and add to the base's total.
+    pub fn with_adapter_params(&self, adapter_params: usize) -> TrainableParameters {
+        TrainableParameters {
+            trainable: adapter_params,
+            all: self.num_params().saturating_add(adapter_params),
+        }
+    }
+}
+
+/// [`Adapter::save`] for a method whose files need only the base's shape: [`Method::write`] with
+/// [`BaseShape::of`] the model.
+///
+/// # Errors
+///
+/// As [`Method::write`].
+pub fn save_for<A: Method, M: CausalLm>(
+    adapter: &A,
+    dir: &Path,
+    base: &M,
+    base_model_name_or_path: Option<&str>,
+) -> Result<(), AdapterError> {
+    adapter.write(dir, &BaseShape::of(base), base_model_name_or_path)
+}
+
+/// [`Adapter::load`] for a method whose parameters are all its own (the base is returned as it
+/// came): [`Method::read`] for the model's shape, on its device.
+///
+/// # Errors
+///
+/// As [`Method::read`].
+pub fn load_for<A: Method, M: CausalLm>(dir: &Path, base: M) -> Result<(M, A), AdapterError> {
+    let adapter = A::read(dir, &BaseShape::of(&base), &base.device())?;
+    Ok((base, adapter))
 }
 
 /// A method as a list of methods sees it. Implemented by each method crate's adapter type.

@@ -383,12 +383,11 @@ impl Adapter for PromptEncoder {
         base: &M,
         base_model_name_or_path: Option<&str>,
     ) -> Result<(), AdapterError> {
-        self.write(dir, &BaseShape::of(base), base_model_name_or_path)
+        peft_core::method::save_for(self, dir, base, base_model_name_or_path)
     }
 
     fn load<M: CausalLm>(dir: &Path, base: M) -> Result<(M, Self), AdapterError> {
-        let adapter = Self::read(dir, &BaseShape::of(&base), &base.device())?;
-        Ok((base, adapter))
+        peft_core::method::load_for(dir, base)
     }
 
     fn into_inference(self) -> Self {
@@ -442,10 +441,7 @@ impl MethodConfig for PTuningConfig {
     }
 
     fn trainable_parameters(&self, base: &BaseShape) -> Result<TrainableParameters, AdapterError> {
-        Ok(TrainableParameters {
-            trainable: self.num_params(),
-            all: base.num_params().saturating_add(self.num_params()),
-        })
+        Ok(base.with_adapter_params(self.num_params()))
     }
 }
 
