@@ -629,6 +629,42 @@ fn resolve_hub_ids(command: &mut Command) -> Result<(), CliError> {
     }
 }
 
+/// Writes `path` through a temporary file beside it, streamed by `fill` (rows can go out as they
+/// are made) and renamed over `path` once `fill` has written everything; on any failure the
+/// temporary file is removed, so a failed run leaves nothing half-written. `flag` names the
+/// option that gave `path`.
+pub(crate) fn write_streamed(
+    path: &Path,
+    flag: &'static str,
+    fill: impl FnOnce(&mut dyn Write) -> Result<(), CliError>,
+) -> Result<(), CliError> {
+    let io = |source| CliError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let name = path.file_name().ok_or_else(|| CliError::Argument {
+        flag,
+        message: format!("{} names no file", path.display()),
+    })?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let write = || -> Result<(), CliError> {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+        fill(&mut file)?;
+        file.into_inner()
+            .map_err(|e| io(e.into_error()))?
+            .sync_all()
+            .map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
 /// The model of `model_dir`, with the adapter of `adapter_dir` loaded onto it if given.
 fn load_model(
     model_dir: &Path,

@@ -7,11 +7,10 @@
 //! Output rows, in input order, streamed into a temporary file that replaces `--output` once all
 //! are written: `{"line", "prompt", "generated", "generated_tokens", "finish_reason"}`.
 
-use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use peft_core::{Adapter, CoreError, GenerationConfig, Injection, PeftModel, generate};
+use peft_core::{Adapter, GenerationConfig, Injection, generate};
 use peft_models::{AutoCausalLm, ChatMessage, ChatTemplate, ModelError, Tokenizer};
 use serde_json::Value;
 
@@ -136,37 +135,17 @@ pub(crate) fn generate_file(
             message: e.to_string(),
         })?;
     }
-    let io = |source| CliError::Io {
-        path: output.to_path_buf(),
-        source,
-    };
-    let name = output.file_name().ok_or_else(|| CliError::Argument {
-        flag: "--output",
-        message: format!("{} names no file", output.display()),
-    })?;
-    let tmp = output.with_file_name(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let (base, peft) = match adapter {
-        Some(adapter) => (None, Some(PeftModel::new(model, adapter))),
-        None => (Some(model), None),
-    };
-    let write = || -> Result<(), CliError> {
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+    crate::cli::write_streamed(output, "--output", |file| {
         for chunk in rows.chunks(batch_size) {
             let prompts: Vec<Vec<u32>> = chunk.iter().map(|r| r.ids.clone()).collect();
-            let out = match (&peft, &base) {
-                (Some(peft), _) => peft.generate(&prompts, config, |_| ControlFlow::Continue(())),
-                (None, Some(base)) => {
-                    generate(base, &prompts, Injection::default(), config, |_| {
-                        ControlFlow::Continue(())
-                    })
-                }
-                (None, None) => unreachable!("one of them is set"),
-            }
-            .map_err(|e: CoreError| CliError::Generate(e))?;
+            // What `PeftModel::generate` does: the adapter's injection for the batch.
+            let injection = adapter
+                .as_ref()
+                .map_or_else(Injection::default, |a| a.inject(prompts.len()));
+            let out = generate(&model, &prompts, injection, config, |_| {
+                ControlFlow::Continue(())
+            })
+            .map_err(CliError::Generate)?;
             for (row, new) in chunk.iter().zip(out.new_tokens) {
                 let stopped = new.last().is_some_and(|t| config.eos_token_ids.contains(t));
                 let text = tokenizer
@@ -182,17 +161,13 @@ pub(crate) fn generate_file(
                     "generated_tokens": new.len(),
                     "finish_reason": if stopped { "stop" } else { "length" },
                 });
-                writeln!(file, "{json}").map_err(io)?;
+                writeln!(file, "{json}").map_err(|source| CliError::Io {
+                    path: output.to_path_buf(),
+                    source,
+                })?;
             }
         }
-        file.into_inner()
-            .map_err(|e| io(e.into_error()))?
-            .sync_all()
-            .map_err(io)?;
-        std::fs::rename(&tmp, output).map_err(io)
-    };
-    write().inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
+        Ok(())
     })?;
     Ok(rows.len())
 }

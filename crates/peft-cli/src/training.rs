@@ -290,8 +290,8 @@ impl ModelText {
     }
 }
 
-/// Writes `peft eval --predictions`: one JSON object per row, streamed into a temporary file
-/// beside `path` that replaces `path` once every row is written (removed on failure).
+/// Writes `peft eval --predictions`: one JSON object per row, streamed as batches finish (see
+/// [`crate::cli::write_streamed`]).
 fn write_predictions(
     path: &Path,
     text: &ModelText,
@@ -299,21 +299,7 @@ fn write_predictions(
     rows: &[TokenizedExample],
     options: &EvalOptions,
 ) -> Result<(), CliError> {
-    let io = |source| CliError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let name = path.file_name().ok_or_else(|| CliError::Argument {
-        flag: "--predictions",
-        message: format!("{} names no file", path.display()),
-    })?;
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let write = || -> Result<(), CliError> {
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+    crate::cli::write_streamed(path, "--predictions", |file| {
         let mut failure = None;
         peft_train::predict(model, rows, options, |row, p| {
             let line = (|| -> Result<(), CliError> {
@@ -331,7 +317,10 @@ fn write_predictions(
                     "loss": p.loss,
                     "scored_tokens": p.scored,
                 });
-                writeln!(file, "{json}").map_err(io)
+                writeln!(file, "{json}").map_err(|source| CliError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
             })();
             match line {
                 Ok(()) => ControlFlow::Continue(()),
@@ -341,17 +330,7 @@ fn write_predictions(
                 }
             }
         })?;
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        file.into_inner()
-            .map_err(|e| io(e.into_error()))?
-            .sync_all()
-            .map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
-    };
-    write().inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
+        failure.map_or(Ok(()), Err)
     })
 }
 
