@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
+use peft_models::checkpoint::read_index;
 use peft_models::{HubId, ModelError, resolve_model};
 
 use crate::cli::CliError;
@@ -137,8 +138,15 @@ fn download(id: &HubId, cache: &Path, files: ModelFiles) -> Result<PathBuf, CliE
         }
         if has("model.safetensors.index.json") {
             let index = get("model.safetensors.index.json")?;
-            for shard in shards(&index).map_err(failed)? {
-                get(&shard)?;
+            // The loader's own reading of the index (the same refusals), as names in the repo.
+            let snapshot = index
+                .parent()
+                .expect("a downloaded file lies in its snapshot");
+            for shard in read_index(&index).map_err(|e| failed(e.to_string()))? {
+                let name = shard
+                    .strip_prefix(snapshot)
+                    .expect("shards lie beside their index");
+                get(&name.to_string_lossy())?;
             }
         } else if has("model.safetensors") {
             get("model.safetensors")?;
@@ -152,34 +160,4 @@ fn download(id: &HubId, cache: &Path, files: ModelFiles) -> Result<PathBuf, CliE
         .parent()
         .expect("a downloaded file lies in its snapshot")
         .to_path_buf())
-}
-
-/// The shard files an index names, each once, refusing names that leave the repository.
-fn shards(index: &Path) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(index).map_err(|e| format!("{}: {e}", index.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", index.display()))?;
-    let map = value
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| format!("{}: no `weight_map` object", index.display()))?;
-    let mut shards: Vec<String> = Vec::new();
-    for file in map.values() {
-        let file = file.as_str().ok_or_else(|| {
-            format!(
-                "{}: a `weight_map` value is not a file name",
-                index.display()
-            )
-        })?;
-        if file.starts_with('/') || file.split('/').any(|part| part == "..") {
-            return Err(format!(
-                "{}: shard {file:?} leaves the repository",
-                index.display()
-            ));
-        }
-        if !shards.iter().any(|s| s == file) {
-            shards.push(file.to_string());
-        }
-    }
-    Ok(shards)
 }

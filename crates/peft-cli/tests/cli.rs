@@ -1393,6 +1393,31 @@ fn hub_ids_not_cached_are_downloaded_with_the_token_and_refused_offline_or_unrea
         "offline asked the Hub"
     );
 
+    // A sharded checkpoint: the index, then each shard it names.
+    let sharded = MockHub::start("llama-mqa-sharded", commit, None);
+    let output = dir.join("sharded.safetensors");
+    let out = run(
+        &cache,
+        &[("HF_ENDPOINT", sharded.endpoint.as_str())],
+        &[
+            "forward",
+            "--model",
+            "fixtures/llama-mqa-sharded",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let direct = dir.join("sharded-direct.safetensors");
+    let out = forward(&model("llama-mqa-sharded"), &input, &direct, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(&output).unwrap(),
+        std::fs::read(&direct).unwrap()
+    );
+
     // Offline and not cached, or the Hub unreachable: named errors, nothing written.
     let empty = dir.join("empty-cache");
     let out = run(&empty, &[("HF_HUB_OFFLINE", "1")], &args);

@@ -222,8 +222,14 @@ impl Checkpoint {
     }
 }
 
-/// Shard files named by a `model.safetensors.index.json`, in order of first appearance.
-fn read_index(index: &Path) -> Result<Vec<PathBuf>> {
+/// Shard files named by a `model.safetensors.index.json` (beside it), each once, sorted; a name
+/// that would leave the model directory (absolute, `..`) or an empty `weight_map` is refused,
+/// naming the key.
+///
+/// # Errors
+///
+/// An unreadable or malformed index, or a shard name it must not hold.
+pub fn read_index(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io {
         path: index.to_path_buf(),
         source,
