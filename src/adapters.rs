@@ -234,6 +234,10 @@ macro_rules! methods {
                 each!(self, a => a.num_virtual_tokens())
             }
 
+            fn num_prefix_positions(&self) -> usize {
+                each!(self, a => a.num_prefix_positions())
+            }
+
             fn inject(&self, batch: usize) -> Injection {
                 each!(self, a => a.inject(batch))
             }

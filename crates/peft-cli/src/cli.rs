@@ -787,12 +787,13 @@ pub fn forward(args: &ForwardArgs, device: &Device) -> Result<(), CliError> {
         device,
         args.dtype.into(),
     )?;
+    // The context holds the adapter's virtual tokens and prefix; the logits only the former.
     let virtual_tokens = adapter.as_ref().map_or(0, Adapter::num_virtual_tokens);
     model
         .check_input(
             &input.input_ids,
             input.attention_mask.as_deref(),
-            virtual_tokens,
+            adapter.as_ref().map_or(0, Adapter::added_positions),
         )
         .map_err(|e| CliError::Input {
             path: args.input.clone(),
@@ -937,7 +938,7 @@ pub fn generate_text(
         });
     }
     let prompt_text = args.prompt.as_deref().unwrap_or_default();
-    let virtual_tokens = adapter.as_ref().map_or(0, Adapter::num_virtual_tokens);
+    let virtual_tokens = adapter.as_ref().map_or(0, Adapter::added_positions);
     let encoding = tokenizer
         .encode(prompt_text, true)
         .map_err(|e| ModelError::Tokenizer {

@@ -121,7 +121,7 @@ pub(crate) fn generate_file(
     model: AutoCausalLm,
     adapter: Option<AutoAdapter>,
 ) -> Result<usize, CliError> {
-    let virtual_tokens = adapter.as_ref().map_or(0, Adapter::num_virtual_tokens);
+    let virtual_tokens = adapter.as_ref().map_or(0, Adapter::added_positions);
     for row in rows {
         let ids: Vec<i64> = row.ids.iter().map(|&t| i64::from(t)).collect();
         peft_core::CausalLm::check_input(

@@ -1722,3 +1722,37 @@ fn train_on_chat_rows_with_a_template_file_and_refuse_them_without_one() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_prefix_adapter_counts_its_positions_in_the_context_check() {
+    // qwen2-gqa-tied takes 128 positions; the P-tuning v2 fixture adds a 4-position prefix. 125
+    // tokens fit alone and not with the prefix: refused up front, nothing written.
+    let dir = scratch("prefix-context");
+    let input = dir.join("in.json");
+    let ids: Vec<i64> = (1..=125).collect();
+    std::fs::write(
+        &input,
+        serde_json::json!({ "input_ids": [ids] }).to_string(),
+    )
+    .unwrap();
+    let output = dir.join("out.safetensors");
+    let out = forward(&model("qwen2-gqa-tied"), &input, &output, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::remove_file(&output).unwrap();
+    let adapter = root().join("fixtures/adapters/qwen2-gqa-tied/p-tuning-v2");
+    let out = forward(
+        &model("qwen2-gqa-tied"),
+        &input,
+        &output,
+        &["--adapter", adapter.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out)
+            .contains("sequence of 129 tokens exceeds the model's max_position_embeddings (128)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!output.exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -17,6 +17,18 @@ pub trait Adapter: Module {
     /// Virtual tokens this adapter prepends to every row (0 for prefix-only and bias methods).
     fn num_virtual_tokens(&self) -> usize;
 
+    /// Prefix key/value positions this adapter gives every layer (0 for methods without a
+    /// prefix): with [`Adapter::num_virtual_tokens`], what it adds to a row's context.
+    fn num_prefix_positions(&self) -> usize {
+        0
+    }
+
+    /// Positions this adapter adds to every row's context (virtual tokens and prefix positions):
+    /// what a length check must count beside the row.
+    fn added_positions(&self) -> usize {
+        self.num_virtual_tokens() + self.num_prefix_positions()
+    }
+
     /// What a batch of `batch` rows receives. The encoder runs once per call and its output is
     /// broadcast over the rows.
     fn inject(&self, batch: usize) -> Injection;

@@ -410,6 +410,10 @@ impl Adapter for PrefixEncoder {
         0
     }
 
+    fn num_prefix_positions(&self) -> usize {
+        self.config.num_virtual_tokens
+    }
+
     fn save<M: CausalLm>(
         &self,
         dir: &Path,

@@ -109,10 +109,7 @@ impl<M: CausalLm> Engine<M> {
                 max_queue: self.max_queue,
             });
         }
-        let extra = request
-            .adapter
-            .as_ref()
-            .map_or(0, |a| a.num_virtual_tokens() + prefix_len(a))
+        let extra = request.adapter.as_ref().map_or(0, |a| a.added_positions())
             + request.config.max_new_tokens;
         let ids: Vec<i64> = request.prompt.iter().map(|&t| i64::from(t)).collect();
         let problem = if request.prompt.is_empty() {
@@ -266,16 +263,6 @@ impl<M: CausalLm> Engine<M> {
             kept
         });
     }
-}
-
-/// Prefix positions an adapter injects (virtual tokens are counted by the adapter itself).
-fn prefix_len(adapter: &AutoAdapter) -> usize {
-    adapter
-        .inject(1)
-        .prefix
-        .as_ref()
-        .and_then(|layers| layers.first())
-        .map_or(0, |kv| kv.len())
 }
 
 /// The logits of the last position of each row of `hidden` `[batch, seq, hidden]`, as f32,
