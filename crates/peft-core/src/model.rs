@@ -235,12 +235,6 @@ impl Injection {
         let batch = rows.len();
         let widest = |len: &dyn Fn(&Injection) -> usize| rows.iter().map(len).max().unwrap_or(0);
         let n = widest(&|r| r.virtual_embeds.as_ref().map_or(0, |v| v.dims()[1]));
-        let p = widest(&|r| {
-            r.prefix
-                .as_ref()
-                .and_then(|l| l.first())
-                .map_or(0, LayerKv::len)
-        });
         let mask = |lens: Vec<usize>, width: usize, device: &Device| {
             let values: Vec<i64> = lens
                 .iter()
@@ -272,46 +266,35 @@ impl Injection {
             out.virtual_mask = Some(mask(lens, n, &device));
         }
         if let Some(template) = rows.iter().find_map(|r| r.prefix.clone()) {
-            let device = template[0].key.device();
-            let lens: Vec<usize> = rows
+            // A prefix is a cache of real positions, so rows join as caches do; a row without
+            // one is a single masked slot, padded like the others.
+            let caches = rows
                 .iter()
-                .map(|r| {
-                    r.prefix
-                        .as_ref()
-                        .and_then(|l| l.first())
-                        .map_or(0, LayerKv::len)
-                })
-                .collect();
-            let layers = template
-                .iter()
-                .enumerate()
-                .map(|(layer, kv)| {
-                    let [_, h, _, hd] = kv.key.dims();
-                    let dtype = kv.key.dtype();
-                    let side = |pick: &dyn Fn(&LayerKv) -> Tensor<4>| {
-                        let parts: Vec<Tensor<4>> = rows
-                            .iter()
-                            .zip(&lens)
-                            .map(|(r, &len)| {
-                                let pad =
-                                    Tensor::<4>::zeros([1, h, p - len, hd], &device).cast(dtype);
-                                match r.prefix.as_ref().map(|l| pick(&l[layer])) {
-                                    Some(t) if len == p => t,
-                                    Some(t) => Tensor::cat(vec![pad, t], 2),
-                                    None => pad,
-                                }
-                            })
-                            .collect();
-                        Tensor::cat(parts, 0)
-                    };
-                    LayerKv {
-                        key: side(&|kv| kv.key.clone()),
-                        value: side(&|kv| kv.value.clone()),
+                .map(|r| match &r.prefix {
+                    Some(layers) => KvCache::from_prefix(layers.clone()),
+                    None => {
+                        let device = template[0].key.device();
+                        KvCache {
+                            layers: template
+                                .iter()
+                                .map(|kv| {
+                                    let [_, h, _, hd] = kv.key.dims();
+                                    let zeros = Tensor::<4>::zeros([1, h, 1, hd], &device)
+                                        .cast(kv.key.dtype());
+                                    LayerKv {
+                                        key: zeros.clone(),
+                                        value: zeros,
+                                    }
+                                })
+                                .collect(),
+                            attention_mask: Some(Tensor::zeros([1, 1], &device)),
+                        }
                     }
                 })
                 .collect();
-            out.prefix = Some(layers);
-            out.prefix_mask = Some(mask(lens, p, &device));
+            let joined = KvCache::join_rows(caches);
+            out.prefix = Some(joined.layers);
+            out.prefix_mask = joined.attention_mask;
         }
         out
     }
