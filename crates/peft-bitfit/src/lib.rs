@@ -326,11 +326,13 @@ impl Method for BitFit {
             let data = file.data(&name, shape, "the base model's bias of that name")?;
             biases.push((name, data));
         }
+        let read: std::collections::HashSet<&str> =
+            biases.iter().map(|(name, _)| name.as_str()).collect();
         if let Some(missing) = base
             .parameters
             .iter()
             .map(|(name, _)| name)
-            .filter(|name| adapter.selects(name) && !biases.iter().any(|(b, _)| b == *name))
+            .filter(|name| adapter.selects(name) && !read.contains(name.as_str()))
             .min()
         {
             return Err(AdapterFileError::MissingTensor {
