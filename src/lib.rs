@@ -16,12 +16,14 @@
 #![warn(missing_docs)]
 
 pub mod adapters;
+pub mod chat;
 pub mod info;
 
 pub use adapters::{
     AutoAdapter, AutoAdapterConfig, MethodPreset, PEFT_TYPES, export, preset, presets,
     read_peft_type,
 };
+pub use chat::TemplateRenderer;
 
 pub use peft_bitfit as bitfit;
 pub use peft_core as core;

@@ -5,11 +5,12 @@
 
 use std::path::{Path, PathBuf};
 
+use peft::TemplateRenderer;
 use peft::core::loss::IGNORE_INDEX;
-use peft::models::{ChatMessage, ChatTemplate, Tokenizer, load_tokenizer};
+use peft::models::{ChatTemplate, Tokenizer, load_tokenizer};
 use peft::train::data::{
-    ChatOptions, ChatRenderer, DataError, DataOptions, Dataset, Message, TokenizeOptions,
-    TokenizedDataset, TokenizerEncoder, TrainOn,
+    ChatOptions, DataError, DataOptions, Dataset, TokenizeOptions, TokenizedDataset,
+    TokenizerEncoder, TrainOn,
 };
 use serde_json::Value;
 
@@ -17,21 +18,7 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-struct Renderer(ChatTemplate);
-
-impl ChatRenderer for Renderer {
-    fn render(&self, messages: &[Message], generation_prompt: bool) -> Result<String, String> {
-        let messages: Vec<ChatMessage> = messages
-            .iter()
-            .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
-            .collect();
-        self.0
-            .render(&messages, generation_prompt)
-            .map_err(|e| e.to_string())
-    }
-}
-
-fn template(name: &str) -> (Renderer, Value) {
+fn template(name: &str) -> (TemplateRenderer, Value) {
     let dir = root().join("fixtures/expected/chat");
     let fixture: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
@@ -48,7 +35,7 @@ fn template(name: &str) -> (Renderer, Value) {
         path,
         special_tokens,
     };
-    (Renderer(template), fixture)
+    (TemplateRenderer(template), fixture)
 }
 
 fn tokenizer() -> Tokenizer {
@@ -59,7 +46,7 @@ fn tokenizer() -> Tokenizer {
 const EOS: u32 = 0;
 
 fn tokenize(
-    renderer: &Renderer,
+    renderer: &TemplateRenderer,
     jsonl: &str,
     train_on: TrainOn,
 ) -> Result<TokenizedDataset, DataError> {

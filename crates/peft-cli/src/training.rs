@@ -14,8 +14,8 @@ use peft_models::{
     load_tokenizer,
 };
 use peft_train::data::{
-    ALPACA_TEMPLATE, ChatOptions, ChatRenderer, DataOptions, Dataset, Message, TextEncoder,
-    TokenizeOptions, TokenizedDataset, TokenizedExample, TokenizerEncoder, TrainOn,
+    ALPACA_TEMPLATE, ChatOptions, DataOptions, Dataset, TextEncoder, TokenizeOptions,
+    TokenizedDataset, TokenizedExample, TokenizerEncoder, TrainOn,
 };
 use peft_train::optim::AdamWConfig;
 use peft_train::trainer::{
@@ -58,21 +58,6 @@ pub enum TrainOnArg {
     All,
     /// The last assistant turn only.
     Last,
-}
-
-/// The model's chat template (or `--chat-template`) as the data pipeline renders with it.
-struct TemplateRenderer(ChatTemplate);
-
-impl ChatRenderer for TemplateRenderer {
-    fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
-        let messages: Vec<ChatMessage> = messages
-            .iter()
-            .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
-            .collect();
-        self.0
-            .render(&messages, add_generation_prompt)
-            .map_err(|e| e.to_string())
-    }
 }
 
 /// Arguments of `peft train`.
@@ -396,7 +381,7 @@ pub(crate) fn read_data(
     } else {
         None
     };
-    let renderer = template.map(TemplateRenderer);
+    let renderer = template.map(peft::TemplateRenderer);
     let chat = renderer.as_ref().map(|renderer| ChatOptions {
         renderer,
         train_on: match args.train_on {
