@@ -2,10 +2,11 @@
 //!
 //! This facade re-exports the workspace's crates under one name, with [`AutoAdapter`] (an adapter
 //! of any method, by `peft_type`), [`presets`] (the methods' named configurations), [`export`]
-//! and [`info`] (an adapter's inference files and PEFT's parameter counts from a config alone).
-//! The list of methods is one table, in `src/adapters.rs`. The
-//! `peft` command line is the `peft-cli` crate; this library pulls in none of its dependencies. The backend is chosen at compile time by this
-//! crate's features: `flex` (CPU, the default), `cuda` or `wgpu`, or `cubecl-cpu` (the GPU
+//! and [`info`] (an adapter's inference files and PEFT's parameter counts from a config alone),
+//! and [`TemplateRenderer`] (a model's chat template rendering the data pipeline's chat rows).
+//! The list of methods is one table, in `src/adapters.rs`. The `peft` command line is the
+//! `peft-cli` crate; this library pulls in none of its dependencies. The backend is chosen at
+//! compile time by this crate's features: `flex` (CPU, the default), `cuda` or `wgpu`, or `cubecl-cpu` (the GPU
 //! backends' code path on CubeCL's CPU runtime, for testing it without a GPU); [`default_device`]
 //! returns the device of the compiled backend.
 //!
