@@ -148,6 +148,9 @@ pub enum Command {
     Eval(crate::training::EvalArgs),
     /// Train every method on the embedded tiny model and print held-out accuracy before/after.
     Quickstart(crate::quickstart::QuickstartArgs),
+    /// Serve the model and a folder of adapters, mixed in one batch, behind an OpenAI-compatible
+    /// HTTP API.
+    Serve(crate::serve::ServeArgs),
 }
 
 /// A method, as `peft info` and `peft train` name it: one of the presets of the facade's method
@@ -597,6 +600,7 @@ pub fn run(cli: Cli, device: &Device, out: &mut dyn Write) -> Result<(), CliErro
         Command::Train(args) => crate::training::train_command(&args, device, out),
         Command::Eval(args) => crate::training::eval_command(&args, device, out),
         Command::Quickstart(args) => crate::quickstart::quickstart(&args, device, out).map(|_| ()),
+        Command::Serve(args) => crate::serve::serve(&args, device, out),
     }
 }
 
@@ -618,6 +622,7 @@ fn resolve_hub_ids(command: &mut Command) -> Result<(), CliError> {
         Command::Info(args) => resolve(&mut args.model, ModelFiles::Config).map(drop),
         Command::Export(args) => resolve(&mut args.model, ModelFiles::Config).map(drop),
         Command::Eval(args) => resolve(&mut args.model, ModelFiles::Everything).map(drop),
+        Command::Serve(args) => resolve(&mut args.model, ModelFiles::Everything).map(drop),
         Command::Train(args) => {
             args.base_model_name_or_path = resolve(&mut args.model, ModelFiles::Everything)?;
             Ok(())

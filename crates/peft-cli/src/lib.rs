@@ -9,6 +9,7 @@ mod generate_file;
 pub mod hub;
 pub mod plot;
 pub mod quickstart;
+pub mod serve;
 pub mod tasks;
 pub mod training;
 

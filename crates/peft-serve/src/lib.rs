@@ -10,10 +10,15 @@
 //! Adapters come by name from an [`AdapterStore`]: the subdirectories of one folder, read on
 //! first use for the served base (an adapter for another base is refused with its reason), kept
 //! in a bounded LRU, names that would leave the folder refused. BitFit rows (per-row bias deltas)
-//! and the HTTP server are not here yet.
+//! are not served yet.
+//!
+//! With the `http` feature (on by default), [`http::Server`] serves the engine behind an
+//! OpenAI-compatible HTTP API (`peft serve`).
 #![warn(missing_docs)]
 
 pub mod engine;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod store;
 
 pub use engine::{Engine, EngineError, Event, Request};
