@@ -242,6 +242,10 @@ macro_rules! methods {
                 each!(self, a => a.inject(batch))
             }
 
+            fn changes_base_weights(&self) -> bool {
+                each!(self, a => a.changes_base_weights())
+            }
+
             fn prepare_base<M: Module>(&self, base: M) -> M {
                 each!(self, a => a.prepare_base(base))
             }

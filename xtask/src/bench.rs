@@ -112,6 +112,9 @@ pub enum Workload {
     /// `peft train` end to end on a real model and JSONL file (--model, --data) against a plain
     /// torch + PEFT loop on the same file (`scripts/peft_train.py`): seconds per epoch.
     Epoch,
+    /// `peft serve` under the load generator: adapters of every prompt-learning method mixed in
+    /// one batch, against the bare base and against serving one adapter at a time (`serve.rs`).
+    Serve,
 }
 
 impl Workload {
@@ -121,6 +124,7 @@ impl Workload {
             Self::Forward => "forward",
             Self::Generate => "generate",
             Self::Epoch => "epoch",
+            Self::Serve => "serve",
         }
     }
 }
@@ -201,6 +205,24 @@ pub struct BenchArgs {
     /// Epoch workload: peak learning rate (default: `peft train`'s for the method).
     #[arg(long)]
     lr: Option<f64>,
+    /// Serve workload: adapters, the prompt-learning methods in turn.
+    #[arg(long, default_value_t = 16)]
+    serve_adapters: usize,
+    /// Serve workload: concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Serve workload: requests per run (default: one per client).
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Serve workload: rows decoded together (default: --clients).
+    #[arg(long)]
+    serve_batch: Option<usize>,
+    /// Serve workload: prompt lengths, `MIN-MAX` tokens drawn per request.
+    #[arg(long, value_parser = parse_row_lengths, default_value = "16-64")]
+    prompt_lengths: (usize, usize),
+    /// Serve workload: seconds after which no request is sent, nor waited for, per run.
+    #[arg(long, default_value_t = 900)]
+    time_limit: u64,
 }
 
 pub fn bench(args: &BenchArgs) -> Result<(), String> {
@@ -276,7 +298,10 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     if args.compare && python.is_none() {
         println!("--compare: no Python with torch, transformers and peft found; skipping");
     }
-    let shape_workloads = args.workloads.iter().any(|w| *w != Workload::Epoch);
+    let shape_workloads = args
+        .workloads
+        .iter()
+        .any(|w| !matches!(w, Workload::Epoch | Workload::Serve));
     let mut ours = Vec::new();
     let mut torch_runs = Vec::new();
     for &method in methods.iter().filter(|_| shape_workloads) {
@@ -347,6 +372,32 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         None
     };
 
+    let serve = if args.workloads.contains(&Workload::Serve) {
+        let clients = args.clients;
+        let (record, bad) = crate::serve::bench_serve(
+            &crate::serve::ServeSettings {
+                config: &args.config,
+                dtype,
+                adapters: args.serve_adapters,
+                num_virtual_tokens: args.num_virtual_tokens,
+                clients,
+                requests: args.requests.unwrap_or(clients),
+                max_batch_size: args.serve_batch.unwrap_or(clients),
+                prompt_lengths: args.prompt_lengths,
+                new_tokens: args.new_tokens,
+                time_limit: std::time::Duration::from_secs(args.time_limit),
+                rounds: args.rounds,
+            },
+            &device,
+        )?;
+        if bad > 0 {
+            println!("serve: {bad} responses lost or wrong");
+        }
+        Some(record)
+    } else {
+        None
+    };
+
     let record = json!({
         "commit": commit,
         "backend": peft::backend_name(),
@@ -368,6 +419,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         "ours": ours,
         "torch": theirs,
         "epoch": epoch,
+        "serve": serve,
     });
     if let Some(dir) = args.json.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -472,7 +524,7 @@ fn bench_method(
 }
 
 /// The adapter of `method`, shaped as PEFT shapes it for the model (`None` for the base).
-fn adapter_config(
+pub(crate) fn adapter_config(
     method: BenchMethod,
     num_virtual_tokens: usize,
     geometry: &peft::core::ModelGeometry,
@@ -489,7 +541,7 @@ fn adapter_config(
 }
 
 /// A fresh adapter for `base` (no init text: prompt tuning starts at random here).
-fn init_adapter(config: &AutoAdapterConfig, base: &AutoCausalLm) -> AutoAdapter {
+pub(crate) fn init_adapter(config: &AutoAdapterConfig, base: &AutoCausalLm) -> AutoAdapter {
     config
         .init(base, &[])
         .expect("the default BitFit pattern is a valid regular expression")

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask bench`, `cargo xtask pretrain`.
+//! Project tasks: `cargo xtask bench`, `cargo xtask load`, `cargo xtask pretrain`.
 //!
 //! `bench` times training steps, forwards and generation of every method on a model built from a
 //! config (default: the shape of Qwen2.5-0.5B) with random weights on the compiled backend, prints
@@ -8,7 +8,9 @@
 
 mod bench;
 mod epoch;
+mod load;
 mod pretrain;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +29,9 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Build the embedded default model (assets/tiny-qwen2) from nothing.
     Pretrain(pretrain::PretrainArgs),
+    /// A bounded load (fixed requests, clients and time limit) against a `peft serve` on this
+    /// machine (loopback only): throughput, latency, lost requests.
+    Load(load::LoadArgs),
 }
 
 fn main() {
@@ -35,6 +40,12 @@ fn main() {
     match cli.task {
         Task::Bench(args) => {
             if let Err(e) = bench::bench(&args) {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        }
+        Task::Load(args) => {
+            if let Err(e) = load::load(&args) {
                 eprintln!("error: {e}");
                 std::process::exit(1);
             }

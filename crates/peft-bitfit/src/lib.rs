@@ -274,6 +274,10 @@ impl Adapter for BitFit {
     }
 
     /// Freezes the base, then unfreezes the selected biases.
+    fn changes_base_weights(&self) -> bool {
+        true
+    }
+
     fn prepare_base<M: Module>(&self, base: M) -> M {
         unfreeze_params(base.freeze(), |name| self.selects(name))
     }

@@ -33,6 +33,13 @@ pub trait Adapter: Module {
     /// broadcast over the rows.
     fn inject(&self, batch: usize) -> Injection;
 
+    /// Whether [`Adapter::load`] puts trained values into the base's own parameters (a method that
+    /// trains base weights) rather than injecting per row: such an adapter cannot share a batch
+    /// with rows of other adapters, whose base must stay as it is. `false` by default.
+    fn changes_base_weights(&self) -> bool {
+        false
+    }
+
     /// Makes the base model trainable the way the method needs: by default fully frozen.
     fn prepare_base<M: Module>(&self, base: M) -> M {
         base.freeze()

@@ -45,9 +45,10 @@ pub enum StoreError {
         /// What is wrong, naming the file and key or tensor.
         source: Box<AdapterError>,
     },
-    /// A method the engine cannot mix into a batch yet.
+    /// A method the engine cannot mix into a batch yet: one that changes the base's weights.
     #[error(
-        "adapter {name:?}: {peft_type} adapters are not served yet (their rows would need per-row base weights)"
+        "adapter {name:?}: {peft_type} adapters change the base model's weights, and rows of \
+         such adapters cannot share a batch with others yet (they would need per-row weights)"
     )]
     Unsupported {
         /// The name asked for.
@@ -141,7 +142,7 @@ impl AdapterStore {
                 source: Box::new(source),
             }
         })?;
-        if adapter.peft_type() == peft::bitfit::PEFT_TYPE {
+        if adapter.changes_base_weights() {
             return Err(StoreError::Unsupported {
                 name: name.into(),
                 peft_type: adapter.peft_type(),

@@ -74,7 +74,7 @@ fn adapters_load_by_name_once_within_the_bound_and_bad_ones_are_named() {
         ("", "not an adapter name"),
         ("nothing", "no adapter_config.json in"),
         ("for-bloom", "token_dim"),
-        ("biases", "BITFIT adapters are not served yet"),
+        ("biases", "BITFIT adapters change the base model's weights"),
     ] {
         let err = store.get(name).unwrap_err();
         assert!(err.to_string().contains(expected), "{name}: {err}");
