@@ -246,6 +246,10 @@ macro_rules! methods {
                 each!(self, a => a.changes_base_weights())
             }
 
+            fn bias_deltas<M: CausalLm>(&self, base: &M) -> Option<peft_core::BiasDeltas> {
+                each!(self, a => a.bias_deltas(base))
+            }
+
             fn prepare_base<M: Module>(&self, base: M) -> M {
                 each!(self, a => a.prepare_base(base))
             }

@@ -139,3 +139,101 @@ fn a_mixed_batch_gives_every_row_what_it_gives_alone() {
         }
     }
 }
+
+/// Rows of a BitFit adapter (trained biases) share a batch with base rows through per-row bias
+/// deltas: at prefill and at every cached decode step, each BitFit row's logits equal those of the
+/// base with the adapter's biases loaded, and each base row's those of the bare base.
+#[test]
+fn bitfit_rows_carry_their_bias_deltas_through_prefill_and_decode() {
+    use peft::core::{BaseShape, BiasDeltas};
+    for name in ["qwen2-gqa-tied", "bloom-6-heads"] {
+        let base = model(name);
+        let device = base.device();
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/adapters")
+            .join(name)
+            .join("bitfit");
+        let adapter = AutoAdapter::read(&dir, &BaseShape::of(&base), &device).unwrap();
+        assert!(adapter.changes_base_weights());
+        let deltas = adapter
+            .bias_deltas(&base)
+            .expect("a read BitFit adapter has deltas");
+        // The fixture's trained biases differ from the base's: the test would be empty otherwise.
+        let largest = deltas
+            .iter()
+            .map(|(_, t)| t.clone().abs().max().into_scalar::<f32>())
+            .fold(0.0f32, f32::max);
+        assert!(largest > 1e-3, "{name}: largest delta {largest}");
+        let (trained, _) = AutoAdapter::load(&dir, base.clone()).unwrap();
+        // Rows: BitFit, base, BitFit, with prompts of 3, 5 and 4 tokens (left-padded).
+        let is_bitfit = [true, false, true];
+        let prompts: Vec<Vec<i64>> = [3usize, 5, 4]
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| {
+                (0..n)
+                    .map(|t| ((r * 31 + t * 7) % 300 + 1) as i64)
+                    .collect()
+            })
+            .collect();
+        let longest = 5;
+        let (mut ids, mut mask) = (Vec::new(), Vec::new());
+        for p in &prompts {
+            ids.extend(std::iter::repeat_n(0, longest - p.len()));
+            ids.extend(p);
+            mask.extend(std::iter::repeat_n(0i64, longest - p.len()));
+            mask.extend(std::iter::repeat_n(1i64, p.len()));
+        }
+        let rows: Vec<Option<&BiasDeltas>> =
+            is_bitfit.iter().map(|&b| b.then_some(&deltas)).collect();
+        let batch_deltas = BiasDeltas::stack(&rows, &device);
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [3, longest]), &device);
+        let mask = Tensor::<2, Int>::from_data(TensorData::new(mask, [3, longest]), &device);
+        let input = ModelInput::new(base.embed_tokens(ids))
+            .with_attention_mask(Some(mask))
+            .with_bias_deltas(batch_deltas.clone());
+        let (mut mixed_logits, mut mixed_cache) = base.forward(input);
+        // Each row alone, on the model it stands for.
+        let mut alone: Vec<(Tensor<3>, peft::core::KvCache)> = prompts
+            .iter()
+            .zip(is_bitfit)
+            .map(|(p, bitfit)| {
+                let model = if bitfit { &trained } else { &base };
+                let ids =
+                    Tensor::<2, Int>::from_data(TensorData::new(p.clone(), [1, p.len()]), &device);
+                model.forward(ModelInput::new(model.embed_tokens(ids)))
+            })
+            .collect();
+        let vocab = base.geometry().vocab_size;
+        for step in 0..4 {
+            let [_, len, _] = mixed_logits.dims();
+            let mut next = Vec::new();
+            for (row, (logits, _)) in alone.iter().enumerate() {
+                let [_, alone_len, _] = logits.dims();
+                let mine = mixed_logits
+                    .clone()
+                    .slice([row..row + 1, len - 1..len, 0..vocab]);
+                let theirs = logits
+                    .clone()
+                    .slice([0..1, alone_len - 1..alone_len, 0..vocab]);
+                let diff = (mine - theirs.clone()).abs().max().into_scalar::<f32>();
+                assert!(diff <= 1e-5, "{name}: step {step}, row {row}: {diff}");
+                next.push(theirs.argmax(2).reshape([1]).into_scalar::<i64>());
+            }
+            // One decode step of every row, the mixed batch with its deltas again.
+            let ids = Tensor::<2, Int>::from_data(TensorData::new(next.clone(), [3, 1]), &device);
+            let input = ModelInput::new(base.embed_tokens(ids))
+                .with_cache(Some(mixed_cache))
+                .with_bias_deltas(batch_deltas.clone());
+            (mixed_logits, mixed_cache) = base.forward(input);
+            for (row, (logits, cache)) in alone.iter_mut().enumerate() {
+                let model = if is_bitfit[row] { &trained } else { &base };
+                let ids =
+                    Tensor::<2, Int>::from_data(TensorData::new(vec![next[row]], [1, 1]), &device);
+                let input =
+                    ModelInput::new(model.embed_tokens(ids)).with_cache(Some(cache.clone()));
+                (*logits, *cache) = model.forward(input);
+            }
+        }
+    }
+}

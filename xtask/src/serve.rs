@@ -1,5 +1,5 @@
 //! The `serve` workload: `peft serve`'s server (in this process, on a loopback port) over a
-//! random-weight model of the bench's shape, with adapters of every prompt-learning method, under
+//! random-weight model of the bench's shape, with adapters of every method, under
 //! the load generator. Three runs of the same requests (same prompts, same lengths, greedy):
 //!
 //! - **mixed**: each request names its adapter, the adapters in turn; rows of all of them share
@@ -73,18 +73,11 @@ impl RunFigures {
     }
 }
 
-/// The bench's cases the server mixes: every method whose adapter injects per row (an adapter
-/// that changes the base's weights is not served yet).
-fn served_methods(
-    geometry: &peft::core::ModelGeometry,
-    base: &peft::models::AutoCausalLm,
-) -> Vec<BenchMethod> {
+/// The bench's cases with an adapter: every method (the server mixes them all).
+fn served_methods() -> Vec<BenchMethod> {
     bench_methods()
         .into_iter()
-        .filter(|&m| {
-            crate::bench::adapter_config(m, 1, geometry)
-                .is_some_and(|c| !crate::bench::init_adapter(&c, base).changes_base_weights())
-        })
+        .filter(|m| m.preset.is_some())
         .collect()
 }
 
@@ -151,7 +144,7 @@ pub fn bench_serve(
     // The adapters, written as PEFT's inference files: the server reads them as a user's.
     let dir = std::env::temp_dir().join(format!("peft-bench-serve-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let methods = served_methods(&geometry, &base);
+    let methods = served_methods();
     let mut names = Vec::with_capacity(s.adapters);
     for i in 0..s.adapters {
         let method = methods[i % methods.len()];
@@ -159,10 +152,17 @@ pub fn bench_serve(
         let config = crate::bench::adapter_config(method, tokens, &geometry)
             .expect("served methods have a preset");
         let name = format!("{i:02}-{}-{tokens}", method.name());
-        crate::bench::init_adapter(&config, &base)
-            .into_inference()
-            .write(&dir.join(&name), &shape, None)
-            .map_err(|e| format!("writing adapter {name}: {e}"))?;
+        let adapter = crate::bench::init_adapter(&config, &base);
+        // An adapter that trains the base's weights holds none of its own until trained: it is
+        // saved with the model's (its bias deltas are then zeros, which cost what any deltas cost).
+        let written = if adapter.changes_base_weights() {
+            adapter.save(&dir.join(&name), &base, None)
+        } else {
+            adapter
+                .into_inference()
+                .write(&dir.join(&name), &shape, None)
+        };
+        written.map_err(|e| format!("writing adapter {name}: {e}"))?;
         names.push(name);
     }
     let tokenizer = word_per_id_tokenizer(geometry.vocab_size)?;

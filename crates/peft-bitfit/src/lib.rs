@@ -19,8 +19,8 @@ use peft_core::adapter_file::{ADAPTER_WEIGHTS, AdapterFileError, TensorFile};
 use peft_core::method::parse_options;
 use peft_core::params::{read_params, unfreeze_params, write_params};
 use peft_core::{
-    Adapter, BaseShape, CausalLm, Injection, Method, MethodConfig, ModelGeometry, Preset,
-    TrainableParameters,
+    Adapter, BaseShape, BiasDeltas, CausalLm, Injection, Method, MethodConfig, ModelGeometry,
+    Preset, TrainableParameters,
 };
 use regex::Regex;
 use serde::{Deserialize, Serialize};
@@ -273,11 +273,35 @@ impl Adapter for BitFit {
         Ok((write_params(base, &mut values), adapter))
     }
 
-    /// Freezes the base, then unfreezes the selected biases.
     fn changes_base_weights(&self) -> bool {
         true
     }
 
+    /// The biases read from the adapter directory minus `base`'s own (`None` for an adapter made
+    /// by `init`, whose biases live in the model it trains).
+    fn bias_deltas<M: CausalLm>(&self, base: &M) -> Option<BiasDeltas> {
+        if self.biases.is_empty() {
+            return None;
+        }
+        let device = base.device();
+        let mut own: std::collections::HashMap<String, TensorData> =
+            read_params(base, |name| self.biases.iter().any(|(n, _)| n == name))
+                .into_iter()
+                .collect();
+        let mut deltas = Vec::with_capacity(self.biases.len());
+        for (name, trained) in &self.biases {
+            // `read` checked every name against the base's shape.
+            let own = own.remove(name)?;
+            let dtype = own.dtype();
+            let size = trained.num_elements();
+            let trained = Tensor::<1>::from_data(trained.clone().convert::<f32>(), &device);
+            let own = Tensor::<1>::from_data(own.convert::<f32>(), &device);
+            deltas.push((name.clone(), (trained - own).reshape([1, size]).cast(dtype)));
+        }
+        Some(BiasDeltas::new(deltas))
+    }
+
+    /// Freezes the base, then unfreezes the selected biases.
     fn prepare_base<M: Module>(&self, base: M) -> M {
         unfreeze_params(base.freeze(), |name| self.selects(name))
     }

@@ -40,6 +40,16 @@ pub trait Adapter: Module {
         false
     }
 
+    /// For an adapter that changes the base's weights: the per-row deltas (its trained biases
+    /// minus `base`'s own, `[1, size]` each, by Hugging Face name) that make one row of the
+    /// unchanged `base` behave as the base this adapter trained, so that its rows can share a
+    /// batch with rows of other adapters. `None` (the default) when the adapter's changes are not
+    /// expressible as bias deltas, or it holds no trained values of its own.
+    fn bias_deltas<M: CausalLm>(&self, base: &M) -> Option<crate::model::BiasDeltas> {
+        let _ = base;
+        None
+    }
+
     /// Makes the base model trainable the way the method needs: by default fully frozen.
     fn prepare_base<M: Module>(&self, base: M) -> M {
         base.freeze()

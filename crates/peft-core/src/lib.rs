@@ -34,6 +34,8 @@ pub use error::CoreError;
 pub use generation::{GenerationConfig, GenerationOutput, GenerationStep, TokenSampler, generate};
 pub use loss::{IGNORE_INDEX, cross_entropy_ignoring, projected_cross_entropy};
 pub use method::{BaseShape, InitText, Method, MethodConfig, Preset};
-pub use model::{CausalLm, Injection, KvCache, LayerKv, ModelGeometry, ModelInput, ModelOutput};
+pub use model::{
+    BiasDeltas, CausalLm, Injection, KvCache, LayerKv, ModelGeometry, ModelInput, ModelOutput,
+};
 pub use params::TrainableParameters;
 pub use peft_model::PeftModel;

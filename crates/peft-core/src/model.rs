@@ -371,6 +371,9 @@ pub struct ModelInput {
     /// (number of real cached and prefix positions before it) + (number of real tokens before it
     /// in this input).
     pub cache: Option<KvCache>,
+    /// Per-row additions to the base's biases (rows of a bias-training adapter served beside
+    /// others); unlike a prefix they are not cached, so every forward of those rows carries them.
+    pub bias_deltas: Option<BiasDeltas>,
 }
 
 impl ModelInput {
@@ -382,7 +385,14 @@ impl ModelInput {
             prefix: None,
             prefix_mask: None,
             cache: None,
+            bias_deltas: None,
         }
+    }
+
+    /// Sets per-row bias deltas (`[batch, size]` per Hugging Face bias name).
+    pub fn with_bias_deltas(mut self, deltas: Option<BiasDeltas>) -> Self {
+        self.bias_deltas = deltas;
+        self
     }
 
     /// Sets the padding mask of the prefix positions (`[batch, prefix_len]`, 1 = real).
@@ -407,6 +417,91 @@ impl ModelInput {
     pub fn with_cache(mut self, cache: Option<KvCache>) -> Self {
         self.cache = cache;
         self
+    }
+}
+
+/// Per-row additive deltas to a base model's biases, by Hugging Face parameter name (e.g.
+/// `model.layers.0.self_attn.q_proj.bias`), each `[batch, size]`: the layer of that bias adds row
+/// `r`'s delta to every position of row `r`. This is how rows of an adapter that trains the base's
+/// biases (BitFit) share a batch with rows of other adapters: biases are additive, so a row adds
+/// its own delta and no weight is swapped. Models add the deltas of the biases they have and
+/// ignore other names.
+#[derive(Debug, Clone, Default)]
+pub struct BiasDeltas {
+    deltas: std::collections::BTreeMap<String, Tensor<2>>,
+}
+
+impl BiasDeltas {
+    /// Deltas from `(name, [batch, size])` pairs (every tensor with the same batch).
+    pub fn new(deltas: impl IntoIterator<Item = (String, Tensor<2>)>) -> Self {
+        Self {
+            deltas: deltas.into_iter().collect(),
+        }
+    }
+
+    /// Whether there is no delta.
+    pub fn is_empty(&self) -> bool {
+        self.deltas.is_empty()
+    }
+
+    /// The delta of bias `name`, `[batch, size]`.
+    pub fn get(&self, name: &str) -> Option<&Tensor<2>> {
+        self.deltas.get(name)
+    }
+
+    /// The biases that have a delta, with their deltas.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor<2>)> {
+        self.deltas.iter().map(|(n, t)| (n.as_str(), t))
+    }
+
+    /// `x` `[batch, seq, size]` plus the delta of `name` at every position (`x` itself when
+    /// `name` has none).
+    pub fn add(&self, name: &str, x: Tensor<3>) -> Tensor<3> {
+        match self.deltas.get(name) {
+            Some(delta) => {
+                let dtype = x.dtype();
+                x + delta.clone().cast(dtype).unsqueeze_dim::<3>(1)
+            }
+            None => x,
+        }
+    }
+
+    /// The deltas of a batch whose row `r` has `rows[r]` (each `[1, size]`; `None`: a row without
+    /// deltas); a row without a delta for a name gets zeros. `None` when no row has any.
+    ///
+    /// # Panics
+    ///
+    /// If two rows give the same name different sizes.
+    pub fn stack(rows: &[Option<&BiasDeltas>], device: &Device) -> Option<Self> {
+        let mut names: std::collections::BTreeMap<&str, (usize, burn::tensor::DType)> =
+            Default::default();
+        for deltas in rows.iter().flatten() {
+            for (name, t) in deltas.iter() {
+                let [_, size] = t.dims();
+                let seen = names.insert(name, (size, t.dtype()));
+                assert!(
+                    seen.is_none_or(|(s, _)| s == size),
+                    "bias {name} has two sizes in one batch"
+                );
+            }
+        }
+        if names.is_empty() {
+            return None;
+        }
+        let deltas = names
+            .into_iter()
+            .map(|(name, (size, dtype))| {
+                let parts: Vec<Tensor<2>> = rows
+                    .iter()
+                    .map(|row| match row.and_then(|d| d.get(name)) {
+                        Some(t) => t.clone(),
+                        None => Tensor::<2>::zeros([1, size], (device, dtype)),
+                    })
+                    .collect();
+                (name.to_string(), Tensor::cat(parts, 0))
+            })
+            .collect();
+        Some(Self { deltas })
     }
 }
 

@@ -14,7 +14,7 @@ use crate::auto::ModelFamily;
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::hf_config::HfConfig;
-use crate::layers::{Past, causal_attention, linear_rows, merge_heads, tied_lm_head};
+use crate::layers::{Biases, Past, causal_attention, linear_rows, merge_heads, tied_lm_head};
 use crate::weights::{RandomWeights, WeightSource, infallible};
 
 /// Configuration of a BLOOM model (the fields of its Hugging Face `config.json`).
@@ -146,9 +146,26 @@ impl BloomAttention {
         past: Option<LayerKv>,
         key_mask: Option<Tensor<2, Int>>,
     ) -> (Tensor<3>, LayerKv) {
+        self.forward_with(x, alibi, past, key_mask, Biases::NONE)
+    }
+
+    /// [`BloomAttention::forward`] with per-row bias deltas.
+    pub(crate) fn forward_with(
+        &self,
+        x: Tensor<3>,
+        alibi: &Tensor<4>,
+        past: Option<LayerKv>,
+        key_mask: Option<Tensor<2, Int>>,
+        biases: Biases<'_>,
+    ) -> (Tensor<3>, LayerKv) {
         let [b, s, _] = x.dims();
         let (h, d) = (self.num_heads, self.head_dim);
-        let fused = linear_rows(&self.query_key_value, x).reshape([b, s, h, 3, d]);
+        let fused = biases
+            .add(
+                "self_attention.query_key_value.bias",
+                linear_rows(&self.query_key_value, x),
+            )
+            .reshape([b, s, h, 3, d]);
         let part = |i: usize| {
             fused
                 .clone()
@@ -167,7 +184,8 @@ impl BloomAttention {
             Some(bias),
             None,
         );
-        (linear_rows(&self.dense, merge_heads(out)), kv)
+        let out = linear_rows(&self.dense, merge_heads(out));
+        (biases.add("self_attention.dense.bias", out), kv)
     }
 }
 
@@ -202,24 +220,37 @@ impl BloomBlock {
         alibi: &Tensor<4>,
         past: Option<LayerKv>,
         key_mask: Option<Tensor<2, Int>>,
+        biases: Biases<'_>,
     ) -> (Tensor<3>, LayerKv) {
-        let normed = self.input_layernorm.forward(x.clone());
+        let normed = biases.add(
+            "input_layernorm.bias",
+            self.input_layernorm.forward(x.clone()),
+        );
         let residual = if self.residual_post_layernorm {
             normed.clone()
         } else {
             x
         };
-        let (attn, kv) = self.self_attention.forward(normed, alibi, past, key_mask);
+        let (attn, kv) = self
+            .self_attention
+            .forward_with(normed, alibi, past, key_mask, biases);
         let attn = attn + residual;
-        let normed = self.post_attention_layernorm.forward(attn.clone());
+        let normed = biases.add(
+            "post_attention_layernorm.bias",
+            self.post_attention_layernorm.forward(attn.clone()),
+        );
         let residual = if self.residual_post_layernorm {
             normed.clone()
         } else {
             attn
         };
-        let mlp = linear_rows(
-            &self.mlp.dense_4h_to_h,
-            bloom_gelu(linear_rows(&self.mlp.dense_h_to_4h, normed)),
+        let up = biases.add(
+            "mlp.dense_h_to_4h.bias",
+            linear_rows(&self.mlp.dense_h_to_4h, normed),
+        );
+        let mlp = biases.add(
+            "mlp.dense_4h_to_h.bias",
+            linear_rows(&self.mlp.dense_4h_to_h, bloom_gelu(up)),
         );
         (mlp + residual, kv)
     }
@@ -362,12 +393,21 @@ impl CausalLm for BloomForCausalLM {
         );
         let alibi =
             (slopes.reshape([1, heads, 1, 1]) * positions.reshape([batch, 1, 1, keys])).cast(dtype);
-        let x = self.transformer.word_embeddings_layernorm.forward(embeds);
-        let (x, cache) = past.run(&self.transformer.h, x, |block, x, kv, mask| {
-            block.forward(x, &alibi, kv, mask)
-        });
+        // Outside the blocks the biases are the model's own, named under `transformer.`.
+        let deltas = past.bias_deltas();
+        let top = Biases::new(deltas.as_ref(), "transformer.");
+        let x = top.add(
+            "word_embeddings_layernorm.bias",
+            self.transformer.word_embeddings_layernorm.forward(embeds),
+        );
+        let (x, cache) = past.run(
+            &self.transformer.h,
+            "transformer.h",
+            x,
+            |block, x, kv, mask, biases| block.forward(x, &alibi, kv, mask, biases),
+        );
         ModelOutput {
-            hidden_states: self.transformer.ln_f.forward(x),
+            hidden_states: top.add("ln_f.bias", self.transformer.ln_f.forward(x)),
             cache,
         }
     }

@@ -7,7 +7,7 @@ use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use peft_core::mask::{join_masks, key_positions, padding_attention_mask, query_positions};
-use peft_core::{KvCache, LayerKv, ModelGeometry, ModelInput};
+use peft_core::{BiasDeltas, KvCache, LayerKv, ModelGeometry, ModelInput};
 
 /// Applies rotate-half RoPE to `x` `[batch, heads, seq, head_dim]`.
 pub fn apply_rope(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
@@ -214,6 +214,7 @@ pub fn tied_lm_head(hidden: Tensor<3>, embedding: &Embedding) -> Tensor<3> {
 /// padding mask of every key and the positions that follow from it. Shared by every model so that
 /// prefix, cache and padding behave the same everywhere.
 pub(crate) struct Past {
+    bias_deltas: Option<BiasDeltas>,
     layers: Vec<Option<LayerKv>>,
     key_mask: Option<Tensor<2, Int>>,
     len: usize,
@@ -267,6 +268,7 @@ impl Past {
         };
         let key_mask = join_masks(past_mask, len, input.attention_mask, batch, seq, &device);
         let past = Self {
+            bias_deltas: input.bias_deltas.filter(|d| !d.is_empty()),
             layers,
             key_mask,
             len,
@@ -298,22 +300,39 @@ impl Past {
         )
     }
 
-    /// Runs `layers` in order over `x`, each through `forward(layer, x, its past, key mask)`, and
-    /// collects the cache of every layer.
+    /// The input's per-row bias deltas (for the biases outside the layers).
+    pub(crate) fn bias_deltas(&self) -> Option<BiasDeltas> {
+        self.bias_deltas.clone()
+    }
+
+    /// Runs `layers` in order over `x`, each through `forward(layer, x, its past, key mask, its
+    /// bias deltas)`, and collects the cache of every layer. `layer_names` is the layers' Hugging
+    /// Face path (`model.layers`): layer `i`'s biases are named `{layer_names}.{i}.…`.
     pub(crate) fn run<L>(
         self,
         layers: &[L],
+        layer_names: &str,
         mut x: Tensor<3>,
         mut forward: impl FnMut(
             &L,
             Tensor<3>,
             Option<LayerKv>,
             Option<Tensor<2, Int>>,
+            Biases<'_>,
         ) -> (Tensor<3>, LayerKv),
     ) -> (Tensor<3>, KvCache) {
         let mut cache = Vec::with_capacity(layers.len());
-        for (layer, past) in layers.iter().zip(self.layers) {
-            let (y, kv) = forward(layer, x, past, self.key_mask.clone());
+        for (i, (layer, past)) in layers.iter().zip(self.layers).enumerate() {
+            // The names are built only for inputs that carry deltas.
+            let prefix = match &self.bias_deltas {
+                Some(_) => format!("{layer_names}.{i}."),
+                None => String::new(),
+            };
+            let biases = Biases {
+                deltas: self.bias_deltas.as_ref(),
+                prefix: &prefix,
+            };
+            let (y, kv) = forward(layer, x, past, self.key_mask.clone(), biases);
             x = y;
             cache.push(kv);
         }
@@ -322,6 +341,35 @@ impl Past {
             attention_mask: self.key_mask,
         };
         (x, cache)
+    }
+}
+
+/// The per-row bias deltas of one scope of the model (a layer, or the top level): what adds a
+/// row's delta after each biased operation.
+#[derive(Clone, Copy)]
+pub(crate) struct Biases<'a> {
+    deltas: Option<&'a BiasDeltas>,
+    prefix: &'a str,
+}
+
+impl<'a> Biases<'a> {
+    /// No deltas.
+    pub(crate) const NONE: Biases<'static> = Biases {
+        deltas: None,
+        prefix: "",
+    };
+
+    /// The deltas of `deltas` whose names start with `prefix`.
+    pub(crate) fn new(deltas: Option<&'a BiasDeltas>, prefix: &'a str) -> Self {
+        Self { deltas, prefix }
+    }
+
+    /// `x` `[batch, seq, size]` plus the delta of the bias `{prefix}{name}`, if the input has one.
+    pub(crate) fn add(&self, name: &str, x: Tensor<3>) -> Tensor<3> {
+        match self.deltas {
+            Some(deltas) => deltas.add(&format!("{}{name}", self.prefix), x),
+            None => x,
+        }
     }
 }
 

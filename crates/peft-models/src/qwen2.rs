@@ -15,7 +15,7 @@ use crate::error::{ModelError, Result};
 use crate::fused::silu_gate;
 use crate::hf_config::HfConfig;
 use crate::layers::{
-    Past, apply_rope, causal_attention, linear_rows, merge_heads, split_heads, tied_lm_head,
+    Biases, Past, apply_rope, causal_attention, linear_rows, merge_heads, split_heads, tied_lm_head,
 };
 use crate::rope::{Rope, RopeScaling};
 use crate::weights::{RandomWeights, WeightSource, infallible};
@@ -295,9 +295,20 @@ pub struct Qwen2Mlp {
 impl Qwen2Mlp {
     /// `[b, s, hidden] -> [b, s, hidden]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = linear_rows(&self.gate_proj, x.clone());
-        let up = linear_rows(&self.up_proj, x);
-        linear_rows(&self.down_proj, silu_gate(gate, up))
+        self.forward_with(x, Biases::NONE)
+    }
+
+    /// [`Qwen2Mlp::forward`] with per-row bias deltas.
+    pub(crate) fn forward_with(&self, x: Tensor<3>, biases: Biases<'_>) -> Tensor<3> {
+        let gate = biases.add(
+            "mlp.gate_proj.bias",
+            linear_rows(&self.gate_proj, x.clone()),
+        );
+        let up = biases.add("mlp.up_proj.bias", linear_rows(&self.up_proj, x));
+        biases.add(
+            "mlp.down_proj.bias",
+            linear_rows(&self.down_proj, silu_gate(gate, up)),
+        )
     }
 }
 
@@ -337,18 +348,37 @@ impl Qwen2Attention {
         past: Option<LayerKv>,
         key_mask: Option<Tensor<2, Int>>,
     ) -> (Tensor<3>, LayerKv) {
+        self.forward_with(x, cos, sin, past, key_mask, Biases::NONE)
+    }
+
+    /// [`Qwen2Attention::forward`] with per-row bias deltas.
+    pub(crate) fn forward_with(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        past: Option<LayerKv>,
+        key_mask: Option<Tensor<2, Int>>,
+        biases: Biases<'_>,
+    ) -> (Tensor<3>, LayerKv) {
         let q = split_heads(
-            linear_rows(&self.q_proj, x.clone()),
+            biases.add(
+                "self_attn.q_proj.bias",
+                linear_rows(&self.q_proj, x.clone()),
+            ),
             self.num_heads,
             self.head_dim,
         );
         let k = split_heads(
-            linear_rows(&self.k_proj, x.clone()),
+            biases.add(
+                "self_attn.k_proj.bias",
+                linear_rows(&self.k_proj, x.clone()),
+            ),
             self.num_key_value_heads,
             self.head_dim,
         );
         let v = split_heads(
-            linear_rows(&self.v_proj, x),
+            biases.add("self_attn.v_proj.bias", linear_rows(&self.v_proj, x)),
             self.num_key_value_heads,
             self.head_dim,
         );
@@ -367,7 +397,8 @@ impl Qwen2Attention {
             None,
             self.sliding_window,
         );
-        (linear_rows(&self.o_proj, merge_heads(out)), kv)
+        let out = linear_rows(&self.o_proj, merge_heads(out));
+        (biases.add("self_attn.o_proj.bias", out), kv)
     }
 }
 
@@ -394,16 +425,32 @@ impl Qwen2DecoderLayer {
         past: Option<LayerKv>,
         key_mask: Option<Tensor<2, Int>>,
     ) -> (Tensor<3>, LayerKv) {
-        let (attn, kv) = self.self_attn.forward(
+        self.forward_with(x, cos, sin, past, key_mask, Biases::NONE)
+    }
+
+    /// [`Qwen2DecoderLayer::forward`] with per-row bias deltas.
+    pub(crate) fn forward_with(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        past: Option<LayerKv>,
+        key_mask: Option<Tensor<2, Int>>,
+        biases: Biases<'_>,
+    ) -> (Tensor<3>, LayerKv) {
+        let (attn, kv) = self.self_attn.forward_with(
             self.input_layernorm.forward(x.clone()),
             cos,
             sin,
             past,
             key_mask,
+            biases,
         );
         let x = x + attn;
-        let x = x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x));
-        (x, kv)
+        let mlp = self
+            .mlp
+            .forward_with(self.post_attention_layernorm.forward(x.clone()), biases);
+        (x + mlp, kv)
     }
 }
 
@@ -553,9 +600,12 @@ impl CausalLm for Qwen2ForCausalLM {
         let (x, past) = Past::resolve(input, &self.geometry());
         let positions = past.query_positions();
         let (cos, sin) = self.config.rope().cos_sin(positions, dtype);
-        let (x, cache) = past.run(&self.model.layers, x, |layer, x, kv, mask| {
-            layer.forward(x, &cos, &sin, kv, mask)
-        });
+        let (x, cache) = past.run(
+            &self.model.layers,
+            "model.layers",
+            x,
+            |layer, x, kv, mask, biases| layer.forward_with(x, &cos, &sin, kv, mask, biases),
+        );
         ModelOutput {
             hidden_states: self.model.norm.forward(x),
             cache,

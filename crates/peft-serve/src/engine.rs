@@ -7,7 +7,8 @@ use std::sync::Arc;
 use burn::prelude::*;
 use peft::AutoAdapter;
 use peft::core::{
-    Adapter, CausalLm, CoreError, GenerationConfig, Injection, KvCache, ModelInput, TokenSampler,
+    Adapter, BiasDeltas, CausalLm, CoreError, GenerationConfig, Injection, KvCache, ModelInput,
+    TokenSampler,
 };
 
 /// A generation request: `prompt` continued with `adapter` (or the bare base) as `config` says
@@ -26,7 +27,7 @@ pub struct Request {
 }
 
 /// What one [`Engine::step`] produced for a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// A new token of request `id`.
     Token {
@@ -34,6 +35,9 @@ pub enum Event {
         id: u64,
         /// The token.
         token: u32,
+        /// The logits it was chosen from (f32, one per vocabulary entry), when the engine keeps
+        /// them ([`Engine::with_logits`]).
+        logits: Option<Vec<f32>>,
     },
     /// Request `id` is done: it produced an EOS or its `max_new_tokens`.
     Finished {
@@ -62,14 +66,29 @@ pub enum EngineError {
         /// What is wrong.
         source: CoreError,
     },
+    /// The request's adapter changes the base's weights in a way a row cannot carry (only bias
+    /// deltas can be).
+    #[error("request {id}: its {peft_type} adapter cannot share a batch: {reason}")]
+    Unservable {
+        /// The request.
+        id: u64,
+        /// The adapter's method.
+        peft_type: &'static str,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// A running row.
 struct Row {
     request: Request,
+    /// The row's bias deltas (`[1, size]` each), for an adapter that trains the base's biases.
+    biases: Option<BiasDeltas>,
     tokens: Vec<u32>,
     /// The token to feed at the next decode step.
     next: u32,
+    /// The logits `next` was chosen from, when kept.
+    next_logits: Option<Vec<f32>>,
     /// The row's own choices (its sampling stream).
     sampler: TokenSampler,
 }
@@ -79,9 +98,12 @@ pub struct Engine<M: CausalLm> {
     model: M,
     max_batch_size: usize,
     max_queue: usize,
-    queue: VecDeque<Request>,
+    queue: VecDeque<(Request, Option<BiasDeltas>)>,
     rows: Vec<Row>,
     cache: Option<KvCache>,
+    /// The running rows' bias deltas stacked (`None`: no row has any); rebuilt when rows change.
+    batch_biases: Option<BiasDeltas>,
+    keep_logits: bool,
 }
 
 impl<M: CausalLm> Engine<M> {
@@ -95,7 +117,17 @@ impl<M: CausalLm> Engine<M> {
             queue: VecDeque::new(),
             rows: Vec::new(),
             cache: None,
+            batch_biases: None,
+            keep_logits: false,
         }
+    }
+
+    /// Whether [`Event::Token`]s carry the logits each token was chosen from (a vocabulary of
+    /// f32 per token: for log-probabilities, and for tests that compare rows with their requests
+    /// served alone).
+    pub fn with_logits(mut self, keep: bool) -> Self {
+        self.keep_logits = keep;
+        self
     }
 
     /// Queues `request`; it joins the running batch at the next [`Engine::step`] with room.
@@ -135,7 +167,25 @@ impl<M: CausalLm> Engine<M> {
                 source,
             });
         }
-        self.queue.push_back(request);
+        // An adapter that trains the base's biases is served as per-row deltas of them.
+        let biases = match &request.adapter {
+            Some(adapter) if adapter.changes_base_weights() => {
+                match adapter.bias_deltas(&self.model) {
+                    Some(deltas) => Some(deltas),
+                    None => {
+                        return Err(EngineError::Unservable {
+                            id: request.id,
+                            peft_type: adapter.peft_type(),
+                            reason: "it changes base weights other than biases, or holds no \
+                                     trained values"
+                                .into(),
+                        });
+                    }
+                }
+            }
+            _ => None,
+        };
+        self.queue.push_back((request, biases));
         Ok(())
     }
 
@@ -156,7 +206,7 @@ impl<M: CausalLm> Engine<M> {
 
     /// Drops request `id` wherever it is (a client that went away frees its row).
     pub fn cancel(&mut self, id: u64) {
-        self.queue.retain(|r| r.id != id);
+        self.queue.retain(|(r, _)| r.id != id);
         if let Some(at) = self.rows.iter().position(|r| r.request.id == id) {
             self.remove_rows(&[at]);
         }
@@ -168,12 +218,13 @@ impl<M: CausalLm> Engine<M> {
     pub fn step(&mut self) -> Vec<Event> {
         let mut events = Vec::new();
         // Join: a new row's prefill yields its first token.
+        let mut joined = false;
         while self.rows.len() < self.max_batch_size {
-            let Some(request) = self.queue.pop_front() else {
+            let Some((request, biases)) = self.queue.pop_front() else {
                 break;
             };
             let mut sampler = TokenSampler::new(&request.config);
-            let (token, cache) = self.prefill(&request, &mut sampler);
+            let (token, cache, logits) = self.prefill(&request, biases.clone(), &mut sampler);
             self.cache = Some(match self.cache.take() {
                 Some(running) => KvCache::join_rows(vec![running, cache]),
                 None => cache,
@@ -181,11 +232,17 @@ impl<M: CausalLm> Engine<M> {
             self.rows.push(Row {
                 tokens: Vec::new(),
                 next: token,
+                next_logits: self.keep_logits.then_some(logits),
                 request,
+                biases,
                 sampler,
             });
+            joined = true;
             // The first token is emitted below with the others, so that a row's tokens come
             // out in order, one per step.
+        }
+        if joined {
+            self.stack_biases();
         }
         if self.rows.is_empty() {
             return events;
@@ -198,6 +255,7 @@ impl<M: CausalLm> Engine<M> {
             events.push(Event::Token {
                 id: row.request.id,
                 token,
+                logits: row.next_logits.take(),
             });
             if row.request.config.eos_token_ids.contains(&token)
                 || row.tokens.len() >= row.request.config.max_new_tokens
@@ -218,19 +276,29 @@ impl<M: CausalLm> Engine<M> {
         let batch = self.rows.len();
         let next: Vec<i64> = self.rows.iter().map(|r| i64::from(r.next)).collect();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(next, [batch, 1]), &device);
-        let input = ModelInput::new(self.model.embed_tokens(ids)).with_cache(self.cache.take());
+        let input = ModelInput::new(self.model.embed_tokens(ids))
+            .with_cache(self.cache.take())
+            .with_bias_deltas(self.batch_biases.clone());
         let out = self.model.forward_hidden(input);
         let logits = last_logits(&self.model, out.hidden_states);
         self.cache = Some(out.cache);
         let vocab = self.model.geometry().vocab_size;
         for (i, row) in self.rows.iter_mut().enumerate() {
-            row.next = row.sampler.choose(&logits[i * vocab..(i + 1) * vocab]);
+            let own = &logits[i * vocab..(i + 1) * vocab];
+            row.next = row.sampler.choose(own);
+            row.next_logits = self.keep_logits.then(|| own.to_vec());
         }
         events
     }
 
-    /// The first new token of `request` and its cache, the row alone (batch of one).
-    fn prefill(&self, request: &Request, sampler: &mut TokenSampler) -> (u32, KvCache) {
+    /// The first new token of `request`, its cache and the logits it was chosen from, the row
+    /// alone (batch of one).
+    fn prefill(
+        &self,
+        request: &Request,
+        biases: Option<BiasDeltas>,
+        sampler: &mut TokenSampler,
+    ) -> (u32, KvCache, Vec<f32>) {
         let device = self.model.device();
         let ids: Vec<i64> = request.prompt.iter().map(|&t| i64::from(t)).collect();
         let ids =
@@ -239,11 +307,12 @@ impl<M: CausalLm> Engine<M> {
             .adapter
             .as_ref()
             .map_or_else(Injection::default, |a| a.inject(1));
-        let out = self
-            .model
-            .forward_hidden(injection.into_input(self.model.embed_tokens(ids), None));
+        let input = injection
+            .into_input(self.model.embed_tokens(ids), None)
+            .with_bias_deltas(biases);
+        let out = self.model.forward_hidden(input);
         let logits = last_logits(&self.model, out.hidden_states);
-        (sampler.choose(&logits), out.cache)
+        (sampler.choose(&logits), out.cache, logits)
     }
 
     fn remove_rows(&mut self, rows: &[usize]) {
@@ -262,6 +331,13 @@ impl<M: CausalLm> Engine<M> {
             at += 1;
             kept
         });
+        self.stack_biases();
+    }
+
+    /// Rebuilds the batch's bias deltas from its rows'.
+    fn stack_biases(&mut self) {
+        let rows: Vec<Option<&BiasDeltas>> = self.rows.iter().map(|r| r.biases.as_ref()).collect();
+        self.batch_biases = BiasDeltas::stack(&rows, &self.model.device());
     }
 }
 

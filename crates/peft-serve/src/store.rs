@@ -45,17 +45,6 @@ pub enum StoreError {
         /// What is wrong, naming the file and key or tensor.
         source: Box<AdapterError>,
     },
-    /// A method the engine cannot mix into a batch yet: one that changes the base's weights.
-    #[error(
-        "adapter {name:?}: {peft_type} adapters change the base model's weights, and rows of \
-         such adapters cannot share a batch with others yet (they would need per-row weights)"
-    )]
-    Unsupported {
-        /// The name asked for.
-        name: String,
-        /// Its method.
-        peft_type: &'static str,
-    },
 }
 
 /// The adapters of one folder for one base model.
@@ -106,7 +95,7 @@ impl AdapterStore {
     /// # Errors
     ///
     /// A name that is not a subdirectory's, that leads outside the folder, an adapter for another
-    /// base or with malformed files, or a method not served.
+    /// base or with malformed files.
     pub fn get(&mut self, name: &str) -> Result<Arc<AutoAdapter>, StoreError> {
         if let Some(at) = self.loaded.iter().position(|(n, _)| n == name) {
             let entry = self.loaded.remove(at).expect("found above");
@@ -142,12 +131,6 @@ impl AdapterStore {
                 source: Box::new(source),
             }
         })?;
-        if adapter.changes_base_weights() {
-            return Err(StoreError::Unsupported {
-                name: name.into(),
-                peft_type: adapter.peft_type(),
-            });
-        }
         let adapter = Arc::new(adapter.into_inference());
         self.loaded.push_back((name.to_string(), adapter.clone()));
         while self.loaded.len() > self.max_loaded {

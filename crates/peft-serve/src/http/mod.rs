@@ -787,6 +787,11 @@ impl Job {
             Ok(Err(EngineError::Invalid { source, .. })) => {
                 return Err(ApiError::invalid("prompt", source.to_string()));
             }
+            Ok(Err(error @ EngineError::Unservable { .. })) => {
+                return Err(
+                    ApiError::invalid("model", error.to_string()).with_code("adapter_unusable")
+                );
+            }
             Err(_) => return Err(engine_gone()),
         }
         let prefix = match kind {

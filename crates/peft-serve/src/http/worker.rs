@@ -152,7 +152,7 @@ fn deliver<M: CausalLm>(
     event: Event,
 ) {
     match event {
-        Event::Token { id, token } => {
+        Event::Token { id, token, .. } => {
             metrics.tokens_generated.fetch_add(1, Ordering::Relaxed);
             let delivered = readers
                 .get(&id)
