@@ -212,33 +212,37 @@ impl<M: CausalLm> Engine<M> {
         }
     }
 
-    /// One step: queued requests join while there is room (each prefilled alone, its cache
-    /// joined to the batch's), then every running row decodes one token. Returns the tokens and
-    /// the requests that finished.
+    /// One step: queued requests join while there is room (prefilled together in groups of
+    /// similar length, their caches joined to the batch's), then every running row decodes one
+    /// token. Returns the tokens and the requests that finished.
     pub fn step(&mut self) -> Vec<Event> {
         let mut events = Vec::new();
         // Join: a new row's prefill yields its first token.
-        let mut joined = false;
-        while self.rows.len() < self.max_batch_size {
-            let Some((request, biases)) = self.queue.pop_front() else {
+        let mut joining = Vec::new();
+        while self.rows.len() + joining.len() < self.max_batch_size {
+            let Some(entry) = self.queue.pop_front() else {
                 break;
             };
-            let mut sampler = TokenSampler::new(&request.config);
-            let (token, cache, logits) = self.prefill(&request, biases.clone(), &mut sampler);
+            joining.push(entry);
+        }
+        let joined = !joining.is_empty();
+        for group in prefill_groups(joining) {
+            let (cache, firsts) = self.prefill(&group);
             self.cache = Some(match self.cache.take() {
                 Some(running) => KvCache::join_rows(vec![running, cache]),
                 None => cache,
             });
-            self.rows.push(Row {
-                tokens: Vec::new(),
-                next: token,
-                next_logits: self.keep_logits.then_some(logits),
-                request,
-                biases,
-                sampler,
-            });
-            joined = true;
-            // The first token is emitted below with the others, so that a row's tokens come
+            for ((request, biases), (token, logits, sampler)) in group.into_iter().zip(firsts) {
+                self.rows.push(Row {
+                    tokens: Vec::new(),
+                    next: token,
+                    next_logits: self.keep_logits.then_some(logits),
+                    request,
+                    biases,
+                    sampler,
+                });
+            }
+            // The first tokens are emitted below with the others, so that a row's tokens come
             // out in order, one per step.
         }
         if joined {
@@ -291,28 +295,57 @@ impl<M: CausalLm> Engine<M> {
         events
     }
 
-    /// The first new token of `request`, its cache and the logits it was chosen from, the row
-    /// alone (batch of one).
+    /// Prefills `group` as one batch (prompts left-padded, each row with its adapter's
+    /// injection and bias deltas): its cache, and for each row its first token, the logits it was
+    /// chosen from and its sampler. Positions are padding-aware, so each row gets what it gets
+    /// alone.
     fn prefill(
         &self,
-        request: &Request,
-        biases: Option<BiasDeltas>,
-        sampler: &mut TokenSampler,
-    ) -> (u32, KvCache, Vec<f32>) {
+        group: &[(Request, Option<BiasDeltas>)],
+    ) -> (KvCache, Vec<(u32, Vec<f32>, TokenSampler)>) {
         let device = self.model.device();
-        let ids: Vec<i64> = request.prompt.iter().map(|&t| i64::from(t)).collect();
-        let ids =
-            Tensor::<2, Int>::from_data(TensorData::new(ids, [1, request.prompt.len()]), &device);
-        let injection = request
-            .adapter
-            .as_ref()
-            .map_or_else(Injection::default, |a| a.inject(1));
+        let longest = group.iter().map(|(r, _)| r.prompt.len()).max().unwrap_or(0);
+        let rows = group.len();
+        let mut ids = Vec::with_capacity(rows * longest);
+        let mut mask = Vec::with_capacity(rows * longest);
+        for (request, _) in group {
+            let pad = longest - request.prompt.len();
+            ids.extend(std::iter::repeat_n(0i64, pad));
+            ids.extend(request.prompt.iter().map(|&t| i64::from(t)));
+            mask.extend(std::iter::repeat_n(0i64, pad));
+            mask.extend(std::iter::repeat_n(1i64, request.prompt.len()));
+        }
+        let padded = mask.contains(&0);
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, longest]), &device);
+        let mask = padded
+            .then(|| Tensor::<2, Int>::from_data(TensorData::new(mask, [rows, longest]), &device));
+        let injection = Injection::stack(
+            group
+                .iter()
+                .map(|(r, _)| {
+                    r.adapter
+                        .as_ref()
+                        .map_or_else(Injection::default, |a| a.inject(1))
+                })
+                .collect(),
+        );
+        let deltas: Vec<Option<&BiasDeltas>> = group.iter().map(|(_, d)| d.as_ref()).collect();
         let input = injection
-            .into_input(self.model.embed_tokens(ids), None)
-            .with_bias_deltas(biases);
+            .into_input(self.model.embed_tokens(ids), mask)
+            .with_bias_deltas(BiasDeltas::stack(&deltas, &device));
         let out = self.model.forward_hidden(input);
         let logits = last_logits(&self.model, out.hidden_states);
-        (sampler.choose(&logits), out.cache, logits)
+        let vocab = self.model.geometry().vocab_size;
+        let firsts = group
+            .iter()
+            .enumerate()
+            .map(|(i, (request, _))| {
+                let own = logits[i * vocab..(i + 1) * vocab].to_vec();
+                let mut sampler = TokenSampler::new(&request.config);
+                (sampler.choose(&own), own, sampler)
+            })
+            .collect();
+        (out.cache, firsts)
     }
 
     fn remove_rows(&mut self, rows: &[usize]) {
@@ -341,6 +374,38 @@ impl<M: CausalLm> Engine<M> {
     }
 }
 
+/// Rows that join together, in groups prefilled as one batch each: sorted by the length their
+/// prefill computes (prompt and virtual tokens), a group closes when one more row would make its
+/// left padding more than a quarter of its real tokens, or at 16 rows. One long row among short
+/// ones is thus prefilled alone rather than padding the others.
+fn prefill_groups(
+    mut joining: Vec<(Request, Option<BiasDeltas>)>,
+) -> Vec<Vec<(Request, Option<BiasDeltas>)>> {
+    const MOST_ROWS: usize = 16;
+    let length = |(r, _): &(Request, Option<BiasDeltas>)| {
+        r.prompt.len() + r.adapter.as_ref().map_or(0, |a| a.num_virtual_tokens())
+    };
+    joining.sort_by_key(length);
+    let mut groups: Vec<Vec<(Request, Option<BiasDeltas>)>> = Vec::new();
+    let mut real = 0;
+    for entry in joining {
+        let len = length(&entry);
+        let fits = groups.last().is_some_and(|g| {
+            // Sorted: the newcomer is the group's longest.
+            let padded = len * (g.len() + 1);
+            g.len() < MOST_ROWS && 4 * padded <= 5 * (real + len)
+        });
+        if fits {
+            real += len;
+            groups.last_mut().expect("checked").push(entry);
+        } else {
+            real = len;
+            groups.push(vec![entry]);
+        }
+    }
+    groups
+}
+
 /// The logits of the last position of each row of `hidden` `[batch, seq, hidden]`, as f32,
 /// row after row.
 fn last_logits<M: CausalLm>(model: &M, hidden: Tensor<3>) -> Vec<f32> {
@@ -352,4 +417,34 @@ fn last_logits<M: CausalLm>(model: &M, hidden: Tensor<3>) -> Vec<f32> {
         .into_data()
         .try_into_vec_as::<f32>()
         .expect("logits are floats")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(id: u64, len: usize) -> (Request, Option<BiasDeltas>) {
+        let request = Request {
+            id,
+            prompt: vec![1; len],
+            adapter: None,
+            config: GenerationConfig::new(),
+        };
+        (request, None)
+    }
+
+    #[test]
+    fn joining_rows_are_prefilled_in_groups_of_similar_length() {
+        let joining = [5, 40, 6, 5, 6, 41].iter().enumerate();
+        let groups = prefill_groups(joining.map(|(i, &n)| request(i as u64, n)).collect());
+        let ids: Vec<Vec<u64>> = groups
+            .iter()
+            .map(|g| g.iter().map(|(r, _)| r.id).collect())
+            .collect();
+        assert_eq!(ids, vec![vec![0, 3, 2, 4], vec![1, 5]]);
+        // At most 16 rows a group, however alike.
+        let groups = prefill_groups((0..40).map(|i| request(i, 8)).collect());
+        let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![16, 16, 8]);
+    }
 }
