@@ -15,17 +15,8 @@ use peft::models::{AutoCausalLm, ChatMessage, ChatTemplate, SpecialTokens, load_
 use peft_serve::http::{RunningServer, ServeOptions, Server};
 use serde_json::{Value, json};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
-}
+mod common;
+use common::{copy_dir, fixtures};
 
 /// The adapters served in these tests: every method on the base (BitFit's rows carry bias
 /// deltas), and one that cannot be served (another base's).

@@ -1,25 +1,14 @@
 //! Adapters by name from a folder: read on first use for the served base, kept in a bounded LRU,
 //! and refused with their reason when they cannot be served.
 
-use std::path::{Path, PathBuf};
-
 use burn::prelude::*;
 use burn::tensor::DType;
 use peft::core::{Adapter, BaseShape};
 use peft::models::AutoCausalLm;
 use peft_serve::{AdapterStore, StoreError};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
-}
+mod common;
+use common::{copy_dir, fixtures};
 
 #[test]
 fn adapters_load_by_name_once_within_the_bound_and_bad_ones_are_named() {
