@@ -60,9 +60,22 @@ pub(crate) fn read_prompts(
                                 .and_then(Value::as_str)
                                 .ok_or_else(|| bad(format!("messages[{i}].{key} must be a string")))
                         };
-                        Ok(ChatMessage::new(field("role")?, field("content")?))
+                        let role = field("role")?;
+                        // The roles training rows take; a typo would otherwise reach the template.
+                        if !matches!(role, "system" | "user" | "assistant") {
+                            return Err(bad(format!(
+                                "messages[{i}].role is {role:?}; expected \"system\", \"user\" or \
+                                 \"assistant\""
+                            )));
+                        }
+                        Ok(ChatMessage::new(role, field("content")?))
                     })
                     .collect::<Result<Vec<_>, CliError>>()?;
+                if messages.is_empty() {
+                    return Err(bad(
+                        "messages is empty: a chat row needs at least one message".into(),
+                    ));
+                }
                 if template.is_none() {
                     template = Some(ChatTemplate::from_dir(model_dir)?);
                 }

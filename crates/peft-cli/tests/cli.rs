@@ -1638,6 +1638,11 @@ fn generate_from_a_file_in_batches_equals_each_prompt_alone() {
             "{\"messages\": [{\"role\": \"user\"}]}\n",
             "prompts.jsonl:1: messages[0].content must be a string",
         ),
+        (
+            "{\"prompt\": \"a\"}\n{\"messages\": [{\"role\": \"usr\", \"content\": \"hi\"}]}\n",
+            "prompts.jsonl:2: messages[0].role is \"usr\"; expected \"system\", \"user\" or",
+        ),
+        ("{\"messages\": []}\n", "prompts.jsonl:1: messages is empty"),
     ] {
         std::fs::write(&input, rows).unwrap();
         let out = peft(&[
