@@ -122,6 +122,14 @@ pub enum ModelError {
         /// What went wrong.
         message: String,
     },
+    /// A GGUF file that is malformed, truncated, or holds what the loader does not read.
+    #[error("{path}: {message}")]
+    Gguf {
+        /// The GGUF file.
+        path: PathBuf,
+        /// What is wrong, naming the key or tensor.
+        message: String,
+    },
     /// The input does not fit the model (ids, mask, length).
     #[error(transparent)]
     Input(#[from] peft_core::CoreError),

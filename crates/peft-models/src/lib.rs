@@ -22,6 +22,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod error;
 pub mod fused;
+pub mod gguf;
 pub mod hf_config;
 pub mod hub;
 pub mod layers;
