@@ -134,32 +134,17 @@ impl StopInput {
     }
 }
 
-/// The sampling fields both endpoints share.
-#[derive(Debug, Default)]
+/// The fields both endpoints share, read from the same body as the endpoint's own
+/// ([`CompletionRequest`] or [`ChatRequest`]; both parses ignore the other's fields), so that a
+/// wrong type is still named by its path.
+#[derive(Debug, Default, Deserialize)]
 pub struct Sampling {
-    /// `max_tokens` (or chat's `max_completion_tokens`).
-    pub max_tokens: Option<u64>,
-    /// `temperature` (0 decodes greedily).
-    pub temperature: Option<f64>,
-    /// `top_p`.
-    pub top_p: Option<f64>,
-    /// `seed`.
-    pub seed: Option<u64>,
-    /// `stop`.
-    pub stop: Option<StopInput>,
-    /// `n` (only 1).
-    pub n: Option<u64>,
-}
-
-/// `POST /v1/completions`.
-#[derive(Debug, Deserialize)]
-pub struct CompletionRequest {
     /// The adapter's name, or the base's; the base when absent.
     pub model: Option<String>,
-    /// What to continue.
-    pub prompt: PromptInput,
-    /// Most new tokens (OpenAI's default: 16).
+    /// Most new tokens (completions: OpenAI's default 16; chat: what the context has left).
     pub max_tokens: Option<u64>,
+    /// Chat's newer name of `max_tokens` (it wins when both are given).
+    pub max_completion_tokens: Option<u64>,
     /// Sampling temperature in [0, 2] (default 1; 0 decodes greedily).
     pub temperature: Option<f64>,
     /// Nucleus sampling mass in (0, 1].
@@ -174,18 +159,18 @@ pub struct CompletionRequest {
     pub n: Option<u64>,
 }
 
-impl CompletionRequest {
-    /// The sampling fields.
-    pub fn sampling(&mut self) -> Sampling {
-        Sampling {
-            max_tokens: self.max_tokens,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            seed: self.seed,
-            stop: self.stop.take(),
-            n: self.n,
-        }
+impl Sampling {
+    /// `max_completion_tokens`, else `max_tokens`.
+    pub fn max_new_tokens(&self) -> Option<u64> {
+        self.max_completion_tokens.or(self.max_tokens)
     }
+}
+
+/// `POST /v1/completions`: the prompt (the rest is [`Sampling`]).
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    /// What to continue.
+    pub prompt: PromptInput,
 }
 
 /// One message of a chat request.
@@ -217,41 +202,9 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-/// `POST /v1/chat/completions`.
+/// `POST /v1/chat/completions`: the conversation (the rest is [`Sampling`]).
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
-    /// The adapter's name, or the base's; the base when absent.
-    pub model: Option<String>,
     /// The conversation.
     pub messages: Vec<ChatMessageInput>,
-    /// Most new tokens (default: what the context has left).
-    pub max_tokens: Option<u64>,
-    /// The newer name of `max_tokens`.
-    pub max_completion_tokens: Option<u64>,
-    /// Sampling temperature in [0, 2] (default 1; 0 decodes greedily).
-    pub temperature: Option<f64>,
-    /// Nucleus sampling mass in (0, 1].
-    pub top_p: Option<f64>,
-    /// Seed of the request's sampler.
-    pub seed: Option<u64>,
-    /// Stop strings.
-    pub stop: Option<StopInput>,
-    /// Server-sent events instead of one response.
-    pub stream: Option<bool>,
-    /// Choices (only 1).
-    pub n: Option<u64>,
-}
-
-impl ChatRequest {
-    /// The sampling fields.
-    pub fn sampling(&mut self) -> Sampling {
-        Sampling {
-            max_tokens: self.max_completion_tokens.or(self.max_tokens),
-            temperature: self.temperature,
-            top_p: self.top_p,
-            seed: self.seed,
-            stop: self.stop.take(),
-            n: self.n,
-        }
-    }
 }

@@ -528,8 +528,9 @@ async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&shared, &headers)?;
-    let mut request: CompletionRequest = api::parse_body(&body_bytes(body)?)?;
-    let sampling = request.sampling();
+    let body = body_bytes(body)?;
+    let request: CompletionRequest = api::parse_body(&body)?;
+    let sampling: Sampling = api::parse_body(&body)?;
     let prompt = match request.prompt {
         PromptInput::Text(text) => encode(&shared, &text, true)?,
         PromptInput::Tokens(ids) => ids,
@@ -547,8 +548,9 @@ async fn completions(
             ));
         }
     };
-    let job = Job::admit(&shared, request.model, prompt, sampling, Kind::Completion).await?;
-    Ok(job.respond(request.stream.unwrap_or(false)).await)
+    let stream = sampling.stream.unwrap_or(false);
+    let job = Job::admit(&shared, prompt, sampling, Kind::Completion).await?;
+    Ok(job.respond(stream).await)
 }
 
 async fn chat_completions(
@@ -557,8 +559,9 @@ async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&shared, &headers)?;
-    let mut request: ChatRequest = api::parse_body(&body_bytes(body)?)?;
-    let sampling = request.sampling();
+    let body = body_bytes(body)?;
+    let request: ChatRequest = api::parse_body(&body)?;
+    let sampling: Sampling = api::parse_body(&body)?;
     let Some(template) = &shared.chat else {
         return Err(ApiError::invalid(
             "messages",
@@ -603,8 +606,9 @@ async fn chat_completions(
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     // The template writes the special tokens itself (as transformers' apply_chat_template).
     let prompt = encode(&shared, &rendered, false)?;
-    let job = Job::admit(&shared, request.model, prompt, sampling, Kind::Chat).await?;
-    Ok(job.respond(request.stream.unwrap_or(false)).await)
+    let stream = sampling.stream.unwrap_or(false);
+    let job = Job::admit(&shared, prompt, sampling, Kind::Chat).await?;
+    Ok(job.respond(stream).await)
 }
 
 fn encode(shared: &Shared, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
@@ -636,7 +640,6 @@ impl Job {
     /// Checks the request against the model and its adapter and queues it.
     async fn admit(
         shared: &Arc<Shared>,
-        model: Option<String>,
         prompt: Vec<u32>,
         sampling: Sampling,
         kind: Kind,
@@ -647,7 +650,10 @@ impl Job {
                 "only n = 1 is served: send n requests",
             ));
         }
-        let model = model.unwrap_or_else(|| shared.base_name.clone());
+        let model = sampling
+            .model
+            .clone()
+            .unwrap_or_else(|| shared.base_name.clone());
         let adapter = if model == shared.base_name {
             None
         } else {
