@@ -480,7 +480,7 @@ pub fn adapter_init_error(error: AdapterError) -> CliError {
 /// Arguments of `peft info`.
 #[derive(Debug, clap::Args)]
 pub struct InfoArgs {
-    /// Hugging Face model directory or Hub id in the local cache, or its config.json (weights
+    /// Hugging Face model directory, GGUF file or Hub id in the local cache, or a config.json (weights
     /// are not read).
     #[arg(long)]
     pub model: PathBuf,
@@ -507,7 +507,7 @@ pub struct ExportArgs {
 /// Arguments of `peft forward`.
 #[derive(Debug, clap::Args)]
 pub struct ForwardArgs {
-    /// Hugging Face model directory (config.json + model.safetensors or a sharded index), or a
+    /// Hugging Face model directory (config.json + model.safetensors or a sharded index), a GGUF file, or a
     /// Hub id `ORG/NAME[@REVISION]` in the local Hugging Face cache.
     #[arg(long)]
     pub model: PathBuf,
@@ -530,7 +530,7 @@ pub struct ForwardArgs {
 /// Arguments of `peft generate`.
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
-    /// Hugging Face model directory (with tokenizer.json), or a Hub id in the local cache.
+    /// Hugging Face model directory (with tokenizer.json), a GGUF file, or a Hub id in the local cache.
     #[arg(long)]
     pub model: PathBuf,
     /// Adapter directory (injected at prefill).
@@ -687,14 +687,9 @@ fn load_model(
     }
 }
 
-/// The config of `path`: a model directory or a config.json.
+/// The config of `path`: a model directory, a config.json or a GGUF file.
 fn read_config(path: &Path) -> Result<AutoConfig, CliError> {
-    let file = if path.is_dir() {
-        path.join("config.json")
-    } else {
-        path.to_path_buf()
-    };
-    Ok(AutoConfig::from_file(file)?)
+    Ok(AutoConfig::from_model(path)?)
 }
 
 /// `peft info`: PEFT's `print_trainable_parameters` line, from the config alone.
@@ -879,7 +874,7 @@ pub fn generate_text(
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     let tokenizer = load_tokenizer(&args.model)?;
-    let tokenizer_path = args.model.join("tokenizer.json");
+    let tokenizer_path = peft_models::model_file(&args.model, "tokenizer.json");
     let special = SpecialTokens::from_dir(&args.model)?;
     if args.temperature.is_nan() || args.temperature < 0.0 {
         return Err(CliError::Argument {

@@ -97,7 +97,7 @@ pub(crate) fn read_prompts(
         let ids = tokenizer
             .encode(text.as_str(), add_special_tokens)
             .map_err(|e| ModelError::Tokenizer {
-                path: model_dir.join("tokenizer.json"),
+                path: peft_models::model_file(model_dir, "tokenizer.json"),
                 message: e.to_string(),
             })?
             .get_ids()
@@ -164,7 +164,7 @@ pub(crate) fn generate_file(
                 let text = tokenizer
                     .decode(&new, true)
                     .map_err(|e| ModelError::Tokenizer {
-                        path: model_dir.join("tokenizer.json"),
+                        path: peft_models::model_file(model_dir, "tokenizer.json"),
                         message: e.to_string(),
                     })?;
                 let json = serde_json::json!({

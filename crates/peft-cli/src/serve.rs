@@ -14,7 +14,7 @@ use crate::cli::{CliError, Dtype};
 /// `peft serve`'s flags.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Hugging Face model directory (with tokenizer.json), or a Hub id in the local cache.
+    /// Hugging Face model directory (with tokenizer.json), a GGUF file, or a Hub id in the local cache.
     #[arg(long)]
     pub model: PathBuf,
     /// Folder of adapters: each subdirectory with an adapter_config.json is served under its

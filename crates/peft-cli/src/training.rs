@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::{Adapter, PeftModel};
 use peft_models::{
     AutoCausalLm, AutoConfig, ChatMessage, ChatTemplate, ModelError, SpecialTokens, Tokenizer,
-    load_tokenizer,
+    load_tokenizer, model_file,
 };
 use peft_train::data::{
     ALPACA_TEMPLATE, ChatOptions, DataOptions, Dataset, TextEncoder, TokenizeOptions,
@@ -63,8 +63,8 @@ pub enum TrainOnArg {
 /// Arguments of `peft train`.
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
-    /// Hugging Face model directory (config.json, weights, tokenizer.json), or a Hub id
-    /// `ORG/NAME[@REVISION]` in the local Hugging Face cache.
+    /// Hugging Face model directory (config.json, weights, tokenizer.json), a llama.cpp GGUF
+    /// file, or a Hub id `ORG/NAME[@REVISION]` in the local Hugging Face cache.
     #[arg(long)]
     pub model: PathBuf,
     /// What the adapter records as its base model: the Hub id `--model` named, else the path.
@@ -157,7 +157,7 @@ pub struct TrainArgs {
 /// Arguments of `peft eval`.
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
-    /// Hugging Face model directory, or a Hub id in the local cache.
+    /// Hugging Face model directory, a GGUF file, or a Hub id in the local cache.
     #[arg(long)]
     pub model: PathBuf,
     /// Adapter directory.
@@ -196,14 +196,21 @@ pub(crate) struct ModelText {
 }
 
 impl ModelText {
-    /// Reads `model_dir/config.json`, `tokenizer.json` and the special ids.
+    /// Reads `model_dir/config.json`, `tokenizer.json` and the special ids (or all three from
+    /// a GGUF file's metadata).
     pub(crate) fn read(model_dir: &Path) -> Result<Self, CliError> {
         Ok(Self {
-            config: AutoConfig::from_file(model_dir.join("config.json"))?,
+            config: AutoConfig::from_model(model_dir)?,
             dir: model_dir.to_path_buf(),
             tokenizer: load_tokenizer(model_dir)?,
             special: SpecialTokens::from_dir(model_dir)?,
         })
+    }
+
+    /// The model's file `name` (`tokenizer.json`, `config.json`), or the GGUF file that holds
+    /// them all.
+    fn file(&self, name: &str) -> PathBuf {
+        model_file(&self.dir, name)
     }
 
     /// Refuses an id the model has no embedding for: a tokenizer.json of another model would
@@ -213,12 +220,12 @@ impl ModelText {
         match ids.iter().find(|&&id| id as usize >= vocab_size) {
             None => Ok(()),
             Some(id) => Err(CliError::Input {
-                path: self.dir.join("tokenizer.json"),
+                path: self.file("tokenizer.json"),
                 message: format!(
                     "{} encodes to token id {id}, but the model ({}) has vocab_size {}: is the \
                      tokenizer from another model?",
                     what(),
-                    self.dir.join("config.json").display(),
+                    self.file("config.json").display(),
                     vocab_size
                 ),
             }),
@@ -229,7 +236,7 @@ impl ModelText {
     fn decode(&self, ids: &[u32]) -> Result<String, CliError> {
         self.tokenizer.decode(ids, true).map_err(|e| {
             ModelError::Tokenizer {
-                path: self.dir.join("tokenizer.json"),
+                path: self.file("tokenizer.json"),
                 message: e.to_string(),
             }
             .into()
@@ -265,7 +272,7 @@ impl ModelText {
             .encode(text, add_special_tokens)
             .map_err(|message| -> CliError {
                 ModelError::Tokenizer {
-                    path: self.dir.join("tokenizer.json"),
+                    path: self.file("tokenizer.json"),
                     message,
                 }
                 .into()

@@ -1761,3 +1761,122 @@ fn a_prefix_adapter_counts_its_positions_in_the_context_check() {
     assert!(!output.exists());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_gguf_model_trains_evaluates_and_generates_as_its_folder_does() {
+    // The GGUF fixture against a folder of the same dequantized weights, with the tokenizer the
+    // GGUF's metadata describes saved as its tokenizer.json: every command must give the same.
+    let dir = scratch("gguf");
+    let gguf = root().join("fixtures/gguf/qwen2-gqa-tied.gguf");
+    let folder = dir.join("folder");
+    std::fs::create_dir_all(&folder).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(
+            root().join("fixtures/gguf/qwen2-gqa-tied").join(file),
+            folder.join(file),
+        )
+        .unwrap();
+    }
+    peft_models::load_tokenizer(&gguf)
+        .unwrap()
+        .save(folder.join("tokenizer.json"), false)
+        .unwrap();
+    let rows: String = (0..8)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"Count {i}:\", \"completion\": \" {}\"}}\n",
+                i + 1
+            )
+        })
+        .collect();
+    let data = dir.join("train.jsonl");
+    std::fs::write(&data, &rows).unwrap();
+    let mut adapters = Vec::new();
+    let mut outputs = Vec::new();
+    for (name, model) in [("gguf", &gguf), ("folder", &folder)] {
+        let adapter = dir.join(format!("adapter-{name}"));
+        let out = peft(&[
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--method",
+            "p-tuning-v2",
+            "--num-virtual-tokens",
+            "3",
+            "--train",
+            data.to_str().unwrap(),
+            "--eval",
+            data.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--output",
+            adapter.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let generated = peft(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--prompt",
+            "Count 3:",
+            "--max-new-tokens",
+            "6",
+        ]);
+        assert!(generated.status.success(), "{name}: {}", stderr(&generated));
+        let info = peft(&[
+            "info",
+            "--model",
+            model.to_str().unwrap(),
+            "--method",
+            "p-tuning-v2",
+        ]);
+        assert!(info.status.success(), "{name}: {}", stderr(&info));
+        outputs.push((
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            generated.stdout,
+            info.stdout,
+        ));
+        adapters.push(std::fs::read(adapter.join("adapter_model.safetensors")).unwrap());
+    }
+    // Bit-identical training, same evaluation lines, same text, same parameter counts.
+    assert!(adapters[0] == adapters[1], "the adapters differ");
+    let evals = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter(|l| l.contains("eval @"))
+            .map(String::from)
+            .collect()
+    };
+    assert!(!evals(&outputs[0].0).is_empty(), "{}", outputs[0].0);
+    assert_eq!(evals(&outputs[0].0), evals(&outputs[1].0));
+    assert_eq!(outputs[0].1, outputs[1].1);
+    assert_eq!(outputs[0].2, outputs[1].2);
+
+    // A GGUF whose tokenizer is not rebuilt is refused naming the file and the key.
+    let mut bytes = std::fs::read(&gguf).unwrap();
+    let key = b"tokenizer.ggml.pre";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
+    // The value after the key (u32 type, u64 length, "qwen2"): make it "qwen9".
+    let value = at + key.len() + 4 + 8;
+    assert_eq!(&bytes[value..value + 5], b"qwen2");
+    bytes[value + 4] = b'9';
+    let bad = dir.join("bad.gguf");
+    std::fs::write(&bad, bytes).unwrap();
+    let out = peft(&[
+        "generate",
+        "--model",
+        bad.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("bad.gguf") && err.contains("tokenizer.ggml.pre") && err.contains("qwen9"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -9,6 +9,7 @@ use peft_core::{BaseShape, CausalLm, ModelGeometry, ModelInput, ModelOutput};
 use crate::bloom::BloomForCausalLM;
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
+use crate::gguf_model::{GgufModel, is_gguf_file};
 use crate::hf_config::{ConfigError, HfConfig};
 use crate::qwen2::Qwen2ForCausalLM;
 use crate::weights::{ParameterShapes, WeightSource, infallible};
@@ -142,6 +143,19 @@ impl AutoConfig {
         Self::from_hf(&HfConfig::from_file(path, "the model's config.json")?)
     }
 
+    /// The configuration of a model: a Hugging Face directory (its `config.json`), a
+    /// `config.json` itself, or a GGUF file (its metadata).
+    pub fn from_model(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if is_gguf_file(path) {
+            GgufModel::open(path)?.config()
+        } else if path.is_dir() {
+            Self::from_file(path.join("config.json"))
+        } else {
+            Self::from_file(path)
+        }
+    }
+
     /// Every parameter as (Hugging Face name, shape as the model holds it), from the config
     /// alone: the model's own `build` run over a source that records shapes and allocates
     /// nothing. A tied `lm_head` is the embedding, listed once, as PEFT counts it.
@@ -162,8 +176,14 @@ impl AutoCausalLm {
     /// Loads `dir/config.json` and the weights (`model.safetensors` or a sharded index) onto
     /// `device`, converting them to `dtype` (F32, F16 or BF16). Every tensor of the checkpoint must
     /// be used and have the shape the config implies.
+    ///
+    /// `dir` may also be a llama.cpp GGUF file ([`GgufModel`]): its metadata is the config, its
+    /// tensors are dequantized into `dtype`.
     pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<Self> {
         let dir = dir.as_ref();
+        if is_gguf_file(dir) {
+            return GgufModel::open(dir)?.load(device, dtype);
+        }
         let config = AutoConfig::from_file(dir.join("config.json"))?;
         let mut ckpt = Checkpoint::open_dir(dir, device, dtype)?;
         let model = config.build(&mut ckpt)?;
@@ -215,9 +235,12 @@ pub struct SpecialTokens {
 }
 
 impl SpecialTokens {
-    /// Reads the special ids of a model directory.
+    /// Reads the special ids of a model directory (or of a GGUF file's metadata).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
+        if is_gguf_file(dir) {
+            return GgufModel::open(dir)?.special_tokens();
+        }
         let generation = dir.join("generation_config.json");
         let cfg = if generation.is_file() {
             HfConfig::from_file(generation, "generation_config.json")?
@@ -259,8 +282,21 @@ impl SpecialTokens {
     }
 }
 
-/// Loads `dir/tokenizer.json`.
+/// Where errors about a model's file `name` (`tokenizer.json`, `config.json`) should point:
+/// `model/name`, or the GGUF file `model` that holds them all.
+pub fn model_file(model: &Path, name: &str) -> std::path::PathBuf {
+    if is_gguf_file(model) {
+        model.to_path_buf()
+    } else {
+        model.join(name)
+    }
+}
+
+/// Loads `dir/tokenizer.json`, or rebuilds the tokenizer of a GGUF file from its metadata.
 pub fn load_tokenizer(dir: impl AsRef<Path>) -> Result<tokenizers::Tokenizer> {
+    if is_gguf_file(dir.as_ref()) {
+        return GgufModel::open(dir.as_ref())?.tokenizer();
+    }
     let path = dir.as_ref().join("tokenizer.json");
     if !path.is_file() {
         return Err(ModelError::MissingFile {

@@ -51,7 +51,8 @@ pub struct ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// The chat template of a model directory, `None` when it has none.
+    /// The chat template of a model directory (or a GGUF file's `tokenizer.chat_template`),
+    /// `None` when it has none.
     ///
     /// # Errors
     ///
@@ -59,6 +60,9 @@ impl ChatTemplate {
     /// and key).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Option<Self>> {
         let dir = dir.as_ref();
+        if crate::gguf_model::is_gguf_file(dir) {
+            return crate::gguf_model::GgufModel::open(dir)?.chat_template();
+        }
         let config_path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = if config_path.is_file() {
             let text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {

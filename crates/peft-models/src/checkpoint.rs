@@ -17,6 +17,8 @@ use peft_core::adapter_file::{describe_safetensors_error, first_non_finite, floa
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use crate::gguf_model::{gguf_tensor_name, unpermute_rows};
 use crate::hf_config::ConfigError;
 
 /// File name of a single-file checkpoint.
@@ -30,11 +32,16 @@ struct Entry {
     shape: Vec<usize>,
     start: usize,
     end: usize,
+    /// In a GGUF checkpoint: the tensor's llama.cpp name, and the heads of a q/k projection
+    /// whose rows llama.cpp permuted.
+    gguf: Option<(String, Option<usize>)>,
 }
 
-/// An opened checkpoint: the tensors of one or more safetensors files, by name.
+/// An opened checkpoint: the tensors of one or more safetensors files, or of a GGUF file, by
+/// Hugging Face name.
 pub struct Checkpoint {
     files: Vec<(PathBuf, Mmap, usize)>,
+    gguf: Option<GgufFile>,
     entries: BTreeMap<String, Entry>,
     used: HashSet<String>,
     device: Device,
@@ -117,6 +124,7 @@ impl Checkpoint {
                         shape: info.shape.clone(),
                         start: data_start + info.data_offsets.0,
                         end: data_start + info.data_offsets.1,
+                        gguf: None,
                     },
                 );
             }
@@ -124,11 +132,47 @@ impl Checkpoint {
         }
         Ok(Self {
             files,
+            gguf: None,
             entries,
             used: HashSet::new(),
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// A checkpoint over the tensors of a GGUF file: `names` lists, for each tensor, its
+    /// Hugging Face name, its llama.cpp name and, for a q/k projection llama.cpp permuted, the
+    /// heads to undo the permutation over (see `gguf_model`). Tensors are dequantized to f32
+    /// when asked for, then converted to `dtype`.
+    pub fn from_gguf(
+        file: GgufFile,
+        names: Vec<(String, String, Option<usize>)>,
+        device: &Device,
+        dtype: DType,
+    ) -> Self {
+        let entries = names
+            .into_iter()
+            .filter_map(|(hf, gguf, heads)| {
+                let shape = file.tensor(&gguf)?.shape.clone();
+                let entry = Entry {
+                    file: 0,
+                    dtype: Dtype::F32,
+                    shape,
+                    start: 0,
+                    end: 0,
+                    gguf: Some((gguf, heads)),
+                };
+                Some((hf, entry))
+            })
+            .collect();
+        Self {
+            files: Vec::new(),
+            gguf: Some(file),
+            entries,
+            used: HashSet::new(),
+            device: device.clone(),
+            dtype,
+        }
     }
 
     /// The device tensors are created on.
@@ -143,6 +187,9 @@ impl Checkpoint {
 
     /// Where errors about a tensor should point: its file, or the first file when it is missing.
     fn path_of(&self, name: &str) -> PathBuf {
+        if let Some(gguf) = &self.gguf {
+            return gguf.path().to_path_buf();
+        }
         let file = self.entries.get(name).map_or(0, |e| e.file);
         self.files
             .get(file)
@@ -156,6 +203,11 @@ impl Checkpoint {
 
     /// Raw bytes and dtype of `name`, after checking its shape is `expected` (PyTorch layout).
     fn raw(&mut self, name: &str, expected: &[usize]) -> Result<(Vec<u8>, DType)> {
+        if let Some(file) = &self.gguf {
+            let bytes = gguf_raw(file, self.entries.get(name), name, expected)?;
+            self.used.insert(name.to_string());
+            return Ok((bytes, DType::F32));
+        }
         let Some(entry) = self.entries.get(name) else {
             return Err(ModelError::MissingTensor {
                 path: self.path_of(name),
@@ -214,12 +266,61 @@ impl Checkpoint {
     pub fn finish(self) -> Result<()> {
         match self.entries.keys().find(|name| !self.used.contains(*name)) {
             None => Ok(()),
+            Some(name) if self.gguf.is_some() => Err(ModelError::Gguf {
+                path: self.path_of(name),
+                message: format!(
+                    "tensor {:?} ({name}) is not part of the model its metadata describes",
+                    self.entries[name]
+                        .gguf
+                        .as_ref()
+                        .map_or("?", |g| g.0.as_str())
+                ),
+            }),
             Some(name) => Err(ModelError::UnexpectedTensor {
                 path: self.path_of(name),
                 name: name.clone(),
             }),
         }
     }
+}
+
+/// The f32 bytes of GGUF tensor `entry` (Hugging Face `name`), dequantized, its q/k rows put
+/// back in Hugging Face's order, after checking it has shape `expected`.
+fn gguf_raw(
+    file: &GgufFile,
+    entry: Option<&Entry>,
+    name: &str,
+    expected: &[usize],
+) -> Result<Vec<u8>> {
+    let error = |message: String| ModelError::Gguf {
+        path: file.path().to_path_buf(),
+        message,
+    };
+    let gguf_name = gguf_tensor_name(name).unwrap_or_else(|| name.to_string());
+    let Some((entry, Some((gguf, heads)))) = entry.map(|e| (e, e.gguf.as_ref())) else {
+        return Err(error(format!(
+            "tensor {gguf_name:?} ({name}) is missing: the metadata's sizes call for it"
+        )));
+    };
+    if entry.shape != expected {
+        return Err(error(format!(
+            "tensor {gguf:?} ({name}) has shape {:?} (outermost first); the metadata's sizes \
+             make it {expected:?}",
+            entry.shape
+        )));
+    }
+    let mut values = file.dequantize(gguf)?;
+    if let Some(heads) = *heads {
+        let cols = expected.get(1).copied().unwrap_or(1);
+        values = unpermute_rows(&values, heads, cols).ok_or_else(|| {
+            error(format!(
+                "tensor {gguf:?} ({name}): {} rows do not split into {heads} heads of two \
+                 RoPE halves",
+                expected[0]
+            ))
+        })?;
+    }
+    Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 /// Shard files named by a `model.safetensors.index.json` (beside it), each once, sorted; a name

@@ -96,6 +96,21 @@ impl GgmlType {
         }
     }
 
+    /// ggml's number for the type (as a GGUF tensor info stores it).
+    pub fn id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q8_0 => 8,
+            Self::Q4K => 12,
+            Self::Q5K => 13,
+            Self::Q6K => 14,
+            Self::BF16 => 30,
+        }
+    }
+
     /// ggml's name.
     pub fn name(self) -> &'static str {
         match self {
@@ -359,6 +374,12 @@ impl GgufFile {
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The stored bytes of tensor `name` (whole blocks of its type).
+    pub fn tensor_bytes(&self, name: &str) -> Option<&[u8]> {
+        let info = self.tensor(name)?;
+        Some(&self.data[info.start..info.start + info.len])
     }
 
     /// The tensor `name`'s entry.

@@ -23,6 +23,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod fused;
 pub mod gguf;
+pub mod gguf_model;
 pub mod hf_config;
 pub mod hub;
 pub mod layers;
@@ -30,11 +31,14 @@ pub mod qwen2;
 pub mod rope;
 pub mod weights;
 
-pub use auto::{AutoCausalLm, AutoConfig, ModelFamily, SpecialTokens, load_tokenizer, model_types};
+pub use auto::{
+    AutoCausalLm, AutoConfig, ModelFamily, SpecialTokens, load_tokenizer, model_file, model_types,
+};
 pub use bloom::{BloomConfig, BloomForCausalLM};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use checkpoint::Checkpoint;
 pub use error::{ModelError, Result};
+pub use gguf_model::{GgufModel, is_gguf_file};
 pub use hf_config::HfConfig;
 pub use hub::{HubId, hub_cache_dir, resolve_model};
 pub use qwen2::{AttentionType, Qwen2Config, Qwen2ForCausalLM};
