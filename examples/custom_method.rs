@@ -208,6 +208,7 @@ fn run(output: &Path) -> Outcome {
         eos_token_ids: special.eos_token_ids.clone(),
         base_model_name_or_path: None,
         resume: false,
+        devices: Vec::new(),
     };
     let options = EvalOptions::of(&config, &run);
     let before = evaluate(&model.valid(), &rows, &options, 0).expect("evaluates");

@@ -42,6 +42,31 @@ pub fn default_device() -> burn::prelude::Device {
     burn::prelude::Device::default()
 }
 
+/// The devices of a data-parallel run of `n` replicas: the first `n` CUDA GPUs with the `cuda`
+/// feature (an error when the machine has fewer), else `n` times [`default_device`] (Flex,
+/// wgpu and CubeCL's CPU runtime have one device: the replicas then take turns on it).
+pub fn data_parallel_devices(n: usize) -> Result<Vec<burn::prelude::Device>, String> {
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let found: Vec<burn::prelude::Device> =
+            burn::prelude::Device::enumerate(burn::tensor::DeviceType::Cuda)
+                .into_iter()
+                .collect();
+        if n > found.len() {
+            return Err(format!(
+                "asks for {n} CUDA devices; this machine has {}",
+                found.len()
+            ));
+        }
+        Ok(found.into_iter().take(n).collect())
+    }
+    #[cfg(not(feature = "cuda"))]
+    Ok(vec![default_device(); n])
+}
+
 /// Name of the backend this binary was compiled for.
 pub fn backend_name() -> &'static str {
     if cfg!(feature = "cuda") {

@@ -156,6 +156,7 @@ fn run_config(output_dir: &Path, resume: bool) -> TrainingRun {
         eos_token_ids: vec![0],
         base_model_name_or_path: None,
         resume,
+        devices: Vec::new(),
     }
 }
 
@@ -450,6 +451,162 @@ fn the_loss_scores_target_tokens_only() {
             (loss - mean(&every_token)).abs() > 1e-2,
             "{name}: prompt tokens would not matter"
         );
+    }
+}
+
+#[test]
+fn two_replicas_of_batch_4_train_as_one_device_with_batch_8() {
+    // Data parallelism on Flex: both replicas on its one device, taking turns. Every method;
+    // dropout off (each replica draws its own masks, as each GPU of a data-parallel run does).
+    let _rng = one_at_a_time();
+    let rows = rows();
+    let geometry = fixture_geometry();
+    let device = Device::default().autodiff();
+    let lr = 1e-2;
+    let steps = 5;
+    for (name, adapter) in every_method(&geometry) {
+        let adapter = match adapter {
+            AutoAdapterConfig::PTuning(c) => {
+                AutoAdapterConfig::PTuning(c.with_encoder_dropout(0.0))
+            }
+            other => other,
+        };
+        let initial = trained_values(&fresh_model(&device, &adapter));
+        // (replicas, rows per replica, accumulation): 1 x 8; 1 x 4 accumulated twice; 2 x 4.
+        let runs: Vec<_> = [(1, 8, 1), (1, 4, 2), (2, 4, 1)]
+            .into_iter()
+            .map(|(replicas, batch_size, accumulation)| {
+                let dir = temp_dir(&format!("dp-{name}-{replicas}-{batch_size}"));
+                let mut run = run_config(&dir, false);
+                run.devices = vec![device.clone(); replicas];
+                let config = TrainingConfig::new()
+                    .with_lr(lr)
+                    .with_batch_size(batch_size)
+                    .with_gradient_accumulation_steps(accumulation)
+                    .with_epochs(2);
+                let outcome = train(
+                    fresh_model(&device, &adapter),
+                    &rows,
+                    None,
+                    &config,
+                    &run,
+                    &mut CrashAfter(steps),
+                )
+                .unwrap_or_else(|e| panic!("{name} x{replicas}: {e}"));
+                assert_eq!(outcome.global_step, steps, "{name}");
+                let result = (
+                    trained_values(&outcome.model),
+                    train_losses(&dir),
+                    train_lines(&dir),
+                );
+                std::fs::remove_dir_all(dir).unwrap();
+                result
+            })
+            .collect();
+        let (one, accumulated, replicated) = (&runs[0], &runs[1], &runs[2]);
+        // Gathering the replicas' gradients is gradient accumulation over the same shards, to
+        // the bit: the data-parallel path adds nothing of its own.
+        assert_eq!(replicated.0, accumulated.0, "{name}: values");
+        assert_eq!(replicated.1, accumulated.1, "{name}: losses");
+        // Against one batch of 8: the same rows in every step and the same losses; the adapter
+        // differs only by the rounding of summing a batch in two halves, which AdamW's
+        // per-component normalization magnifies where a gradient is rounding residue (BitFit's
+        // k_proj biases, whose gradient softmax's shift invariance nearly cancels; the LSTM's
+        // hidden-to-hidden weights): measured at most 1.0e-5 at lr 1e-2 (1.0e-6 at 1e-3), so the
+        // bound is 1e-3 of the steps' total size, lr x steps.
+        assert_eq!(replicated.2, one.2, "{name}: rows");
+        assert_eq!(one.1.len(), steps, "{name}");
+        for (a, b) in one.1.iter().zip(&replicated.1) {
+            assert!(
+                (a.1 - b.1).abs() <= 1e-6 * a.1.abs(),
+                "{name}: step {} loss {} vs {}",
+                a.0,
+                a.1,
+                b.1
+            );
+        }
+        let max_diff = |x: &[(String, Vec<f32>)], y: &[(String, Vec<f32>)]| {
+            x.iter()
+                .zip(y)
+                .flat_map(|((_, a), (_, b))| a.iter().zip(b).map(|(p, q)| (p - q).abs()))
+                .fold(0.0f32, f32::max)
+        };
+        let diff = max_diff(&one.0, &replicated.0);
+        assert!(diff <= 1e-3 * lr as f32 * steps as f32, "{name}: {diff}");
+        let moved = max_diff(&one.0, &initial);
+        assert!(moved > 1e-3, "{name}: the adapter moved only {moved}");
+    }
+}
+
+#[test]
+fn a_data_parallel_run_resumes_bit_identical_and_only_on_as_many_devices() {
+    let _rng = one_at_a_time();
+    let device = Device::default().autodiff();
+    let rows = rows();
+    let adapter = every_method(&fixture_geometry()).remove(0).1;
+    // 2 replicas x 4 rows: 3 steps an epoch, 6 in all; checkpoints every 2.
+    let config = TrainingConfig::new()
+        .with_lr(1e-2)
+        .with_epochs(2)
+        .with_batch_size(4)
+        .with_save_steps(Some(2));
+    let two = |dir: &Path, resume: bool| {
+        let mut run = run_config(dir, resume);
+        run.devices = vec![device.clone(); 2];
+        run
+    };
+    let whole = temp_dir("dp-whole");
+    let outcome = train(
+        fresh_model(&device, &adapter),
+        &rows,
+        None,
+        &config,
+        &two(&whole, false),
+        &mut (),
+    )
+    .unwrap();
+    assert_eq!(outcome.global_step, 6);
+    let expected = trained_values(&outcome.model);
+
+    let crashed = temp_dir("dp-crashed");
+    train(
+        fresh_model(&device, &adapter),
+        &rows,
+        None,
+        &config,
+        &two(&crashed, false),
+        &mut CrashAfter(3),
+    )
+    .unwrap();
+    // Resuming on one device would change what a step is: refused, naming the field.
+    let err = train(
+        fresh_model(&device, &adapter),
+        &rows,
+        None,
+        &config,
+        &run_config(&crashed, true),
+        &mut (),
+    )
+    .err()
+    .expect("resumed on another number of devices");
+    assert!(
+        matches!(&err, TrainError::DifferentRun { key: "devices", .. }),
+        "{err}"
+    );
+    let outcome = train(
+        fresh_model(&device, &adapter),
+        &rows,
+        None,
+        &config,
+        &two(&crashed, true),
+        &mut (),
+    )
+    .unwrap();
+    assert_eq!(outcome.global_step, 6);
+    assert_eq!(trained_values(&outcome.model), expected);
+    assert_eq!(train_losses(&crashed), train_losses(&whole));
+    for dir in [whole, crashed] {
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
 

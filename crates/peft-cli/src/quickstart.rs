@@ -248,6 +248,7 @@ pub fn quickstart(
             eos_token_ids: special.eos_token_ids.clone(),
             base_model_name_or_path: model_dir.to_str().map(str::to_string),
             resume: false,
+            devices: Vec::new(),
         };
         let mut progress = Progress::new(out, &format!("{:<14}", method_name(method)), false);
         let outcome = train(

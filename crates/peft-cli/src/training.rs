@@ -149,6 +149,11 @@ pub struct TrainArgs {
     /// compute); works with every method, prefix tuning included.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Data-parallel replicas, one per device (the first N CUDA GPUs in a CUDA build): each
+    /// takes --batch-size rows of every batch, so N devices train as one with a batch N times
+    /// larger. On a single-device backend (Flex) the replicas take turns on it.
+    #[arg(long, default_value_t = 1)]
+    pub devices: usize,
     /// Compute dtype of the frozen base.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Dtype,
@@ -519,6 +524,27 @@ fn format_eval(m: &EvalMetrics) -> String {
     line
 }
 
+/// The replicas' devices of `--devices`: the training device first, then the others made alike
+/// (autodiff, gradient checkpointing).
+fn data_parallel_devices(args: &TrainArgs, train_device: &Device) -> Result<Vec<Device>, CliError> {
+    let found =
+        peft::data_parallel_devices(args.devices).map_err(|message| CliError::Argument {
+            flag: "--devices",
+            message,
+        })?;
+    let others = found.into_iter().skip(1).map(|device| {
+        let device = device.autodiff();
+        if args.gradient_checkpointing {
+            device.gradient_checkpointing()
+        } else {
+            device
+        }
+    });
+    Ok(std::iter::once(train_device.clone())
+        .chain(others)
+        .collect())
+}
+
 /// `peft train`.
 pub fn train_command(
     args: &TrainArgs,
@@ -578,6 +604,7 @@ pub fn train_command(
     if args.gradient_checkpointing {
         train_device = train_device.gradient_checkpointing();
     }
+    let devices = data_parallel_devices(args, &train_device)?;
     // The adapter is sized from config.json before the base's weights are read: an adapter too
     // large for this machine (a model without a position limit takes any --num-virtual-tokens)
     // would abort the process on allocation.
@@ -607,6 +634,7 @@ pub fn train_command(
             .clone()
             .or_else(|| args.model.to_str().map(str::to_string)),
         resume: args.resume,
+        devices,
     };
     let started = Instant::now();
     let mut progress = Progress::new(out, "", true);

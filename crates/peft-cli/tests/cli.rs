@@ -1880,3 +1880,39 @@ fn a_gguf_model_trains_evaluates_and_generates_as_its_folder_does() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn train_on_two_devices_equals_accumulating_their_shards_and_refuses_zero() {
+    let dir = scratch("devices");
+    let rows: String = (0..16)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"Count {i}:\", \"completion\": \" {}\"}}\n",
+                i + 1
+            )
+        })
+        .collect();
+    let mut adapters = Vec::new();
+    for (name, extra) in [
+        ("two-devices", vec!["--devices", "2"]),
+        ("accumulated", vec!["--gradient-accumulation-steps", "2"]),
+    ] {
+        let sub = dir.join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let mut args = vec!["--batch-size", "4", "--epochs", "2"];
+        args.extend(extra);
+        let (out, adapter) = train_on(&sub, "prefix-tuning", &rows, &args);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        adapters.push(std::fs::read(adapter.join("adapter_model.safetensors")).unwrap());
+    }
+    assert!(adapters[0] == adapters[1], "the adapters differ");
+    let (out, adapter) = train_on(&dir, "prompt-tuning", &rows, &["--devices", "0"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--devices: must be at least 1"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!adapter.exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}

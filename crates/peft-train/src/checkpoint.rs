@@ -34,10 +34,18 @@ pub struct TrainerState {
     /// Rows batched by length ([`crate::data::length_grouped_order`]).
     #[serde(default)]
     pub group_by_length: bool,
+    /// Data-parallel replicas (each takes `batch_size` rows of every micro-batch); checkpoints
+    /// made before data parallelism had one.
+    #[serde(default = "one_device")]
+    pub devices: usize,
     /// Training rows.
     pub train_rows: usize,
     /// Hash of the training rows' tokens and labels, to refuse resuming on other data.
     pub train_fingerprint: String,
+}
+
+fn one_device() -> usize {
+    1
 }
 
 /// Why a checkpoint cannot be written or used.
@@ -171,6 +179,7 @@ mod tests {
             batch_size: 2,
             gradient_accumulation_steps: 1,
             group_by_length: false,
+            devices: 1,
             train_rows: 4,
             train_fingerprint: "0".into(),
         }

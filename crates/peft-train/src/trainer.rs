@@ -100,6 +100,11 @@ pub struct TrainingRun {
     pub base_model_name_or_path: Option<String>,
     /// Continue from the newest checkpoint in `output_dir`, if any.
     pub resume: bool,
+    /// Data parallelism: the devices of the replicas, the model's own first (empty: the model's
+    /// device alone). Every optimizer step gives each replica its own `batch_size` rows, so N
+    /// devices take N x `batch_size` rows per micro-batch and their update equals one device's
+    /// with a batch N times larger (see [`train`]).
+    pub devices: Vec<Device>,
 }
 
 /// Why training stopped with an error.
@@ -370,9 +375,15 @@ impl TrainingConfig {
         Ok(())
     }
 
-    /// Optimizer steps per epoch for `rows` training rows.
+    /// Optimizer steps per epoch for `rows` training rows on one device.
     pub fn steps_per_epoch(&self, rows: usize) -> usize {
-        rows.div_ceil(self.batch_size)
+        self.steps_per_epoch_on(rows, 1)
+    }
+
+    /// Optimizer steps per epoch for `rows` training rows over `replicas` data-parallel
+    /// replicas (each takes `batch_size` rows of every micro-batch).
+    pub fn steps_per_epoch_on(&self, rows: usize, replicas: usize) -> usize {
+        rows.div_ceil(self.batch_size * replicas.max(1))
             .div_ceil(self.gradient_accumulation_steps)
     }
 }
@@ -385,6 +396,17 @@ impl TrainingConfig {
 /// their token counts, so the result does not depend on how a step is split). With
 /// `run.resume`, the newest checkpoint's adapter, optimizer state and position are restored,
 /// and the run continues exactly as if it had not stopped.
+///
+/// With several `run.devices`, each micro-batch of `batch_size` x devices rows is cut into one
+/// `batch_size` shard per replica; each replica computes its shard's loss and gradients, the
+/// gradients are gathered on the first device and added up weighted by scored tokens (as
+/// burn-train's multi-device strategy gathers them: `GradientsParams::to_device`, then
+/// accumulation), and one optimizer step there updates the adapter, which is then copied to the
+/// other replicas. The update is the one a single device makes with the whole micro-batch (up to
+/// the float noise of padding each shard to its own longest row). Replicas on distinct devices
+/// run on one thread each; replicas that share a device (Flex has one) run one after the other,
+/// which gives no speed but the same result, and is how the equivalence is tested without GPUs.
+/// Evaluation and checkpoints happen on the first device only.
 ///
 /// Dropout draws come from the backend's generator, which each step seeds from `config.seed`.
 /// burn's backends keep that generator per process, not per device or thread, so runs meant to
@@ -422,7 +444,22 @@ where
         });
     }
     let device = model.base.device();
-    let steps_per_epoch = config.steps_per_epoch(train.len());
+    let devices = if run.devices.is_empty() {
+        vec![device.clone()]
+    } else {
+        run.devices.clone()
+    };
+    if devices[0] != device {
+        return Err(TrainError::Config {
+            key: "devices",
+            message: format!(
+                "the first device must be the model's ({device:?}), found {:?}",
+                devices[0]
+            ),
+        });
+    }
+    let replicas = devices.len();
+    let steps_per_epoch = config.steps_per_epoch_on(train.len(), replicas);
     let total_steps = steps_per_epoch * config.epochs;
     let fingerprint = fingerprint(train);
     let mut optimizer = config.optimizer.init();
@@ -434,6 +471,7 @@ where
         batch_size: config.batch_size,
         gradient_accumulation_steps: config.gradient_accumulation_steps,
         group_by_length: config.group_by_length,
+        devices: replicas,
         train_rows: train.len(),
         train_fingerprint: fingerprint,
     };
@@ -491,7 +529,15 @@ where
 
     let virtual_tokens = model.adapter.num_virtual_tokens();
     let micro_batch = config.batch_size;
-    let group = micro_batch * config.gradient_accumulation_steps;
+    // Rows of one micro-batch over every replica, and of one optimizer step.
+    let round = micro_batch * replicas;
+    let group = round * config.gradient_accumulation_steps;
+    // Replicas on other devices hold their own copy of the model (the base once, the adapter
+    // after every step); replicas on the model's device use the model itself.
+    let mut copies: Vec<Option<PeftModel<M, A>>> = devices
+        .iter()
+        .map(|d| (d != &device).then(|| model.clone().fork(d)))
+        .collect();
     let mut last_eval = None;
     if let Some(eval) = eval
         && config.eval_at_start
@@ -505,7 +551,7 @@ where
     let lengths: Vec<usize> = train.iter().map(|row| row.input_ids.len()).collect();
     while state.epoch < config.epochs {
         let order = if config.group_by_length {
-            length_grouped_order(&lengths, micro_batch, config.seed, state.epoch)
+            length_grouped_order(&lengths, round, config.seed, state.epoch)
         } else {
             epoch_order(train.len(), config.seed, state.epoch)
         };
@@ -530,23 +576,42 @@ where
             let mut accumulator = GradientsAccumulator::new();
             let mut loss_sum = 0.0;
             let mut tokens = 0;
-            for (rows, &count) in batches.iter().zip(&scored) {
-                let batch = Batch::collate(rows, run.pad_token_id, virtual_tokens, &device);
-                tokens += batch.tokens;
-                let loss = model.loss(batch.input_ids, Some(batch.attention_mask), batch.labels);
-                let value = f64::from(loss.clone().into_scalar::<f32>());
-                if !value.is_finite() {
-                    return Err(TrainError::NonFinite {
-                        step: step_number,
-                        what: "loss",
-                        value,
-                        lines: lines(),
-                    });
+            // One round: a shard (micro-batch of `batch_size` rows) per replica.
+            for (round_batches, round_scored) in
+                batches.chunks(replicas).zip(scored.chunks(replicas))
+            {
+                let shards: Vec<Shard> = round_batches
+                    .iter()
+                    .zip(round_scored)
+                    .enumerate()
+                    .map(|(replica, (rows, &count))| Shard {
+                        replica,
+                        rows,
+                        weight: count as f64 / total_scored as f64,
+                    })
+                    .collect();
+                let results = run_shards(
+                    &model,
+                    &copies,
+                    &devices,
+                    shards,
+                    run.pad_token_id,
+                    virtual_tokens,
+                );
+                for (result, &count) in results.into_iter().zip(round_scored) {
+                    let (value, batch_tokens, grads) = result;
+                    if !value.is_finite() {
+                        return Err(TrainError::NonFinite {
+                            step: step_number,
+                            what: "loss",
+                            value,
+                            lines: lines(),
+                        });
+                    }
+                    tokens += batch_tokens;
+                    loss_sum += value * count as f64;
+                    accumulator.accumulate(&model, grads.to_device(&device, &model));
                 }
-                loss_sum += value * count as f64;
-                let weight = count as f64 / total_scored as f64;
-                let grads = loss.mul_scalar(weight).backward();
-                accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
             }
             let grads = accumulator.grads();
             let grad_norm = global_grad_norm(&model, &grads);
@@ -570,6 +635,11 @@ where
                 lr,
                 clip_coefficient(grad_norm, config.max_grad_norm),
             );
+            for (copy, d) in copies.iter_mut().zip(&devices) {
+                if let Some(copy) = copy {
+                    copy.adapter = model.adapter.clone().fork(d);
+                }
+            }
             let seconds = started.elapsed().as_secs_f64();
             state.global_step += 1;
             state.step_in_epoch += 1;
@@ -636,6 +706,74 @@ where
     })
 }
 
+/// One replica's part of a micro-batch.
+struct Shard<'a> {
+    replica: usize,
+    rows: &'a [&'a TokenizedExample],
+    /// The shard's scored tokens over the optimizer step's.
+    weight: f64,
+}
+
+/// The loss (mean over the shard's scored tokens), the tokens and the gradients of the weighted
+/// loss of each shard, in shard order. Shards of replicas on distinct devices run on their own
+/// threads; a shard on the model's device runs on this thread, after the others were started.
+fn run_shards<M, A>(
+    model: &PeftModel<M, A>,
+    copies: &[Option<PeftModel<M, A>>],
+    devices: &[Device],
+    shards: Vec<Shard<'_>>,
+    pad_token_id: u32,
+    virtual_tokens: usize,
+) -> Vec<(f64, usize, GradientsParams)>
+where
+    M: CausalLm,
+    A: Adapter,
+    PeftModel<M, A>: Module,
+{
+    let compute = |model: &PeftModel<M, A>, shard: &Shard<'_>| {
+        let device = &devices[shard.replica];
+        let batch = Batch::collate(shard.rows, pad_token_id, virtual_tokens, device);
+        let tokens = batch.tokens;
+        let loss = model.loss(batch.input_ids, Some(batch.attention_mask), batch.labels);
+        let value = f64::from(loss.clone().into_scalar::<f32>());
+        let grads = loss.mul_scalar(shard.weight).backward();
+        (value, tokens, GradientsParams::from_grads(grads, model))
+    };
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = shards
+            .iter()
+            .map(|shard| match &copies[shard.replica] {
+                Some(copy) => {
+                    let copy = copy.clone();
+                    let compute = &compute;
+                    Some(scope.spawn(move || compute(&copy, shard)))
+                }
+                None => None,
+            })
+            .collect();
+        // Shards on the model's device run here, in order (one device computes one at a time).
+        let local: Vec<_> = shards
+            .iter()
+            .map(|shard| {
+                copies[shard.replica]
+                    .is_none()
+                    .then(|| compute(model, shard))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .zip(local)
+            .map(|(handle, local)| match (handle, local) {
+                (Some(handle), _) => handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                (None, Some(result)) => result,
+                (None, None) => unreachable!("each shard runs on a thread or here"),
+            })
+            .collect()
+    })
+}
+
 fn check_same_run(saved: &TrainerState, now: &TrainerState, dir: &Path) -> Result<(), TrainError> {
     let differs = |key: &'static str, was: String, is: String| {
         Err(TrainError::DifferentRun {
@@ -660,6 +798,13 @@ fn check_same_run(saved: &TrainerState, now: &TrainerState, dir: &Path) -> Resul
             "gradient_accumulation_steps",
             saved.gradient_accumulation_steps.to_string(),
             now.gradient_accumulation_steps.to_string(),
+        );
+    }
+    if saved.devices != now.devices {
+        return differs(
+            "devices",
+            saved.devices.to_string(),
+            now.devices.to_string(),
         );
     }
     if saved.group_by_length != now.group_by_length {
