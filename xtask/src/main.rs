@@ -1,4 +1,5 @@
-//! Project tasks: `cargo xtask bench`, `cargo xtask load`, `cargo xtask pretrain`.
+//! Project tasks: `cargo xtask bench`, `cargo xtask gpu-check`, `cargo xtask load`,
+//! `cargo xtask pretrain`.
 //!
 //! `bench` times training steps, forwards and generation of every method on a model built from a
 //! config (default: the shape of Qwen2.5-0.5B) with random weights on the compiled backend, prints
@@ -8,6 +9,7 @@
 
 mod bench;
 mod epoch;
+mod gpu_check;
 mod load;
 mod pretrain;
 mod serve;
@@ -27,6 +29,9 @@ struct Cli {
 enum Task {
     /// Training, forward and generation speed and memory of every method on a random-weight model.
     Bench(bench::BenchArgs),
+    /// Everything a lent GPU should be asked, in one call: model and PEFT parity on the fixtures,
+    /// greedy generation, training against Flex, the bench; JSON and a table to `$OUT`.
+    GpuCheck(gpu_check::GpuCheckArgs),
     /// Build the embedded default model (assets/tiny-qwen2) from nothing.
     Pretrain(pretrain::PretrainArgs),
     /// A bounded load (fixed requests, clients and time limit) against a `peft serve` on this
@@ -44,6 +49,14 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        Task::GpuCheck(args) => match gpu_check::gpu_check(&args) {
+            Ok(true) => {}
+            Ok(false) => std::process::exit(2),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        },
         Task::Load(args) => {
             if let Err(e) = load::load(&args) {
                 eprintln!("error: {e}");

@@ -1,0 +1,886 @@
+//! `cargo xtask gpu-check`: everything a lent GPU should be asked, in one call.
+//!
+//! On the compiled backend's default device (CUDA in a `--features cuda,flex` build; Flex or
+//! CubeCL's CPU runtime in a dry run here), against the committed fixtures:
+//! 1. model parity with transformers: every fixture model in f32 (logits within 1e-4) and in bf16
+//!    (mean error within 2% of the mean logit, the CPU tests' bound);
+//! 2. every method's PEFT parity: logits (1e-4), loss (1e-5), one SGD step (1e-5);
+//! 3. greedy generation with each fixture adapter, token-identical to PEFT's;
+//! 4. 20 training steps of every method, each step's loss against the same steps on Flex in the
+//!    same process (needs the `flex` feature beside the device's);
+//! 5. `bench --compare` on the Qwen2.5-0.5B shape (bf16 base, f32 adapters, batch 8 x 512) with the
+//!    torch + transformers + peft side when the machine has them (`--quick`: a small shape).
+//!
+//! Every check runs, whatever failed before it (a panic is caught and recorded as a failure);
+//! the results go to `OUT/gpu-check.json` and `OUT/gpu-check.md` (a table), `OUT` being `--out`,
+//! else `$OUT` (the device tool's folder), else `gpu-check/`. The exit status is non-zero when
+//! any check failed. docs/gpu.md says how to build, carry and run it.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::prelude::*;
+use burn::tensor::DType;
+use clap::Parser;
+use peft::core::{CausalLm, GenerationConfig, PeftModel};
+use peft::models::{AutoCausalLm, load_tokenizer};
+use peft::train::data::{
+    DataOptions, Dataset, TokenizeOptions, TokenizedDataset, TokenizedExample, TokenizerEncoder,
+};
+use peft::train::trainer::{
+    METRICS_FILE, MetricsLine, StepMetrics, TrainingConfig, TrainingObserver, TrainingRun,
+    read_metrics, train,
+};
+use peft::{AutoAdapter, AutoAdapterConfig};
+use serde_json::{Value, json};
+
+/// Arguments of `cargo xtask gpu-check`.
+#[derive(Debug, clap::Args)]
+pub struct GpuCheckArgs {
+    /// Where the JSON and the table go (default: `$OUT`, else `gpu-check/`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The repository's `fixtures/` (default: `fixtures` under the current directory).
+    #[arg(long, default_value = "fixtures")]
+    fixtures: PathBuf,
+    /// Training steps per method compared with Flex.
+    #[arg(long, default_value_t = 20)]
+    train_steps: usize,
+    /// Bench on a small shape (2 layers, batch 2 x 64) instead of Qwen2.5-0.5B's: a dry run's
+    /// setting.
+    #[arg(long)]
+    quick: bool,
+    /// Leave the bench out.
+    #[arg(long)]
+    skip_bench: bool,
+    /// Python with torch, transformers and peft for the bench's comparison (default: the first
+    /// of /work/venv/bin/python, .venv/bin/python and python3 that imports them); without one
+    /// the bench runs our side only.
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Bench our side only, even where torch is installed.
+    #[arg(long)]
+    no_compare: bool,
+}
+
+#[cfg(test)]
+impl GpuCheckArgs {
+    fn try_parse_from_for_test(args: &[&str]) -> Self {
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: GpuCheckArgs,
+        }
+        Wrap::try_parse_from(std::iter::once("gpu-check").chain(args.iter().copied()))
+            .unwrap()
+            .args
+    }
+}
+
+/// One measured check.
+struct Record {
+    section: &'static str,
+    case: String,
+    metric: &'static str,
+    value: f64,
+    bound: f64,
+    ok: bool,
+    note: String,
+}
+
+struct Checks {
+    records: Vec<Record>,
+}
+
+impl Checks {
+    /// Records `value` against `bound` (ok when `value <= bound`).
+    fn within(
+        &mut self,
+        section: &'static str,
+        case: &str,
+        metric: &'static str,
+        value: f64,
+        bound: f64,
+    ) {
+        let ok = value.is_finite() && value <= bound;
+        eprintln!(
+            "{} {section} {case}: {metric} {value:.3e} (bound {bound:.1e})",
+            if ok { "ok  " } else { "FAIL" }
+        );
+        self.records.push(Record {
+            section,
+            case: case.to_string(),
+            metric,
+            value,
+            bound,
+            ok,
+            note: String::new(),
+        });
+    }
+
+    /// Runs `check`, recording a panic or an error as a failure of `section`/`case`.
+    fn guard(
+        &mut self,
+        section: &'static str,
+        case: &str,
+        check: impl FnOnce(&mut Self) -> Result<(), String>,
+    ) {
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| check(self)));
+        let failure = match result {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(panic) => panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panicked".into()),
+        };
+        eprintln!("FAIL {section} {case}: {failure}");
+        self.records.push(Record {
+            section,
+            case: case.to_string(),
+            metric: "error",
+            value: f64::NAN,
+            bound: f64::NAN,
+            ok: false,
+            note: failure,
+        });
+    }
+}
+
+/// Named tensors of an expected-output file.
+struct Expected(HashMap<String, (Vec<usize>, TensorData)>);
+
+impl Expected {
+    fn read(path: &Path) -> Result<Self, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut out = HashMap::new();
+        for (name, view) in st.tensors() {
+            let dtype = match view.dtype() {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::I64 => DType::I64,
+                _ => continue,
+            };
+            let shape = view.shape().to_vec();
+            let data = TensorData::from_bytes_vec(view.data().to_vec(), shape.clone(), dtype);
+            out.insert(name, (shape, data));
+        }
+        Ok(Self(out))
+    }
+
+    fn get(&self, name: &str) -> Result<&(Vec<usize>, TensorData), String> {
+        self.0
+            .get(name)
+            .ok_or_else(|| format!("no tensor {name:?}"))
+    }
+
+    fn floats(&self, name: &str) -> Result<Vec<f32>, String> {
+        self.get(name)?
+            .1
+            .clone()
+            .try_into_vec_as()
+            .map_err(|e| format!("{name}: {e:?}"))
+    }
+
+    fn rows(&self, name: &str) -> Result<Vec<Vec<i64>>, String> {
+        let (shape, data) = self.get(name)?;
+        let flat: Vec<i64> = data
+            .clone()
+            .try_into_vec_as()
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(flat.chunks(shape[1]).map(<[i64]>::to_vec).collect())
+    }
+
+    fn ints(&self, name: &str, device: &Device) -> Result<Tensor<2, Int>, String> {
+        Ok(Tensor::from_data(self.get(name)?.1.clone(), device))
+    }
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec_as::<f32>()
+        .expect("float tensor")
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from((x - y).abs()))
+        .fold(0.0, f64::max)
+}
+
+/// Runs the checks; `Err` only when the results cannot be written.
+pub fn gpu_check(args: &GpuCheckArgs) -> Result<bool, String> {
+    let out = args
+        .out
+        .clone()
+        .or_else(|| std::env::var_os("OUT").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("gpu-check"));
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let device = peft::default_device();
+    let started = Instant::now();
+    eprintln!(
+        "gpu-check on {} ({device:?}), fixtures {}",
+        peft::backend_name(),
+        args.fixtures.display()
+    );
+    let mut checks = Checks {
+        records: Vec::new(),
+    };
+    model_parity(&mut checks, &args.fixtures, &device);
+    adapter_parity(&mut checks, &args.fixtures, &device);
+    training_against_flex(&mut checks, &args.fixtures, &device, args.train_steps, &out);
+    let bench = if args.skip_bench {
+        Value::Null
+    } else {
+        run_bench(&mut checks, args, &out)
+    };
+
+    let failed = checks.records.iter().filter(|r| !r.ok).count();
+    let json = json!({
+        "backend": peft::backend_name(),
+        "device": format!("{device:?}"),
+        "seconds": started.elapsed().as_secs_f64(),
+        "checks": checks.records.len(),
+        "failed": failed,
+        "records": checks.records.iter().map(|r| json!({
+            "section": r.section, "case": r.case, "metric": r.metric,
+            "value": if r.value.is_finite() { json!(r.value) } else { Value::Null },
+            "bound": if r.bound.is_finite() { json!(r.bound) } else { Value::Null },
+            "ok": r.ok, "note": r.note,
+        })).collect::<Vec<_>>(),
+        "bench": bench,
+    });
+    let json_path = out.join("gpu-check.json");
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&json).expect("JSON"),
+    )
+    .map_err(|e| format!("{}: {e}", json_path.display()))?;
+    let mut table = format!(
+        "# gpu-check: {} ({device:?}), {} checks, {failed} failed, {:.0} s\n\n\
+         | section | checks | failed | worst value / bound |\n|---|---:|---:|---|\n",
+        peft::backend_name(),
+        checks.records.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let mut sections: Vec<&'static str> = Vec::new();
+    for r in &checks.records {
+        if !sections.contains(&r.section) {
+            sections.push(r.section);
+        }
+    }
+    for section in sections {
+        let rows: Vec<&Record> = checks
+            .records
+            .iter()
+            .filter(|r| r.section == section)
+            .collect();
+        let worst = rows
+            .iter()
+            .filter(|r| r.bound.is_finite() && r.bound > 0.0)
+            .map(|r| (r.value / r.bound, r))
+            .fold(None::<(f64, &Record)>, |best, (ratio, r)| match best {
+                Some((b, _)) if b >= ratio => best,
+                _ => Some((ratio, r)),
+            });
+        let worst = worst.map_or(String::from("-"), |(_, r)| {
+            format!("{} {}: {:.2e} / {:.0e}", r.case, r.metric, r.value, r.bound)
+        });
+        table.push_str(&format!(
+            "| {section} | {} | {} | {worst} |\n",
+            rows.len(),
+            rows.iter().filter(|r| !r.ok).count()
+        ));
+    }
+    for r in checks.records.iter().filter(|r| !r.ok) {
+        table.push_str(&format!(
+            "\nFAILED {} {} {}: {} {}",
+            r.section, r.case, r.metric, r.value, r.note
+        ));
+    }
+    if let Some(rows) = bench.get("table").and_then(Value::as_str) {
+        table.push_str("\n\n## bench\n\n");
+        table.push_str(rows);
+    }
+    let table_path = out.join("gpu-check.md");
+    std::fs::write(&table_path, &table).map_err(|e| format!("{}: {e}", table_path.display()))?;
+    println!("{table}");
+    Ok(failed == 0)
+}
+
+/// Fixture models with transformers' expected outputs.
+fn fixture_models(fixtures: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(fixtures.join("models"))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| {
+                    fixtures
+                        .join(format!("expected/{name}.safetensors"))
+                        .is_file()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn model_parity(checks: &mut Checks, fixtures: &Path, device: &Device) {
+    let models = fixture_models(fixtures);
+    if models.is_empty() {
+        checks.guard("model", "fixtures", |_| {
+            Err(format!("no fixture models under {}", fixtures.display()))
+        });
+    }
+    for name in models {
+        checks.guard("model", &name, |checks| {
+            let expected = Expected::read(&fixtures.join(format!("expected/{name}.safetensors")))?;
+            let want = expected.floats("logits")?;
+            // bf16 compute where the CPU tests bound it: the bf16 checkpoint.
+            let dtypes: &[DType] = if name == "qwen2-bf16" {
+                &[DType::F32, DType::BF16]
+            } else {
+                &[DType::F32]
+            };
+            for &dtype in dtypes {
+                let model = AutoCausalLm::from_pretrained(
+                    fixtures.join("models").join(&name),
+                    device,
+                    dtype,
+                )
+                .map_err(|e| e.to_string())?;
+                let got = values(model.forward_ids(expected.ints("input_ids", device)?, None));
+                if dtype == DType::F32 {
+                    checks.within(
+                        "model",
+                        &name,
+                        "f32 max |logits - transformers|",
+                        max_diff(&got, &want),
+                        1e-4,
+                    );
+                } else {
+                    let n = want.len().max(1) as f64;
+                    let scale = want.iter().map(|x| f64::from(x.abs())).sum::<f64>() / n;
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| f64::from((a - b).abs()))
+                        .sum::<f64>()
+                        / n;
+                    checks.within(
+                        "model",
+                        &name,
+                        "bf16 mean |error| / mean |logit|",
+                        err / scale,
+                        0.02,
+                    );
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// (model, method) pairs with PEFT fixtures: every `expected/adapters/M-A.safetensors` whose
+/// adapter folder exists.
+fn adapter_cases(fixtures: &Path) -> Vec<(String, String)> {
+    let mut cases = Vec::new();
+    let Ok(models) = std::fs::read_dir(fixtures.join("adapters")) else {
+        return cases;
+    };
+    for model in models.filter_map(|e| e.ok()) {
+        let model_name = model.file_name().to_string_lossy().into_owned();
+        let Ok(methods) = std::fs::read_dir(model.path()) else {
+            continue;
+        };
+        for method in methods.filter_map(|e| e.ok()) {
+            let method_name = method.file_name().to_string_lossy().into_owned();
+            if fixtures
+                .join(format!(
+                    "expected/adapters/{model_name}-{method_name}.safetensors"
+                ))
+                .is_file()
+            {
+                cases.push((model_name.clone(), method_name));
+            }
+        }
+    }
+    cases.sort();
+    cases
+}
+
+fn load_peft(
+    fixtures: &Path,
+    model: &str,
+    method: &str,
+    device: &Device,
+) -> Result<PeftModel<AutoCausalLm, AutoAdapter>, String> {
+    let base =
+        AutoCausalLm::from_pretrained(fixtures.join("models").join(model), device, DType::F32)
+            .map_err(|e| e.to_string())?;
+    PeftModel::from_pretrained(base, &fixtures.join("adapters").join(model).join(method))
+        .map_err(|e| e.to_string())
+}
+
+/// The trainable tensors by the fixture's `after_sgd.` names.
+fn trainable_tensors(peft: &PeftModel<AutoCausalLm, AutoAdapter>) -> Vec<(String, TensorData)> {
+    match &peft.adapter {
+        AutoAdapter::PTuning(a) => a.encoder_tensors().unwrap_or_default(),
+        AutoAdapter::PrefixTuning(a) => a.encoder_tensors().unwrap_or_else(|| {
+            vec![(
+                "embedding.weight".into(),
+                a.embedding.weight.val().into_data(),
+            )]
+        }),
+        AutoAdapter::BitFit(a) => a.biases(&peft.base),
+        AutoAdapter::PromptTuning(a) => {
+            vec![(
+                "embedding.weight".into(),
+                a.embedding.weight.val().into_data(),
+            )]
+        }
+    }
+}
+
+fn adapter_parity(checks: &mut Checks, fixtures: &Path, device: &Device) {
+    let cases = adapter_cases(fixtures);
+    if cases.is_empty() {
+        checks.guard("adapter", "fixtures", |_| {
+            Err(format!("no adapter fixtures under {}", fixtures.display()))
+        });
+    }
+    for (model, method) in cases {
+        let case = format!("{model}/{method}");
+        checks.guard("adapter", &case, |checks| {
+            let train_device = device.clone().autodiff();
+            let expected = Expected::read(
+                &fixtures.join(format!("expected/adapters/{model}-{method}.safetensors")),
+            )?;
+            let peft = load_peft(fixtures, &model, &method, &train_device)?;
+            let mask = expected.ints("attention_mask", &train_device)?;
+            let ours = values(peft.forward(
+                expected.ints("input_ids", &train_device)?,
+                Some(mask.clone()),
+            ));
+            let theirs = expected.floats("logits")?;
+            let real: Vec<i64> = mask
+                .into_data()
+                .try_into_vec_as()
+                .map_err(|e| format!("{e:?}"))?;
+            let vocab = ours.len() / real.len().max(1);
+            let diff = real
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| **m == 1)
+                .map(|(i, _)| {
+                    max_diff(
+                        &ours[i * vocab..(i + 1) * vocab],
+                        &theirs[i * vocab..(i + 1) * vocab],
+                    )
+                })
+                .fold(0.0, f64::max);
+            checks.within("adapter", &case, "max |logits - PEFT|", diff, 1e-4);
+
+            let loss = peft.loss(
+                expected.ints("input_ids", &train_device)?,
+                Some(expected.ints("attention_mask", &train_device)?),
+                expected.ints("labels", &train_device)?,
+            );
+            let ours = values(loss.clone())[0];
+            let theirs = expected.floats("loss")?[0];
+            checks.within(
+                "adapter",
+                &case,
+                "|loss - PEFT|",
+                f64::from((ours - theirs).abs()),
+                1e-5,
+            );
+
+            let grads = GradientsParams::from_grads(loss.backward(), &peft);
+            let stepped = SgdConfig::new().init().step(0.1, peft, grads);
+            let mut worst = 0.0f64;
+            for (name, data) in trainable_tensors(&stepped) {
+                let key = format!("after_sgd.{name}");
+                if expected.0.contains_key(&key) {
+                    let ours: Vec<f32> = data
+                        .convert::<f32>()
+                        .try_into_vec_as()
+                        .map_err(|e| format!("{e:?}"))?;
+                    worst = worst.max(max_diff(&ours, &expected.floats(&key)?));
+                }
+            }
+            checks.within("adapter", &case, "max |after SGD step - PEFT|", worst, 1e-5);
+
+            // Greedy generation, token-identical to PEFT's.
+            let greedy_file = fixtures.join(format!(
+                "expected/adapters/{model}-{method}-greedy.safetensors"
+            ));
+            let greedy = if greedy_file.is_file() {
+                Expected::read(&greedy_file)?
+            } else {
+                expected
+            };
+            if greedy.0.contains_key("greedy_tokens") {
+                let peft = load_peft(fixtures, &model, &method, device)?;
+                let theirs = greedy.rows("greedy_tokens")?;
+                let config = GenerationConfig::new().with_max_new_tokens(theirs[0].len());
+                let mut mismatched = 0;
+                for (prompt, theirs) in greedy.rows("greedy_prompts")?.iter().zip(&theirs) {
+                    let prompt: Vec<u32> = prompt.iter().map(|&t| t as u32).collect();
+                    let out = peft
+                        .generate(std::slice::from_ref(&prompt), &config, |_| {
+                            ControlFlow::Continue(())
+                        })
+                        .map_err(|e| e.to_string())?;
+                    let ours: Vec<i64> = out.new_tokens[0].iter().map(|&t| i64::from(t)).collect();
+                    if &ours != theirs {
+                        mismatched += 1;
+                    }
+                }
+                checks.within(
+                    "generate",
+                    &case,
+                    "prompts whose greedy tokens differ from PEFT's",
+                    f64::from(mismatched),
+                    0.0,
+                );
+            }
+            Ok(())
+        });
+    }
+}
+
+/// 24 prompt/completion rows on the Qwen2 fixture's tokenizer.
+fn training_rows(fixtures: &Path) -> Result<Vec<TokenizedExample>, String> {
+    let words = ["cat", "dog", "sun", "tree", "red", "blue"];
+    let jsonl: String = (0..24)
+        .map(|i| {
+            let w = words[i % words.len()];
+            let reversed: String = w.chars().rev().collect();
+            format!("{{\"prompt\": \"Reverse {w} {i}: \", \"completion\": \"{reversed}\"}}\n")
+        })
+        .collect();
+    let dataset = Dataset::from_jsonl_str(Path::new("rows.jsonl"), &jsonl, &DataOptions::default())
+        .map_err(|e| e.to_string())?;
+    let tokenizer =
+        load_tokenizer(fixtures.join("models/qwen2-gqa-tied")).map_err(|e| e.to_string())?;
+    Ok(TokenizedDataset::new(
+        dataset,
+        &TokenizerEncoder(&tokenizer),
+        &TokenizeOptions {
+            max_length: 32,
+            eos_token_id: Some(0),
+            skip_bad_rows: false,
+        },
+    )
+    .map_err(|e| e.to_string())?
+    .examples)
+}
+
+/// Stops a run after `steps` steps.
+struct StopAfter(usize);
+
+impl TrainingObserver for StopAfter {
+    fn on_step(&mut self, m: &StepMetrics) -> ControlFlow<()> {
+        if m.step >= self.0 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
+
+/// The losses of `steps` training steps of `adapter` on `device`.
+fn train_losses(
+    fixtures: &Path,
+    adapter: &AutoAdapterConfig,
+    device: &Device,
+    rows: &[TokenizedExample],
+    steps: usize,
+    dir: &Path,
+) -> Result<Vec<f64>, String> {
+    let device = device.clone().autodiff();
+    let base =
+        AutoCausalLm::from_pretrained(fixtures.join("models/qwen2-gqa-tied"), &device, DType::F32)
+            .map_err(|e| e.to_string())?;
+    // The same initial adapter on both devices: each backend has its own generator, so the
+    // initial values are drawn once on the reference device and forked to this one.
+    let init_device = reference_device()
+        .unwrap_or_else(|| device.clone())
+        .autodiff();
+    init_device.seed(7);
+    let init_base = AutoCausalLm::from_pretrained(
+        fixtures.join("models/qwen2-gqa-tied"),
+        &init_device,
+        DType::F32,
+    )
+    .map_err(|e| e.to_string())?;
+    let initial = adapter.init(&init_base, &[]).map_err(|e| e.to_string())?;
+    let model = PeftModel::new(base, initial.fork(&device));
+    let _ = std::fs::remove_dir_all(dir);
+    let config = TrainingConfig::new()
+        .with_lr(1e-2)
+        .with_batch_size(4)
+        .with_epochs(steps.div_ceil(rows.len().div_ceil(4)))
+        .with_eval_at_start(false)
+        .with_save_steps(Some(usize::MAX));
+    let run = TrainingRun {
+        output_dir: dir.to_path_buf(),
+        pad_token_id: 0,
+        eos_token_ids: vec![0],
+        base_model_name_or_path: None,
+        resume: false,
+        devices: Vec::new(),
+    };
+    train(model, rows, None, &config, &run, &mut StopAfter(steps)).map_err(|e| e.to_string())?;
+    let losses = read_metrics(&dir.join(METRICS_FILE))
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter_map(|m| match m {
+            MetricsLine::Train(t) => Some(t.loss),
+            MetricsLine::Eval(_) => None,
+        })
+        .collect();
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(losses)
+}
+
+/// Flex, when compiled in: the reference the device's training is compared with.
+fn reference_device() -> Option<Device> {
+    #[cfg(feature = "flex")]
+    {
+        Some(Device::flex())
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        None
+    }
+}
+
+fn training_against_flex(
+    checks: &mut Checks,
+    fixtures: &Path,
+    device: &Device,
+    steps: usize,
+    out: &Path,
+) {
+    let Some(reference) = reference_device() else {
+        checks.guard("train", "flex", |_| {
+            Err(
+                "built without the flex feature: nothing to compare the device's training with"
+                    .into(),
+            )
+        });
+        return;
+    };
+    let rows = match training_rows(fixtures) {
+        Ok(rows) => rows,
+        Err(e) => {
+            checks.guard("train", "rows", |_| Err(e));
+            return;
+        }
+    };
+    let geometry = match AutoCausalLm::from_pretrained(
+        fixtures.join("models/qwen2-gqa-tied"),
+        &reference,
+        DType::F32,
+    ) {
+        Ok(m) => m.geometry(),
+        Err(e) => {
+            checks.guard("train", "model", |_| Err(e.to_string()));
+            return;
+        }
+    };
+    for method in crate::bench::bench_methods() {
+        let Some(adapter) = crate::bench::adapter_config(method, 4, &geometry) else {
+            continue;
+        };
+        checks.guard("train", method.name(), |checks| {
+            let scratch = out.join("gpu-check-runs");
+            let ours = train_losses(
+                fixtures,
+                &adapter,
+                device,
+                &rows,
+                steps,
+                &scratch.join("device"),
+            )?;
+            let flex = train_losses(
+                fixtures,
+                &adapter,
+                &reference,
+                &rows,
+                steps,
+                &scratch.join("flex"),
+            )?;
+            let _ = std::fs::remove_dir_all(&scratch);
+            if ours.len() != steps || flex.len() != steps {
+                return Err(format!(
+                    "{} and {} steps, {steps} asked",
+                    ours.len(),
+                    flex.len()
+                ));
+            }
+            let worst = ours
+                .iter()
+                .zip(&flex)
+                .map(|(a, b)| (a - b).abs() / b.abs().max(1e-12))
+                .fold(0.0, f64::max);
+            checks.within(
+                "train",
+                method.name(),
+                "max relative |loss - Flex's| over the steps",
+                worst,
+                1e-3,
+            );
+            // Training happened: the last quarter's mean loss is below the first quarter's.
+            let quarter = (steps / 4).max(1);
+            let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+            let rise = mean(&flex[steps - quarter..]) - mean(&flex[..quarter]);
+            checks.within(
+                "train",
+                method.name(),
+                "Flex's loss rise, last quarter's mean - first's",
+                rise,
+                0.0,
+            );
+            Ok(())
+        });
+    }
+}
+
+/// The first Python that imports torch, transformers and peft.
+fn find_python() -> Option<PathBuf> {
+    ["/work/venv/bin/python", ".venv/bin/python", "python3"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| {
+            std::process::Command::new(p)
+                .args(["-c", "import torch, transformers, peft"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+}
+
+/// `bench --compare` (our side only when no Python with torch is found).
+fn run_bench(checks: &mut Checks, args: &GpuCheckArgs, out: &Path) -> Value {
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        bench: crate::bench::BenchArgs,
+    }
+    let json_path = out.join("bench.json");
+    let mut argv: Vec<String> = vec![
+        "bench".into(),
+        "--workloads".into(),
+        "train,forward,generate".into(),
+    ];
+    let python = if args.no_compare {
+        None
+    } else {
+        args.python.clone().or_else(find_python)
+    };
+    if let Some(python) = &python {
+        argv.extend([
+            "--compare".into(),
+            "--python".into(),
+            python.display().to_string(),
+        ]);
+    }
+    if args.quick {
+        argv.extend([
+            "--config".into(),
+            args.fixtures
+                .join("models/qwen2-gqa-tied/config.json")
+                .display()
+                .to_string(),
+            "--batch".into(),
+            "2".into(),
+            "--seq-len".into(),
+            "64".into(),
+            "--new-tokens".into(),
+            "4".into(),
+            "--reps".into(),
+            "1".into(),
+        ]);
+    } else {
+        argv.extend([
+            "--config".into(),
+            args.fixtures
+                .join("configs/qwen2.5-0.5b/config.json")
+                .display()
+                .to_string(),
+            "--dtype".into(),
+            "bf16".into(),
+            "--batch".into(),
+            "8".into(),
+            "--seq-len".into(),
+            "512".into(),
+        ]);
+    }
+    argv.extend(["--json".into(), json_path.display().to_string()]);
+    let mut result = Value::Null;
+    checks.guard("bench", "run", |_| {
+        let wrap = Wrap::try_parse_from(&argv).map_err(|e| e.to_string())?;
+        crate::bench::bench(&wrap.bench)?;
+        let text = std::fs::read_to_string(&json_path)
+            .map_err(|e| format!("{}: {e}", json_path.display()))?;
+        let parsed: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        result = json!({"args": argv, "compared_with_torch": python.is_some(), "results": parsed});
+        Ok(())
+    });
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dry_run_on_the_cpu_passes_every_check_and_writes_the_json_and_table() {
+        let out = tempfile::tempdir().unwrap();
+        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+        let args = GpuCheckArgs::try_parse_from_for_test(&[
+            "--out",
+            out.path().to_str().unwrap(),
+            "--fixtures",
+            fixtures.to_str().unwrap(),
+            "--train-steps",
+            "8",
+            "--quick",
+            "--no-compare",
+        ]);
+        assert!(gpu_check(&args).unwrap(), "a check failed on the CPU");
+        let json: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.path().join("gpu-check.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(json["failed"], 0);
+        let records = json["records"].as_array().unwrap();
+        for section in ["model", "adapter", "generate", "train"] {
+            let n = records.iter().filter(|r| r["section"] == section).count();
+            assert!(n >= 6, "{section}: {n} checks");
+        }
+        // 15 fixture models in f32 and the bf16 one; every method trained against Flex.
+        assert!(records.iter().filter(|r| r["section"] == "model").count() >= 16);
+        assert_eq!(
+            records.iter().filter(|r| r["section"] == "train").count(),
+            12
+        );
+        assert!(json["bench"]["results"].is_object() || json["bench"]["results"].is_array());
+        let table = std::fs::read_to_string(out.path().join("gpu-check.md")).unwrap();
+        assert!(table.contains("| adapter |"), "{table}");
+    }
+}
