@@ -209,6 +209,7 @@ fn run(output: &Path) -> Outcome {
         base_model_name_or_path: None,
         resume: false,
         devices: Vec::new(),
+        gradient_sync: Default::default(),
     };
     let options = EvalOptions::of(&config, &run);
     let before = evaluate(&model.valid(), &rows, &options, 0).expect("evaluates");

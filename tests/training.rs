@@ -157,6 +157,7 @@ fn run_config(output_dir: &Path, resume: bool) -> TrainingRun {
         base_model_name_or_path: None,
         resume,
         devices: Vec::new(),
+        gradient_sync: Default::default(),
     }
 }
 

@@ -32,8 +32,8 @@ use peft::train::data::{
     DataOptions, Dataset, TokenizeOptions, TokenizedDataset, TokenizedExample, TokenizerEncoder,
 };
 use peft::train::trainer::{
-    METRICS_FILE, MetricsLine, StepMetrics, TrainingConfig, TrainingObserver, TrainingRun,
-    read_metrics, train,
+    GradientSync, METRICS_FILE, MetricsLine, StepMetrics, TrainingConfig, TrainingObserver,
+    TrainingRun, read_metrics, train,
 };
 use peft::{AutoAdapter, AutoAdapterConfig};
 use serde_json::{Value, json};
@@ -240,6 +240,7 @@ pub fn gpu_check(args: &GpuCheckArgs) -> Result<bool, String> {
     model_parity(&mut checks, &args.fixtures, &device);
     adapter_parity(&mut checks, &args.fixtures, &device);
     training_against_flex(&mut checks, &args.fixtures, &device, args.train_steps, &out);
+    data_parallel(&mut checks, &args.fixtures, &out);
     let bench = if args.skip_bench {
         Value::Null
     } else {
@@ -603,6 +604,26 @@ impl TrainingObserver for StopAfter {
 }
 
 /// The losses of `steps` training steps of `adapter` on `device`.
+/// How a check's run is laid out: data-parallel replicas (their devices, the first the model's)
+/// and the rows per replica and step.
+struct Layout {
+    replicas: Vec<Device>,
+    sync: GradientSync,
+    batch_size: usize,
+    accumulation: usize,
+}
+
+impl Layout {
+    fn one_device() -> Self {
+        Self {
+            replicas: Vec::new(),
+            sync: GradientSync::Gather,
+            batch_size: 4,
+            accumulation: 1,
+        }
+    }
+}
+
 fn train_losses(
     fixtures: &Path,
     adapter: &AutoAdapterConfig,
@@ -610,6 +631,7 @@ fn train_losses(
     rows: &[TokenizedExample],
     steps: usize,
     dir: &Path,
+    layout: &Layout,
 ) -> Result<Vec<f64>, String> {
     let device = device.clone().autodiff();
     let base =
@@ -632,8 +654,9 @@ fn train_losses(
     let _ = std::fs::remove_dir_all(dir);
     let config = TrainingConfig::new()
         .with_lr(1e-2)
-        .with_batch_size(4)
-        .with_epochs(steps.div_ceil(rows.len().div_ceil(4)))
+        .with_batch_size(layout.batch_size)
+        .with_gradient_accumulation_steps(layout.accumulation)
+        .with_epochs(steps.div_ceil(rows.len().div_ceil(8)))
         .with_eval_at_start(false)
         .with_save_steps(Some(usize::MAX));
     let run = TrainingRun {
@@ -642,7 +665,12 @@ fn train_losses(
         eos_token_ids: vec![0],
         base_model_name_or_path: None,
         resume: false,
-        devices: Vec::new(),
+        devices: layout
+            .replicas
+            .iter()
+            .map(|d| d.clone().autodiff())
+            .collect(),
+        gradient_sync: layout.sync,
     };
     train(model, rows, None, &config, &run, &mut StopAfter(steps)).map_err(|e| e.to_string())?;
     let losses = read_metrics(&dir.join(METRICS_FILE))
@@ -716,6 +744,7 @@ fn training_against_flex(
                 &rows,
                 steps,
                 &scratch.join("device"),
+                &Layout::one_device(),
             )?;
             let flex = train_losses(
                 fixtures,
@@ -724,6 +753,7 @@ fn training_against_flex(
                 &rows,
                 steps,
                 &scratch.join("flex"),
+                &Layout::one_device(),
             )?;
             let _ = std::fs::remove_dir_all(&scratch);
             if ours.len() != steps || flex.len() != steps {
@@ -756,6 +786,111 @@ fn training_against_flex(
                 rise,
                 0.0,
             );
+            Ok(())
+        });
+    }
+}
+
+/// Data parallelism over two devices of this machine (two GPUs), gathered and all-reduced: the
+/// same losses as one device accumulating the same shards. Skipped (recorded, not failed) on a
+/// machine with fewer devices, such as the one GPU a draw lends.
+fn data_parallel(checks: &mut Checks, fixtures: &Path, out: &Path) {
+    let devices = match peft::data_parallel_devices(2) {
+        Ok(devices) if devices[0] != devices[1] => devices,
+        Ok(_) | Err(_) => {
+            eprintln!("skip data-parallel: this machine has one device");
+            checks.records.push(Record {
+                section: "data-parallel",
+                case: "2 devices".into(),
+                metric: "skipped: one device",
+                value: 0.0,
+                bound: 0.0,
+                ok: true,
+                note: "needs two devices of the backend".into(),
+            });
+            return;
+        }
+    };
+    let rows = match training_rows(fixtures) {
+        Ok(rows) => rows,
+        Err(e) => {
+            checks.guard("data-parallel", "rows", |_| Err(e));
+            return;
+        }
+    };
+    let geometry = match AutoCausalLm::from_pretrained(
+        fixtures.join("models/qwen2-gqa-tied"),
+        &devices[0],
+        DType::F32,
+    ) {
+        Ok(m) => m.geometry(),
+        Err(e) => {
+            checks.guard("data-parallel", "model", |_| Err(e.to_string()));
+            return;
+        }
+    };
+    for method in crate::bench::bench_methods() {
+        let Some(adapter) = crate::bench::adapter_config(method, 4, &geometry) else {
+            continue;
+        };
+        checks.guard("data-parallel", method.name(), |checks| {
+            let scratch = out.join("gpu-check-runs");
+            let accumulated = Layout {
+                replicas: Vec::new(),
+                sync: GradientSync::Gather,
+                batch_size: 4,
+                accumulation: 2,
+            };
+            let reference = train_losses(
+                fixtures,
+                &adapter,
+                &devices[0],
+                &rows,
+                8,
+                &scratch.join("one"),
+                &accumulated,
+            )?;
+            for sync in [GradientSync::Gather, GradientSync::AllReduce] {
+                let layout = Layout {
+                    replicas: devices.clone(),
+                    sync,
+                    batch_size: 4,
+                    accumulation: 1,
+                };
+                let losses = train_losses(
+                    fixtures,
+                    &adapter,
+                    &devices[0],
+                    &rows,
+                    8,
+                    &scratch.join("two"),
+                    &layout,
+                )?;
+                let worst = losses
+                    .iter()
+                    .zip(&reference)
+                    .map(|(a, b)| (a - b).abs() / b.abs().max(1e-12))
+                    .fold(
+                        if losses.len() == 8 {
+                            0.0
+                        } else {
+                            f64::INFINITY
+                        },
+                        f64::max,
+                    );
+                checks.within(
+                    "data-parallel",
+                    method.name(),
+                    if sync == GradientSync::Gather {
+                        "2 devices gathered: max relative |loss - 1 device accumulating|"
+                    } else {
+                        "2 devices all-reduced: max relative |loss - 1 device accumulating|"
+                    },
+                    worst,
+                    1e-5,
+                );
+            }
+            let _ = std::fs::remove_dir_all(&scratch);
             Ok(())
         });
     }

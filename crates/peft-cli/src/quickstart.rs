@@ -249,6 +249,7 @@ pub fn quickstart(
             base_model_name_or_path: model_dir.to_str().map(str::to_string),
             resume: false,
             devices: Vec::new(),
+            gradient_sync: Default::default(),
         };
         let mut progress = Progress::new(out, &format!("{:<14}", method_name(method)), false);
         let outcome = train(

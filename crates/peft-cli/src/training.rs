@@ -19,8 +19,8 @@ use peft_train::data::{
 };
 use peft_train::optim::AdamWConfig;
 use peft_train::trainer::{
-    EvalMetrics, EvalOptions, METRICS_FILE, StepMetrics, TrainingConfig, TrainingObserver,
-    TrainingPlan, TrainingRun, evaluate, read_metrics, train,
+    EvalMetrics, EvalOptions, GradientSync, METRICS_FILE, StepMetrics, TrainingConfig,
+    TrainingObserver, TrainingPlan, TrainingRun, evaluate, read_metrics, train,
 };
 
 use crate::cli::{CliError, Dtype, MethodArgs, adapter_init_error};
@@ -58,6 +58,15 @@ pub enum TrainOnArg {
     All,
     /// The last assistant turn only.
     Last,
+}
+
+/// `--gradient-sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GradientSyncArg {
+    /// Copy to the first device and add there.
+    Gather,
+    /// burn's collective all-reduce (NCCL on CUDA).
+    AllReduce,
 }
 
 /// Arguments of `peft train`.
@@ -154,6 +163,11 @@ pub struct TrainArgs {
     /// larger. On a single-device backend (Flex) the replicas take turns on it.
     #[arg(long, default_value_t = 1)]
     pub devices: usize,
+    /// With --devices on distinct GPUs: how the replicas' gradients are combined. `gather`
+    /// copies them to the first device and adds them there (any backend); `all-reduce` sums them
+    /// with burn's collective (NCCL on CUDA, which needs libnccl at run time).
+    #[arg(long, value_enum, default_value = "gather")]
+    pub gradient_sync: GradientSyncArg,
     /// Compute dtype of the frozen base.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Dtype,
@@ -635,6 +649,10 @@ pub fn train_command(
             .or_else(|| args.model.to_str().map(str::to_string)),
         resume: args.resume,
         devices,
+        gradient_sync: match args.gradient_sync {
+            GradientSyncArg::Gather => GradientSync::Gather,
+            GradientSyncArg::AllReduce => GradientSync::AllReduce,
+        },
     };
     let started = Instant::now();
     let mut progress = Progress::new(out, "", true);

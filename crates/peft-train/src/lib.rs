@@ -20,6 +20,6 @@ pub mod trainer;
 
 pub use optim::{AdamW, AdamWConfig};
 pub use trainer::{
-    EvalMetrics, METRICS_FILE, MetricsLine, Prediction, StepMetrics, TrainError, TrainOutcome,
-    TrainingConfig, TrainingObserver, TrainingPlan, TrainingRun, predict, train,
+    EvalMetrics, GradientSync, METRICS_FILE, MetricsLine, Prediction, StepMetrics, TrainError,
+    TrainOutcome, TrainingConfig, TrainingObserver, TrainingPlan, TrainingRun, predict, train,
 };

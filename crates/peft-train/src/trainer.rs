@@ -11,8 +11,10 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use burn::module::{ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
+use burn::tensor::distributed::{ReduceOperation, all_reduce};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{
@@ -105,6 +107,23 @@ pub struct TrainingRun {
     /// devices take N x `batch_size` rows per micro-batch and their update equals one device's
     /// with a batch N times larger (see [`train`]).
     pub devices: Vec<Device>,
+    /// How replicas on distinct devices combine their gradients.
+    pub gradient_sync: GradientSync,
+}
+
+/// How data-parallel replicas on distinct devices combine their gradients (replicas that share a
+/// device always accumulate in place).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GradientSync {
+    /// Each replica's gradients are copied to the first device and added there, as burn-train's
+    /// multi-device strategy does: works on every backend. An adapter's gradients are small
+    /// (kilobytes to a few megabytes), so the copies cost little.
+    #[default]
+    Gather,
+    /// burn's collective all-reduce (`burn::tensor::distributed::all_reduce`, a sum): NCCL on
+    /// CUDA, which needs `libnccl` at run time. burn 0.22.1 implements it for CUDA only; other
+    /// backends panic.
+    AllReduce,
 }
 
 /// Why training stopped with an error.
@@ -590,7 +609,7 @@ where
                         weight: count as f64 / total_scored as f64,
                     })
                     .collect();
-                let results = run_shards(
+                let mut results = run_shards(
                     &model,
                     &copies,
                     &devices,
@@ -598,6 +617,24 @@ where
                     run.pad_token_id,
                     virtual_tokens,
                 );
+                // A full round over distinct devices may sum its gradients with a collective;
+                // the first replica then holds the sum and the others nothing.
+                if run.gradient_sync == GradientSync::AllReduce
+                    && results.len() == replicas
+                    && copies.iter().any(Option::is_some)
+                {
+                    let mut grads: Vec<GradientsParams> = results
+                        .iter_mut()
+                        .map(|r| std::mem::take(&mut r.2))
+                        .collect();
+                    model.visit(&mut AllReduce {
+                        grads: &mut grads,
+                        devices: &devices,
+                    });
+                    for (result, grads) in results.iter_mut().zip(grads) {
+                        result.2 = grads;
+                    }
+                }
                 for (result, &count) in results.into_iter().zip(round_scored) {
                     let (value, batch_tokens, grads) = result;
                     if !value.is_finite() {
@@ -704,6 +741,44 @@ where
         completed: true,
         last_eval,
     })
+}
+
+/// Sums every parameter's gradient over the replicas with burn's all-reduce, leaving the sum in
+/// the first replica's gradients (the others' are dropped).
+struct AllReduce<'a> {
+    grads: &'a mut [GradientsParams],
+    devices: &'a [Device],
+}
+
+impl ModuleVisitor for AllReduce<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let parts: Vec<Option<Tensor<D>>> = self
+            .grads
+            .iter_mut()
+            .map(|g| g.remove::<D>(param.id))
+            .collect();
+        if parts.iter().all(Option::is_none) {
+            return;
+        }
+        // Every replica submits before any resolves: NCCL's first call per group waits for
+        // all of them.
+        let collectives: Vec<_> = parts
+            .into_iter()
+            .zip(self.devices)
+            .map(|(part, device)| {
+                let part = part.unwrap_or_else(|| {
+                    // A parameter a replica's shard gave no gradient (none today: every shard
+                    // reaches every trainable parameter) takes part as zeros.
+                    Tensor::zeros(param.val().shape(), device)
+                });
+                all_reduce(part, ReduceOperation::Sum, self.devices.to_vec())
+            })
+            .collect();
+        let mut sums = collectives.into_iter().map(|c| c.resolve());
+        if let Some(sum) = sums.next() {
+            self.grads[0].register(param.id, sum);
+        }
+    }
 }
 
 /// One replica's part of a micro-batch.
