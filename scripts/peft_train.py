@@ -18,8 +18,9 @@ It does what `peft train` does, step for step, so that the two can be compared o
 
 `--order-from METRICS` replays the batch order of one of our runs (the `lines` of each training
 step in its metrics.jsonl), and `--init-from DIR` starts from an adapter directory in PEFT's
-format (prompt tuning and P-tuning v2: its `prompt_embeddings` are the trainable tensor), so the
-two sides can run from the same values in the same order.
+format (prompt tuning and P-tuning v2: its `prompt_embeddings` are the trainable tensor) or, for
+P-tuning, from our trainable encoder (`adapter_encoder.safetensors`), so the two sides can run from
+the same values in the same order.
 
 Prints progress to stderr and writes one JSON object (steps, evaluations, seconds per epoch) to
 --output (or stdout).
@@ -240,9 +241,18 @@ def main():
         hf_tokenizer = AutoTokenizer.from_pretrained(args.model)
         initialize_kv_prefix_from_text(model, hf_tokenizer, text=args.prefix_init_text)
     if args.init_from:
-        values = load_file(os.path.join(args.init_from, "adapter_model.safetensors"))["prompt_embeddings"]
-        with torch.no_grad():
-            encoder.embedding.weight.copy_(values)
+        encoder_file = os.path.join(args.init_from, "adapter_encoder.safetensors")
+        if args.method == "p-tuning":
+            # Our trainable P-tuning encoder (adapter_encoder.safetensors holds it under PyTorch's
+            # names and layout: embedding.weight, mlp_head.{0,2,4}.{weight,bias}).
+            values = load_file(encoder_file)
+            with torch.no_grad():
+                for name, param in encoder.named_parameters():
+                    param.copy_(values[name])
+        else:
+            values = load_file(os.path.join(args.init_from, "adapter_model.safetensors"))["prompt_embeddings"]
+            with torch.no_grad():
+                encoder.embedding.weight.copy_(values)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
