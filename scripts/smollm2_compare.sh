@@ -8,11 +8,14 @@
 #
 # CASE: ptv2 (P-tuning v2, random prefix), ptv2text (prefix from text), ptv2zero (zero prefix,
 # ours only), pt (prompt tuning, TEXT init), ptmlp (P-tuning, MLP encoder of 256), prefix (prefix
-# tuning, projection, random init), bitfit (on MODEL_BIASES; the other side is a plain torch loop
+# tuning, projection, random init), prefixtext (prefix tuning with its projection fitted to the
+# text's key/values, ours only: PEFT refuses a projection), prefixzero (prefix tuning, zeroed last
+# Linear, ours only), bitfit (on MODEL_BIASES; the other side is a plain torch loop
 # over the same biases: PEFT has no BitFit).
 # Environment: PEFT (default target/debug/peft), PYTHON (default .venv/bin/python), MODEL
 # (default models/smollm2-135m), MODEL_BIASES (default models/smollm2-135m-biases, from
-# scripts/add_zero_biases.py), DATA (default models/smollm2-topics), LR (overrides the case's).
+# scripts/add_zero_biases.py), DATA (default models/smollm2-topics), LR (overrides the case's),
+# SIDES (ours, peft or both, the default: which side to run).
 # Writes OUT_DIR/CASE-ours-sSEED/ (metrics.jsonl, adapter) and OUT_DIR/CASE-peft-sSEED.json.
 set -euo pipefail
 out=$1 case=$2
@@ -25,8 +28,9 @@ MODEL_BIASES=${MODEL_BIASES:-models/smollm2-135m-biases}
 PREFIX_TEXT="Name the topic of the text in one word: ai, coding, emotion, humor, literature, money, psychology, science, sports or trivia."
 PROMPT_TEXT="Classify the topic of the text in one word:"
 lr=3e-2
-case $case in prefix) lr=1e-2 ;; bitfit) lr=1e-3 ;; esac
+case $case in prefix|prefixtext|prefixzero) lr=1e-2 ;; bitfit) lr=1e-3 ;; esac
 lr=${LR:-$lr}
+SIDES=${SIDES:-both}
 common=(--num-virtual-tokens 16 --lr "$lr" --weight-decay 0 --max-grad-norm 0 --epochs 4 --batch-size 8
     --train "$DATA/train.jsonl" --eval "$DATA/eval.jsonl")
 case $case in
@@ -38,16 +42,20 @@ case $case in
         theirs=("${ours[@]}") ;;
     ptmlp) ours=(--method p-tuning --encoder-hidden-size 256); theirs=("${ours[@]}") ;;
     prefix) ours=(--method prefix-tuning); theirs=("${ours[@]}") ;;
+    prefixtext) ours=(--method prefix-tuning --prefix-init-text "$PREFIX_TEXT"); theirs=() ;;
+    prefixzero) ours=(--method prefix-tuning --prefix-zero-init); theirs=() ;;
     bitfit) MODEL=$MODEL_BIASES; ours=(--method bitfit); theirs=("${ours[@]}") ;;
     *) echo "unknown case $case" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
 for seed in "$@"; do
-    rm -rf "$out/$case-ours-s$seed"
-    # --eval-steps past the last step: evaluate before the first step and after the last only.
-    "$PEFT" train --model "$MODEL" "${ours[@]}" "${common[@]}" --seed "$seed" \
-        --output "$out/$case-ours-s$seed" --eval-steps 1000000 > "$out/$case-ours-s$seed.log" 2>&1
-    if [ ${#theirs[@]} -gt 0 ]; then
+    if [ "$SIDES" != peft ]; then
+        rm -rf "$out/$case-ours-s$seed"
+        # --eval-steps past the last step: evaluate before the first step and after the last only.
+        "$PEFT" train --model "$MODEL" "${ours[@]}" "${common[@]}" --seed "$seed" \
+            --output "$out/$case-ours-s$seed" --eval-steps 1000000 > "$out/$case-ours-s$seed.log" 2>&1
+    fi
+    if [ "$SIDES" != ours ] && [ ${#theirs[@]} -gt 0 ]; then
         OMP_NUM_THREADS=2 "$PYTHON" scripts/peft_train.py --model "$MODEL" "${theirs[@]}" "${common[@]}" \
             --seed "$seed" --final-eval-only --output "$out/$case-peft-s$seed.json" > "$out/$case-peft-s$seed.log" 2>&1
     fi

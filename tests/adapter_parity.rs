@@ -446,9 +446,27 @@ fn prefix_from_text_equals_peft_initialize_kv_prefix_from_text() {
                 config.num_params()
             );
         }
-        // PEFT's refusals, as errors naming the config field.
+        // With a projection (PEFT refuses it) the projection is fitted to output the same prefix;
+        // the embedding and first Linear stay as drawn, and all of it trains.
         let projected = config.clone().with_prefix_projection(true);
-        let err = projected.init_from_text(&base, &encode(TEXT, true));
+        let fitted = projected
+            .init_from_text(&base, &encode(TEXT, true))
+            .unwrap();
+        let diff = max_diff(
+            &values(fitted.prompt_embeddings()),
+            &expected.floats("plain_prompt_embeddings"),
+        );
+        assert!(diff < 1e-4, "{model}: fitted projection differs by {diff}");
+        let trainable = PeftModel::new(base.clone(), AutoAdapter::PrefixTuning(fitted));
+        assert_eq!(
+            trainable.trainable_parameters().trainable,
+            projected.num_params()
+        );
+        // Refusals, as errors naming the config field.
+        let err = config
+            .clone()
+            .with_zero_init(true)
+            .init_from_text(&base, &encode(TEXT, true));
         assert!(err.unwrap_err().to_string().starts_with("init_text:"));
         let err = config.init_from_text(&base, &encode(TEXT, true)[..3]);
         assert!(

@@ -222,9 +222,10 @@ pub struct MethodArgs {
     /// output. Random prefixes can swamp a pretrained model's attention (docs/smollm2.md).
     #[arg(long)]
     pub prefix_zero_init: bool,
-    /// P-tuning v2: start the prefix from the base model's own keys and values for this text
+    /// Prefix methods: start the prefix from the base model's own keys and values for this text
     /// (PEFT's `initialize_kv_prefix_from_text`): rendered as a system message through the
     /// model's chat template when it has one, and at least --num-virtual-tokens tokens long.
+    /// With a projection (prefix-tuning; PEFT refuses it) the projection is fitted to output them.
     #[arg(long)]
     pub prefix_init_text: Option<String>,
     /// With --prefix-init-text: tokenize the text as it is, without the chat template (PEFT's
@@ -268,9 +269,7 @@ impl MethodArgs {
         }
         if let Some(text) = &self.prefix_init_text {
             let problem = if self.method.peft_type != peft_prefix::PEFT_TYPE {
-                Some("applies to p-tuning-v2 only")
-            } else if self.prefix_projection() {
-                Some("needs a prefix without projection (p-tuning-v2), as in PEFT")
+                Some("applies to prefix-tuning and p-tuning-v2 only")
             } else if self.prefix_zero_init {
                 Some("contradicts --prefix-zero-init")
             } else if text.is_empty() {
@@ -352,18 +351,6 @@ impl MethodArgs {
             set(key, value.clone());
         }
         options
-    }
-
-    /// The `--prefix-projection` the method ends up with: the flag, else the preset's.
-    fn prefix_projection(&self) -> bool {
-        self.prefix_projection.unwrap_or_else(|| {
-            self.method
-                .preset
-                .option_map()
-                .get("prefix_projection")
-                .and_then(Value::as_bool)
-                .unwrap_or(false)
-        })
     }
 }
 

@@ -754,12 +754,36 @@ fn train_starts_p_tuning_v2_from_text_as_peft_does_and_refuses_contradictions() 
     assert!(diff < 1e-5, "prefix differs from PEFT's by {diff}");
     std::fs::remove_dir_all(&adapter).unwrap();
 
+    // Prefix tuning (PEFT refuses a projection): the projection is fitted to output that prefix.
+    let (out, adapter) = train_on(
+        &dir,
+        "prefix-tuning",
+        rows,
+        &[
+            "--prefix-init-text",
+            text,
+            "--lr",
+            "0",
+            "--weight-decay",
+            "0",
+            "--epochs",
+            "1",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_, fitted) = read_f32(
+        &adapter.join("adapter_model.safetensors"),
+        "prompt_embeddings",
+    );
+    let diff = max_abs_diff(fitted.iter().zip(&peft_prefix));
+    assert!(
+        diff < 1e-4,
+        "the fitted projection's output differs by {diff}"
+    );
+    assert!(adapter.join("adapter_encoder.safetensors").exists());
+    std::fs::remove_dir_all(&adapter).unwrap();
+
     for (method, extra, message) in [
-        (
-            "prefix-tuning",
-            vec!["--prefix-init-text", text],
-            "--prefix-init-text: needs a prefix without projection",
-        ),
         (
             "p-tuning-v2",
             vec!["--prefix-init-text", text, "--prefix-zero-init"],
@@ -768,7 +792,7 @@ fn train_starts_p_tuning_v2_from_text_as_peft_does_and_refuses_contradictions() 
         (
             "prompt-tuning",
             vec!["--prefix-init-text", text],
-            "--prefix-init-text: applies to p-tuning-v2 only",
+            "--prefix-init-text: applies to prefix-tuning and p-tuning-v2 only",
         ),
         (
             "p-tuning-v2",

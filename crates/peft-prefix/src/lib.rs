@@ -68,8 +68,8 @@ pub struct PrefixTuningConfig {
     pub prefix_dropout: f64,
     /// Start the prefix from the base model's own keys and values for this text (PEFT's
     /// `initialize_kv_prefix_from_text`), built by [`PrefixTuningConfig::init_from_text`] from
-    /// the text's token ids. Without projection only, as in PEFT. Not saved: the trained prefix
-    /// is.
+    /// the text's token ids. With a projection (which PEFT refuses) the projection is fitted to
+    /// output them. Not saved: the trained prefix is.
     pub init_text: Option<String>,
 }
 
@@ -147,33 +147,59 @@ impl PrefixTuningConfig {
         })
     }
 
-    /// A trainable prefix (no projection) that starts as the base model's own cached keys and
-    /// values of the first `num_virtual_tokens` tokens of `text_ids`, keys as cached (rotated
-    /// by their positions `0..n`, as RoPE models cache them): PEFT 0.21's
+    /// A trainable encoder that starts as the base model's own cached keys and values of the
+    /// first `num_virtual_tokens` tokens of `text_ids`, keys as cached (rotated by their positions
+    /// `0..n`, as RoPE models cache them). The prefix then makes the model see the text's
+    /// beginning before every input, so training starts near the base model's loss instead of
+    /// from a random or zero prefix that swamps attention.
+    ///
+    /// Without projection (P-Tuning v2) the prefix is those key/values: PEFT 0.21's
     /// `initialize_kv_prefix_from_text`, which prefills the text (by default rendered as a system
-    /// message through the model's chat template) and copies the cache. The prefix then makes the
-    /// model see the text's beginning before every input, so training starts near the base
-    /// model's loss instead of from a random or zero prefix that swamps attention.
+    /// message through the model's chat template) and copies the cache. PEFT refuses a
+    /// projection; ours fits it instead (not in PEFT): the embedding and first Linear are drawn
+    /// as [`PrefixTuningConfig::init`] draws them, and the last Linear is solved so that the
+    /// projection's output is the text's key/values (exactly when `num_virtual_tokens <=` the
+    /// hidden width, else in the least-squares sense).
     ///
     /// # Errors
     ///
-    /// `prefix_projection` set (PEFT refuses it too: the projection's output cannot be set),
-    /// fewer than `num_virtual_tokens` text tokens, a token id outside the base's vocabulary, or a
-    /// base whose geometry differs from this configuration's; each names `init_text`.
+    /// `zero_init` set, fewer than `num_virtual_tokens` text tokens, a token id outside the base's
+    /// vocabulary, or a base whose geometry differs from this configuration's; each names
+    /// `init_text`.
     pub fn init_from_text<M: CausalLm>(
         &self,
         base: &M,
         text_ids: &[u32],
     ) -> Result<PrefixEncoder, AdapterError> {
-        let n = self.num_virtual_tokens;
-        if self.prefix_projection {
+        if self.zero_init {
             return Err(AdapterError::Init {
                 field: "init_text",
-                message: "a prefix from text needs prefix_projection false (P-tuning v2): a \
-                          projection's output cannot be set to given key/values"
-                    .into(),
+                message: "a prefix from text contradicts zero_init".into(),
             });
         }
+        let prefix = self.text_key_values(base, text_ids)?;
+        if !self.prefix_projection {
+            return Ok(initialize_now(PrefixEncoder::from_prompt_embeddings(
+                prefix,
+                self.clone(),
+            )));
+        }
+        let mut encoder = self.init(&base.device());
+        if let Some([first, last]) = encoder.transform.as_deref_mut() {
+            fit_last_linear(first, last, encoder.embedding.weight.val(), prefix);
+        }
+        Ok(initialize_now(encoder))
+    }
+
+    /// The base model's cached keys and values of the first `num_virtual_tokens` tokens of
+    /// `text_ids`, packed as a prefix `[n, layers * 2 * token_dim]` (see
+    /// [`PrefixTuningConfig::init_from_text`]).
+    fn text_key_values<M: CausalLm>(
+        &self,
+        base: &M,
+        text_ids: &[u32],
+    ) -> Result<Tensor<2>, AdapterError> {
+        let n = self.num_virtual_tokens;
         if text_ids.len() < n {
             return Err(AdapterError::Init {
                 field: "init_text",
@@ -244,13 +270,9 @@ impl PrefixTuningConfig {
                     .cast(burn::tensor::DType::F32)
             })
             .collect();
-        let prefix = Tensor::cat(chunks, 1)
+        Ok(Tensor::cat(chunks, 1)
             .reshape([n, self.prefix_width()])
-            .detach();
-        Ok(initialize_now(PrefixEncoder::from_prompt_embeddings(
-            prefix,
-            self.clone(),
-        )))
+            .detach())
     }
 
     /// Parameters of the trainable encoder, counted from the configuration alone.
@@ -282,6 +304,133 @@ impl PrefixTuningConfig {
         }
         Ok(())
     }
+}
+
+/// Sets the projection's last Linear so that `tanh(first(embedding)) · weight + bias` is
+/// `target` `[n, width]`, with `H = tanh(first(embedding))` `[n, hidden]`. With `n <= hidden` (the
+/// usual case: PEFT's default hidden width is `token_dim`, prefixes are tens of positions) a drawn
+/// `H` has full row rank and the fit is exact up to rounding: the bias is the target's mean row
+/// and the weight the minimum-norm solution of `H · weight = target - bias`, so the weight
+/// carries only the positions' differences. With more positions than hidden units, weight and
+/// bias are the least-squares fit. Near `n = hidden` a drawn `H` can be ill-conditioned: the fit
+/// stays exact in f64, and its larger weights realize it in f32 to about 1e-4 of the prefix's
+/// scale, which is plenty for a start.
+///
+/// The system is small (`min(n, hidden + 1)` unknowns per column) and solved once, so it runs on
+/// the host in f64, through the normal equations and a Cholesky factorization written here: burn
+/// 0.22's `linalg` (LU, QR and SVD, behind a feature this workspace does not build) has no solve,
+/// and a linear-algebra crate for one small system is not worth its build.
+fn fit_last_linear(first: &Linear, last: &mut Linear, embedding: Tensor<2>, target: Tensor<2>) {
+    let device = target.device();
+    let [n, width] = target.dims();
+    let hidden = first.weight.dims()[1];
+    let h = host_f64(tanh(first.forward(embedding)).detach());
+    let target = host_f64(target);
+    let (weight, bias) = if n <= hidden {
+        let mut bias = vec![0.0; width];
+        for row in target.chunks(width) {
+            bias.iter_mut().zip(row).for_each(|(b, v)| *b += v);
+        }
+        bias.iter_mut().for_each(|b| *b /= n as f64);
+        let residual: Vec<f64> = target
+            .chunks(width)
+            .flat_map(|row| row.iter().zip(&bias).map(|(v, b)| v - b))
+            .collect();
+        // weight = Hᵀ (H Hᵀ)⁻¹ R
+        let gram: Vec<f64> = h
+            .chunks(hidden)
+            .flat_map(|a| h.chunks(hidden).map(move |b| dot(a, b)))
+            .collect();
+        let x = solve_positive_definite(gram, n, residual, width);
+        (transpose_times(&h, hidden, &x, width), bias)
+    } else {
+        // [weight; bias] = (Aᵀ A)⁻¹ Aᵀ T with A = [H, 1]: least squares with the bias.
+        let a: Vec<f64> = h
+            .chunks(hidden)
+            .flat_map(|row| row.iter().copied().chain([1.0]))
+            .collect();
+        let gram = transpose_times(&a, hidden + 1, &a, hidden + 1);
+        let rhs = transpose_times(&a, hidden + 1, &target, width);
+        let mut solution = solve_positive_definite(gram, hidden + 1, rhs, width);
+        let bias = solution.split_off(hidden * width);
+        (solution, bias)
+    };
+    let to_f32 = |values: Vec<f64>, shape: Vec<usize>| {
+        let values: Vec<f32> = values.into_iter().map(|v| v as f32).collect();
+        TensorData::new(values, shape)
+    };
+    last.weight = Param::from_tensor(Tensor::from_data(
+        to_f32(weight, vec![hidden, width]),
+        &device,
+    ));
+    last.bias = Some(Param::from_tensor(Tensor::from_data(
+        to_f32(bias, vec![width]),
+        &device,
+    )));
+}
+
+fn host_f64(tensor: Tensor<2>) -> Vec<f64> {
+    tensor
+        .into_data()
+        .convert::<f32>()
+        .iter::<f32>()
+        .map(f64::from)
+        .collect()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `aᵀ · b` for `a` `[rows, a_cols]` and `b` `[rows, b_cols]`, row-major: `[a_cols, b_cols]`.
+fn transpose_times(a: &[f64], a_cols: usize, b: &[f64], b_cols: usize) -> Vec<f64> {
+    let mut out = vec![0.0; a_cols * b_cols];
+    for (a_row, b_row) in a.chunks(a_cols).zip(b.chunks(b_cols)) {
+        for (&x, out_row) in a_row.iter().zip(out.chunks_mut(b_cols)) {
+            out_row.iter_mut().zip(b_row).for_each(|(o, y)| *o += x * y);
+        }
+    }
+    out
+}
+
+/// Solves `a · x = b` for a symmetric positive (semi-)definite `a` `[m, m]` and `b` `[m, cols]`
+/// by Cholesky. A ridge of 1e-12 of the mean diagonal keeps a numerically singular `a` (say, two
+/// equal rows of `H`) factorizable; a well-conditioned solution moves by about that much.
+fn solve_positive_definite(mut a: Vec<f64>, m: usize, mut b: Vec<f64>, cols: usize) -> Vec<f64> {
+    let trace: f64 = (0..m).map(|i| a[i * m + i]).sum();
+    let ridge = 1e-12 * trace / m.max(1) as f64 + f64::MIN_POSITIVE;
+    // a = L Lᵀ, L written over a's lower triangle.
+    for j in 0..m {
+        let row_j = j * m;
+        let diagonal = a[row_j + j] + ridge - dot(&a[row_j..row_j + j], &a[row_j..row_j + j]);
+        let diagonal = diagonal.max(ridge).sqrt();
+        a[row_j + j] = diagonal;
+        for i in j + 1..m {
+            let row_i = i * m;
+            let s = a[row_i + j] - dot(&a[row_i..row_i + j], &a[row_j..row_j + j]);
+            a[row_i + j] = s / diagonal;
+        }
+    }
+    // L y = b, then Lᵀ x = y, every column of b at once.
+    for i in 0..m {
+        let (done, rest) = b.split_at_mut(i * cols);
+        let row = &mut rest[..cols];
+        for (k, solved) in done.chunks(cols).enumerate() {
+            let l = a[i * m + k];
+            row.iter_mut().zip(solved).for_each(|(x, y)| *x -= l * y);
+        }
+        row.iter_mut().for_each(|x| *x /= a[i * m + i]);
+    }
+    for i in (0..m).rev() {
+        let (head, solved) = b.split_at_mut((i + 1) * cols);
+        let row = &mut head[i * cols..];
+        for (k, solved) in solved.chunks(cols).enumerate() {
+            let l = a[(i + 1 + k) * m + i];
+            row.iter_mut().zip(solved).for_each(|(x, y)| *x -= l * y);
+        }
+        row.iter_mut().for_each(|x| *x /= a[i * m + i]);
+    }
+    b
 }
 
 /// The keys of a prefix-tuning `adapter_config.json` beyond the shared ones, as PEFT writes them
@@ -695,6 +844,53 @@ mod tests {
                 .into_scalar::<i64>(),
             0
         );
+    }
+
+    /// The fitted projection of a prefix from text: exact with fewer positions than hidden units,
+    /// least squares (the residual orthogonal to every hidden unit) with more. Not a square `H`:
+    /// a random square matrix can be ill-conditioned, and then the exact fit's large weights lose
+    /// digits when the projection runs in f32 (seen: 4e-5 of the scale at 16 x 16).
+    #[test]
+    fn the_last_linear_is_fitted_to_a_given_prefix() {
+        let device = Device::default();
+        for (n, hidden) in [(5, 16), (16, 48), (24, 6)] {
+            let config = PrefixTuningConfig::for_model(n, &geometry())
+                .with_prefix_projection(true)
+                .with_encoder_hidden_size(Some(hidden));
+            let mut encoder = config.init(&device);
+            let target = Tensor::<2>::random(
+                [n, config.prefix_width()],
+                burn::tensor::Distribution::Normal(0.5, 3.0),
+                &device,
+            );
+            let embedding = encoder.embedding.weight.val();
+            let Some([first, last]) = encoder.transform.as_deref_mut() else {
+                panic!("a projection")
+            };
+            fit_last_linear(first, last, embedding, target.clone());
+            let residual = encoder.prompt_embeddings() - target.clone();
+            let h = tanh(
+                encoder.transform.as_ref().unwrap()[0].forward(encoder.embedding.weight.val()),
+            );
+            let scale = target.abs().max().into_scalar::<f32>();
+            if n <= hidden {
+                let worst = residual.abs().max().into_scalar::<f32>();
+                assert!(worst < 1e-5 * scale, "{n} x {hidden}: residual {worst}");
+            } else {
+                let worst = residual.clone().abs().max().into_scalar::<f32>();
+                assert!(
+                    worst > 1e-2 * scale,
+                    "{n} positions cannot fit {hidden} units"
+                );
+                // Normal equations: Hᵀ r = 0 for the weight, Σ r = 0 for the bias.
+                let normal = h.transpose().matmul(residual.clone()).abs().max();
+                let sum = residual.sum_dim(0).abs().max();
+                for (what, value) in [("H^T r", normal), ("sum r", sum)] {
+                    let value = value.into_scalar::<f32>();
+                    assert!(value < 1e-4 * scale, "{what}: {value}");
+                }
+            }
+        }
     }
 
     #[test]
