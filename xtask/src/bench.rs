@@ -131,9 +131,15 @@ impl Workload {
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Hugging Face config.json of the model shape (random weights).
-    #[arg(long, default_value = "fixtures/configs/qwen2.5-0.5b/config.json")]
-    config: PathBuf,
+    /// Hugging Face config.json of the model shape (random weights); several, comma separated,
+    /// run the train, forward and generate workloads on each shape in turn, in one invocation (the
+    /// serve workload takes the first).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "fixtures/configs/qwen2.5-0.5b/config.json"
+    )]
+    config: Vec<PathBuf>,
     /// Methods to run, comma separated (default: all of `bench_methods`).
     #[arg(long, value_parser = bench_method_parser(), value_delimiter = ',')]
     methods: Vec<BenchMethod>,
@@ -242,53 +248,12 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
                 .into(),
         );
     }
-    let config = AutoConfig::from_file(&args.config).map_err(|e| e.to_string())?;
-    let geometry = config.geometry();
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let device = peft::default_device();
     let dtype = DType::from(args.dtype);
     let commit = git_commit();
-    println!(
-        "model {} (random weights), backend {}, base {dtype:?}{}, batch {batch} x {seq_len}, generation {} x {seq_len} + {} new, {} virtual tokens, {threads} threads, commit {}",
-        args.config.display(),
-        peft::backend_name(),
-        if args.gradient_checkpointing {
-            ", gradient checkpointing"
-        } else {
-            ""
-        },
-        args.gen_batch,
-        args.new_tokens,
-        args.num_virtual_tokens,
-        commit,
-    );
-    let matmul_params = matmul_params(&config);
-    let peak = matmul_gflops(&device, dtype);
-    println!(
-        "matmul parameters {matmul_params} (a frozen-base train step costs ~4 x that in FLOPs per token); {peak:.0} GFLOP/s on a 2048^3 {dtype:?} matmul"
-    );
-    let rows = pseudo_random_rows(batch, seq_len, geometry.vocab_size);
-    let train_rows = match args.row_lengths {
-        Some((min, max)) => TrainRows::ragged(batch, min, max, geometry.vocab_size),
-        None => TrainRows::uniform(rows.clone()),
-    };
-    if args.row_lengths.is_some() {
-        println!(
-            "train rows of {} tokens ({} real, {} scored, padded to {})",
-            train_rows
-                .lengths()
-                .map(|n| n.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            train_rows.real_tokens(),
-            train_rows.scored_tokens(),
-            train_rows.padded_len(),
-        );
-    }
-    let prompts = pseudo_random_rows(args.gen_batch, seq_len, geometry.vocab_size);
-
     let methods = if args.methods.is_empty() {
         bench_methods()
     } else {
@@ -302,55 +267,19 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         .workloads
         .iter()
         .any(|w| !matches!(w, Workload::Epoch | Workload::Serve));
-    let mut ours = Vec::new();
-    let mut torch_runs = Vec::new();
-    for &method in methods.iter().filter(|_| shape_workloads) {
-        // Rounds alternate ours and torch, so that this machine's speed drift (it moves by tens of
-        // percent over minutes on a shared host) lands on both sides; each keeps its best round.
-        let mut our_rounds = Vec::with_capacity(args.rounds);
-        let mut torch_rounds = Vec::with_capacity(args.rounds);
-        for _ in 0..args.rounds {
-            our_rounds.push(bench_method(
-                method,
-                args,
-                &config,
-                &device,
-                &Rows {
-                    train: &train_rows,
-                    forward: &rows,
-                    prompts: &prompts,
-                },
-                peak,
-            )?);
-            // Torch runs each method right after ours, in a fresh process: a Python process
-            // keeps the memory earlier models freed.
-            if let Some(python) = &python {
-                torch_rounds.push(run_torch(
-                    python,
-                    args,
-                    method,
-                    batch,
-                    seq_len,
-                    &train_rows,
-                    threads,
-                )?);
-            }
-        }
-        ours.push(best_of_rounds(our_rounds));
-        if !torch_rounds.is_empty() {
-            torch_runs.push(torch_rounds);
-        }
-    }
-    let theirs = match &python {
-        Some(_) => merge_torch_runs(torch_runs),
-        None if args.compare => {
-            Some(json!({ "skipped": "no Python with torch + transformers + peft" }))
-        }
-        None => None,
+    let settings = ShapeSettings {
+        batch,
+        seq_len,
+        threads,
+        commit: &commit,
+        methods: &methods,
+        python: python.as_deref(),
     };
-    if shape_workloads {
-        print_table(&ours, theirs.as_ref());
+    let mut shapes = Vec::new();
+    for config in args.config.iter().filter(|_| shape_workloads) {
+        shapes.push(bench_shape(args, config, &settings, &device)?);
     }
+
     let epoch = if args.workloads.contains(&Workload::Epoch) {
         let (model, data) = crate::epoch::epoch_inputs(args.model.as_ref(), args.data.as_ref())?;
         let records = crate::epoch::bench_epoch(
@@ -376,7 +305,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         let clients = args.clients;
         let (record, bad) = crate::serve::bench_serve(
             &crate::serve::ServeSettings {
-                config: &args.config,
+                config: &args.config[0],
                 dtype,
                 adapters: args.serve_adapters,
                 num_virtual_tokens: args.num_virtual_tokens,
@@ -403,21 +332,15 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         "backend": peft::backend_name(),
         "dtype": torch_dtype_name(dtype),
         "gradient_checkpointing": args.gradient_checkpointing,
-        "config": args.config,
         "batch": batch,
         "seq_len": seq_len,
-        "train_row_lengths": args.row_lengths.map(|_| train_rows.lengths().collect::<Vec<_>>()),
-        "train_scored_tokens": train_rows.scored_tokens(),
         "gen_batch": args.gen_batch,
         "new_tokens": args.new_tokens,
         "num_virtual_tokens": args.num_virtual_tokens,
         "reps": args.reps,
         "rounds": args.rounds,
         "threads": threads,
-        "matmul_params": matmul_params,
-        "matmul_gflops": peak,
-        "ours": ours,
-        "torch": theirs,
+        "shapes": shapes,
         "epoch": epoch,
         "serve": serve,
     });
@@ -428,6 +351,130 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     std::fs::write(&args.json, text).map_err(|e| format!("{}: {e}", args.json.display()))?;
     println!("wrote {}", args.json.display());
     Ok(())
+}
+
+/// What every shape of one invocation shares.
+struct ShapeSettings<'a> {
+    batch: usize,
+    seq_len: usize,
+    threads: usize,
+    commit: &'a str,
+    methods: &'a [BenchMethod],
+    python: Option<&'a Path>,
+}
+
+/// The train, forward and generate workloads of every method on one model shape, ours and (with
+/// --compare) torch's, printed as a table: one record of the JSON's `shapes`.
+fn bench_shape(
+    args: &BenchArgs,
+    config_path: &Path,
+    settings: &ShapeSettings,
+    device: &Device,
+) -> Result<Value, String> {
+    let &ShapeSettings {
+        batch,
+        seq_len,
+        threads,
+        commit,
+        methods,
+        python,
+    } = settings;
+    let dtype = DType::from(args.dtype);
+    let config = AutoConfig::from_file(config_path).map_err(|e| e.to_string())?;
+    let geometry = config.geometry();
+    println!(
+        "\nmodel {} (random weights), backend {}, base {dtype:?}{}, batch {batch} x {seq_len}, generation {} x {seq_len} + {} new, {} virtual tokens, {threads} threads, commit {}",
+        config_path.display(),
+        peft::backend_name(),
+        if args.gradient_checkpointing {
+            ", gradient checkpointing"
+        } else {
+            ""
+        },
+        args.gen_batch,
+        args.new_tokens,
+        args.num_virtual_tokens,
+        commit,
+    );
+    let matmul_params = matmul_params(&config);
+    let peak = matmul_gflops(device, dtype);
+    println!(
+        "matmul parameters {matmul_params} (a frozen-base train step costs ~4 x that in FLOPs per token); {peak:.0} GFLOP/s on a 2048^3 {dtype:?} matmul"
+    );
+    let rows = pseudo_random_rows(batch, seq_len, geometry.vocab_size);
+    let train_rows = match args.row_lengths {
+        Some((min, max)) => TrainRows::ragged(batch, min, max, geometry.vocab_size),
+        None => TrainRows::uniform(rows.clone()),
+    };
+    if args.row_lengths.is_some() {
+        println!(
+            "train rows of {} tokens ({} real, {} scored, padded to {})",
+            train_rows
+                .lengths()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            train_rows.real_tokens(),
+            train_rows.scored_tokens(),
+            train_rows.padded_len(),
+        );
+    }
+    let prompts = pseudo_random_rows(args.gen_batch, seq_len, geometry.vocab_size);
+    let mut ours = Vec::new();
+    let mut torch_runs = Vec::new();
+    for &method in methods {
+        // Rounds alternate ours and torch, so that this machine's speed drift (it moves by tens of
+        // percent over minutes on a shared host) lands on both sides; each keeps its best round.
+        let mut our_rounds = Vec::with_capacity(args.rounds);
+        let mut torch_rounds = Vec::with_capacity(args.rounds);
+        for _ in 0..args.rounds {
+            our_rounds.push(bench_method(
+                method,
+                args,
+                &config,
+                device,
+                &Rows {
+                    train: &train_rows,
+                    forward: &rows,
+                    prompts: &prompts,
+                },
+                peak,
+            )?);
+            // Torch runs each method right after ours, in a fresh process: a Python process
+            // keeps the memory earlier models freed.
+            if let Some(python) = python {
+                torch_rounds.push(run_torch(
+                    python,
+                    args,
+                    config_path,
+                    method,
+                    settings,
+                    &train_rows,
+                )?);
+            }
+        }
+        ours.push(best_of_rounds(our_rounds));
+        if !torch_rounds.is_empty() {
+            torch_runs.push(torch_rounds);
+        }
+    }
+    let theirs = match python {
+        Some(_) => merge_torch_runs(torch_runs),
+        None if args.compare => {
+            Some(json!({ "skipped": "no Python with torch + transformers + peft" }))
+        }
+        None => None,
+    };
+    print_table(&ours, theirs.as_ref());
+    Ok(json!({
+        "config": config_path,
+        "train_row_lengths": args.row_lengths.map(|_| train_rows.lengths().collect::<Vec<_>>()),
+        "train_scored_tokens": train_rows.scored_tokens(),
+        "matmul_params": matmul_params,
+        "matmul_gflops": peak,
+        "ours": ours,
+        "torch": theirs,
+    }))
 }
 
 /// The inputs of the workloads.
@@ -955,12 +1002,17 @@ fn find_python(args: &BenchArgs) -> Option<PathBuf> {
 fn run_torch(
     python: &Path,
     args: &BenchArgs,
+    config: &Path,
     method: BenchMethod,
-    batch: usize,
-    seq_len: usize,
+    settings: &ShapeSettings,
     train_rows: &TrainRows,
-    threads: usize,
 ) -> Result<Value, String> {
+    let &ShapeSettings {
+        batch,
+        seq_len,
+        threads,
+        ..
+    } = settings;
     let script = Path::new("scripts/bench_torch.py");
     let lengths = args.row_lengths.map(|_| {
         train_rows
@@ -977,7 +1029,7 @@ fn run_torch(
     let join = |names: Vec<&str>| names.join(",");
     let out = Command::new(python)
         .arg(script)
-        .args(["--config", &args.config.to_string_lossy()])
+        .args(["--config", &config.to_string_lossy()])
         .args(["--methods", method.name()])
         .args([
             "--workloads",
