@@ -718,48 +718,24 @@ fn train_writes_adapter_metrics_and_curve_and_eval_reads_them_back() {
 }
 
 #[test]
-fn train_starts_p_tuning_v2_from_text_as_peft_does_and_refuses_contradictions() {
+fn train_starts_prefixes_from_text_as_peft_does_and_refuses_contradictions() {
     let dir = scratch("prefix-text");
     let rows = "{\"prompt\": \"ab\", \"completion\": \"ba\"}\n{\"prompt\": \"abc\", \"completion\": \"cba\"}\n";
     // The text of scripts/make_prefix_text_fixtures.py; the fixture model has no chat template, so
     // it is tokenized plainly. At lr 0 the saved prefix is the initial one: PEFT's.
     let text = "  You sort the letters of a word.  ";
-    let (out, adapter) = train_on(
-        &dir,
-        "p-tuning-v2",
-        rows,
-        &[
-            "--prefix-init-text",
-            text,
-            "--lr",
-            "0",
-            "--weight-decay",
-            "0",
-            "--epochs",
-            "1",
-            "--group-by-length",
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let (_, ours) = read_f32(
-        &adapter.join("adapter_model.safetensors"),
-        "prompt_embeddings",
-    );
     let (_, peft_prefix) = read_f32(
         &root().join("fixtures/expected/prefix-init-text/qwen2-gqa-tied.safetensors"),
         "plain_prompt_embeddings",
     );
-    assert_eq!(ours.len(), peft_prefix.len());
-    let diff = max_abs_diff(ours.iter().zip(&peft_prefix));
-    assert!(diff < 1e-5, "prefix differs from PEFT's by {diff}");
-    std::fs::remove_dir_all(&adapter).unwrap();
-
-    // Prefix tuning (PEFT refuses a projection): the projection is fitted to output that prefix.
-    let (out, adapter) = train_on(
-        &dir,
-        "prefix-tuning",
-        rows,
-        &[
+    // P-tuning v2 (and length-grouped batches): the prefix is PEFT's. Prefix tuning (PEFT refuses
+    // a projection): the projection is fitted to output that prefix, exactly in f64 and so to
+    // f32's rounding of its two Linears.
+    for (method, extra, bound) in [
+        ("p-tuning-v2", Some("--group-by-length"), 1e-5),
+        ("prefix-tuning", None, 1e-4),
+    ] {
+        let mut args = vec![
             "--prefix-init-text",
             text,
             "--lr",
@@ -768,20 +744,26 @@ fn train_starts_p_tuning_v2_from_text_as_peft_does_and_refuses_contradictions() 
             "0",
             "--epochs",
             "1",
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let (_, fitted) = read_f32(
-        &adapter.join("adapter_model.safetensors"),
-        "prompt_embeddings",
-    );
-    let diff = max_abs_diff(fitted.iter().zip(&peft_prefix));
-    assert!(
-        diff < 1e-4,
-        "the fitted projection's output differs by {diff}"
-    );
-    assert!(adapter.join("adapter_encoder.safetensors").exists());
-    std::fs::remove_dir_all(&adapter).unwrap();
+        ];
+        args.extend(extra);
+        let (out, adapter) = train_on(&dir, method, rows, &args);
+        assert!(out.status.success(), "{method}: {}", stderr(&out));
+        let (_, ours) = read_f32(
+            &adapter.join("adapter_model.safetensors"),
+            "prompt_embeddings",
+        );
+        assert_eq!(ours.len(), peft_prefix.len());
+        let diff = max_abs_diff(ours.iter().zip(&peft_prefix));
+        assert!(
+            diff < bound,
+            "{method}: prefix differs from PEFT's by {diff}"
+        );
+        if method == "prefix-tuning" {
+            // The fitted projection itself, to train on from.
+            assert!(adapter.join("adapter_encoder.safetensors").exists());
+        }
+        std::fs::remove_dir_all(&adapter).unwrap();
+    }
 
     for (method, extra, message) in [
         (
