@@ -95,8 +95,8 @@ pub struct TrainArgs {
     /// Row handling.
     #[command(flatten)]
     pub data: DataArgs,
-    /// Peak learning rate [default: 3e-2 prompt tuning, 1e-2 prefix tuning and P-tuning v2,
-    /// 1e-3 P-tuning and BitFit].
+    /// Peak learning rate [default: 3e-2 prompt tuning, 1e-2 P-tuning v2, 1e-3 prefix tuning,
+    /// P-tuning and BitFit].
     #[arg(long)]
     pub lr: Option<f64>,
     /// Passes over the training data.
