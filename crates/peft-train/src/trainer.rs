@@ -11,7 +11,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{ModuleVisitor, Param};
+use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::distributed::{ReduceOperation, all_reduce};
@@ -105,7 +105,11 @@ pub struct TrainingRun {
     /// Data parallelism: the devices of the replicas, the model's own first (empty: the model's
     /// device alone). Every optimizer step gives each replica its own `batch_size` rows, so N
     /// devices take N x `batch_size` rows per micro-batch and their update equals one device's
-    /// with a batch N times larger (see [`train`]).
+    /// with a batch N times larger (see [`train`]). With dropout (`encoder_dropout`,
+    /// `prefix_dropout`) on distinct devices the replicas draw their masks at once from the
+    /// backend's one generator, so which replica gets which draw depends on timing: such a run
+    /// is not repeatable to the bit, nor is its resume (on one device, or without dropout, both
+    /// are).
     pub devices: Vec<Device>,
     /// How replicas on distinct devices combine their gradients.
     pub gradient_sync: GradientSync,
@@ -420,11 +424,13 @@ impl TrainingConfig {
 /// `batch_size` shard per replica; each replica computes its shard's loss and gradients, the
 /// gradients are gathered on the first device and added up weighted by scored tokens (as
 /// burn-train's multi-device strategy gathers them: `GradientsParams::to_device`, then
-/// accumulation), and one optimizer step there updates the adapter, which is then copied to the
-/// other replicas. The update is the one a single device makes with the whole micro-batch (up to
+/// accumulation), and one optimizer step there updates the trainable values, which are then
+/// copied to the other replicas' copies of the model (the adapter, and the base's trainable
+/// parameters: BitFit's biases). The update is the one a single device makes with the whole micro-batch (up to
 /// the float noise of padding each shard to its own longest row). Replicas on distinct devices
 /// run on one thread each; replicas that share a device (Flex has one) run one after the other,
-/// which gives no speed but the same result, and is how the equivalence is tested without GPUs.
+/// on their copies as well, which gives no speed but the same result, and is how the
+/// equivalence (copies included) is tested without GPUs.
 /// Evaluation and checkpoints happen on the first device only.
 ///
 /// Dropout draws come from the backend's generator, which each step seeds from `config.seed`.
@@ -551,12 +557,16 @@ where
     // Rows of one micro-batch over every replica, and of one optimizer step.
     let round = micro_batch * replicas;
     let group = round * config.gradient_accumulation_steps;
-    // Replicas on other devices hold their own copy of the model (the base once, the adapter
-    // after every step); replicas on the model's device use the model itself.
+    // Every replica but the first holds its own copy of the model (the frozen base forked once,
+    // the trainable values after every step), on its device or, sharing the buffers, on the
+    // model's: replicas taking turns on one device then run the same code as a multi-GPU run, so
+    // the tests of one device check the copies too.
     let mut copies: Vec<Option<PeftModel<M, A>>> = devices
         .iter()
-        .map(|d| (d != &device).then(|| model.clone().fork(d)))
+        .enumerate()
+        .map(|(replica, d)| (replica > 0).then(|| model.clone().fork(d)))
         .collect();
+    let distinct_devices = devices.iter().any(|d| d != &device);
     let mut last_eval = None;
     if let Some(eval) = eval
         && config.eval_at_start
@@ -621,7 +631,7 @@ where
                 // the first replica then holds the sum and the others nothing.
                 if run.gradient_sync == GradientSync::AllReduce
                     && results.len() == replicas
-                    && copies.iter().any(Option::is_some)
+                    && distinct_devices
                 {
                     let mut grads: Vec<GradientsParams> = results
                         .iter_mut()
@@ -672,11 +682,7 @@ where
                 lr,
                 clip_coefficient(grad_norm, config.max_grad_norm),
             );
-            for (copy, d) in copies.iter_mut().zip(&devices) {
-                if let Some(copy) = copy {
-                    copy.adapter = model.adapter.clone().fork(d);
-                }
-            }
+            refresh_copies(&model, &mut copies, &devices);
             let seconds = started.elapsed().as_secs_f64();
             state.global_step += 1;
             state.step_in_epoch += 1;
@@ -745,6 +751,68 @@ where
 
 /// Sums every parameter's gradient over the replicas with burn's all-reduce, leaving the sum in
 /// the first replica's gradients (the others' are dropped).
+/// Brings the replicas' copies on other devices up to the model after an optimizer step: the
+/// adapter, and every trainable parameter of the base (BitFit trains the base's own biases); the
+/// frozen rest of the base was copied once.
+fn refresh_copies<M, A>(
+    model: &PeftModel<M, A>,
+    copies: &mut [Option<PeftModel<M, A>>],
+    devices: &[Device],
+) where
+    M: CausalLm,
+    A: Adapter,
+{
+    /// The values of a module's trainable parameters by id (`GradientsParams` is burn's map of
+    /// tensors of any rank by `ParamId`).
+    struct Trainable(GradientsParams);
+    impl ModuleVisitor for Trainable {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if param.is_require_grad() {
+                self.0.register(param.id, param.val().detach());
+            }
+        }
+    }
+    /// Puts those values in place on `device`, as `Module::fork` would have copied them.
+    struct Refresh<'a> {
+        values: &'a GradientsParams,
+        device: &'a Device,
+    }
+    impl ModuleMapper for Refresh<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let Some(value) = self.values.get::<D>(param.id) else {
+                return param;
+            };
+            let (id, old, mapper) = param.consume();
+            let mut value = value.to_device(self.device).detach();
+            if old.is_require_grad() {
+                value = value.require_grad();
+            }
+            Param::from_mapped_value(id, value, mapper)
+        }
+    }
+    if copies.iter().all(Option::is_none) {
+        return;
+    }
+    let mut trainable = Trainable(GradientsParams::new());
+    model.base.visit(&mut trainable);
+    for (slot, device) in copies.iter_mut().zip(devices) {
+        if let Some(copy) = slot.take() {
+            let base = if trainable.0.is_empty() {
+                copy.base
+            } else {
+                copy.base.map(&mut Refresh {
+                    values: &trainable.0,
+                    device,
+                })
+            };
+            *slot = Some(PeftModel {
+                base,
+                adapter: model.adapter.clone().fork(device),
+            });
+        }
+    }
+}
+
 struct AllReduce<'a> {
     grads: &'a mut [GradientsParams],
     devices: &'a [Device],
@@ -774,9 +842,12 @@ impl ModuleVisitor for AllReduce<'_> {
                 all_reduce(part, ReduceOperation::Sum, self.devices.to_vec())
             })
             .collect();
-        let mut sums = collectives.into_iter().map(|c| c.resolve());
-        if let Some(sum) = sums.next() {
-            self.grads[0].register(param.id, sum);
+        // Every replica's collective is resolved (each waits for its own device's reduction),
+        // not only the first: an unresolved one's output may still be written by NCCL when the
+        // device's next forward reuses its memory. The first replica's sum is kept.
+        let mut sums: Vec<Tensor<D>> = collectives.into_iter().map(|c| c.resolve()).collect();
+        if !sums.is_empty() {
+            self.grads[0].register(param.id, sums.swap_remove(0));
         }
     }
 }
@@ -790,8 +861,9 @@ struct Shard<'a> {
 }
 
 /// The loss (mean over the shard's scored tokens), the tokens and the gradients of the weighted
-/// loss of each shard, in shard order. Shards of replicas on distinct devices run on their own
-/// threads; a shard on the model's device runs on this thread, after the others were started.
+/// loss of each shard, in shard order, each on its replica's copy (the model itself for the
+/// first). Shards on other devices than the model's run on their own threads; a shard on the
+/// model's device runs on this thread, after the others were started.
 fn run_shards<M, A>(
     model: &PeftModel<M, A>,
     copies: &[Option<PeftModel<M, A>>],
@@ -818,21 +890,22 @@ where
         let handles: Vec<_> = shards
             .iter()
             .map(|shard| match &copies[shard.replica] {
-                Some(copy) => {
+                Some(copy) if devices[shard.replica] != devices[0] => {
                     let copy = copy.clone();
                     let compute = &compute;
                     Some(scope.spawn(move || compute(&copy, shard)))
                 }
-                None => None,
+                _ => None,
             })
             .collect();
         // Shards on the model's device run here, in order (one device computes one at a time).
         let local: Vec<_> = shards
             .iter()
-            .map(|shard| {
-                copies[shard.replica]
+            .zip(&handles)
+            .map(|(shard, handle)| {
+                handle
                     .is_none()
-                    .then(|| compute(model, shard))
+                    .then(|| compute(copies[shard.replica].as_ref().unwrap_or(model), shard))
             })
             .collect();
         handles
