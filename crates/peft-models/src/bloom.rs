@@ -14,7 +14,7 @@ use crate::auto::ModelFamily;
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::hf_config::HfConfig;
-use crate::layers::{Biases, Past, causal_attention, linear_rows, merge_heads, tied_lm_head};
+use crate::layers::{Past, Rows, causal_attention, linear_rows, merge_heads, tied_lm_head};
 use crate::weights::{RandomWeights, WeightSource, infallible};
 
 /// Configuration of a BLOOM model (the fields of its Hugging Face `config.json`).
@@ -146,26 +146,28 @@ impl BloomAttention {
         past: Option<LayerKv>,
         key_mask: Option<Tensor<2, Int>>,
     ) -> (Tensor<3>, LayerKv) {
-        self.forward_with(x, alibi, past, key_mask, Biases::NONE)
+        self.forward_with(x, alibi, past, key_mask, Rows::PLAIN)
     }
 
-    /// [`BloomAttention::forward`] with per-row bias deltas.
+    /// [`BloomAttention::forward`] over `rows` (packed, with per-row bias deltas): `x` and the
+    /// output in `rows`' layout.
     pub(crate) fn forward_with(
         &self,
         x: Tensor<3>,
         alibi: &Tensor<4>,
         past: Option<LayerKv>,
         key_mask: Option<Tensor<2, Int>>,
-        biases: Biases<'_>,
+        rows: Rows<'_>,
     ) -> (Tensor<3>, LayerKv) {
-        let [b, s, _] = x.dims();
         let (h, d) = (self.num_heads, self.head_dim);
-        let fused = biases
-            .add(
-                "self_attention.query_key_value.bias",
-                linear_rows(&self.query_key_value, x),
-            )
-            .reshape([b, s, h, 3, d]);
+        // The projection runs over `rows` (tokens only where the batch is padded); attention
+        // takes the rows apart.
+        let fused = rows.unpack(rows.add(
+            "self_attention.query_key_value.bias",
+            linear_rows(&self.query_key_value, x),
+        ));
+        let [b, s, _] = fused.dims();
+        let fused = fused.reshape([b, s, h, 3, d]);
         let part = |i: usize| {
             fused
                 .clone()
@@ -184,8 +186,8 @@ impl BloomAttention {
             Some(bias),
             None,
         );
-        let out = linear_rows(&self.dense, merge_heads(out));
-        (biases.add("self_attention.dense.bias", out), kv)
+        let out = linear_rows(&self.dense, rows.pack(merge_heads(out)));
+        (rows.add("self_attention.dense.bias", out), kv)
     }
 }
 
@@ -220,9 +222,9 @@ impl BloomBlock {
         alibi: &Tensor<4>,
         past: Option<LayerKv>,
         key_mask: Option<Tensor<2, Int>>,
-        biases: Biases<'_>,
+        rows: Rows<'_>,
     ) -> (Tensor<3>, LayerKv) {
-        let normed = biases.add(
+        let normed = rows.add(
             "input_layernorm.bias",
             self.input_layernorm.forward(x.clone()),
         );
@@ -233,9 +235,9 @@ impl BloomBlock {
         };
         let (attn, kv) = self
             .self_attention
-            .forward_with(normed, alibi, past, key_mask, biases);
+            .forward_with(normed, alibi, past, key_mask, rows);
         let attn = attn + residual;
-        let normed = biases.add(
+        let normed = rows.add(
             "post_attention_layernorm.bias",
             self.post_attention_layernorm.forward(attn.clone()),
         );
@@ -244,11 +246,11 @@ impl BloomBlock {
         } else {
             attn
         };
-        let up = biases.add(
+        let up = rows.add(
             "mlp.dense_h_to_4h.bias",
             linear_rows(&self.mlp.dense_h_to_4h, normed),
         );
-        let mlp = biases.add(
+        let mlp = rows.add(
             "mlp.dense_4h_to_h.bias",
             linear_rows(&self.mlp.dense_4h_to_h, bloom_gelu(up)),
         );
@@ -395,7 +397,7 @@ impl CausalLm for BloomForCausalLM {
             (slopes.reshape([1, heads, 1, 1]) * positions.reshape([batch, 1, 1, keys])).cast(dtype);
         // Outside the blocks the biases are the model's own, named under `transformer.`.
         let deltas = past.bias_deltas();
-        let top = Biases::new(deltas.as_ref(), "transformer.");
+        let top = Rows::new(deltas.as_ref(), "transformer.", None);
         let x = top.add(
             "word_embeddings_layernorm.bias",
             self.transformer.word_embeddings_layernorm.forward(embeds),
@@ -404,7 +406,7 @@ impl CausalLm for BloomForCausalLM {
             &self.transformer.h,
             "transformer.h",
             x,
-            |block, x, kv, mask, biases| block.forward(x, &alibi, kv, mask, biases),
+            |block, x, kv, mask, rows| block.forward(x, &alibi, kv, mask, rows),
         );
         ModelOutput {
             hidden_states: top.add("ln_f.bias", self.transformer.ln_f.forward(x)),

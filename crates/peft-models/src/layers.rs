@@ -4,6 +4,7 @@
 use crate::fused::{FusedBackend, MASKED_SCORE, fused_backend, grouped_attention};
 use burn::nn::{Embedding, Linear};
 use burn::prelude::*;
+use burn::tensor::IndexingUpdateOp;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use peft_core::mask::{join_masks, key_positions, padding_attention_mask, query_positions};
@@ -215,6 +216,7 @@ pub fn tied_lm_head(hidden: Tensor<3>, embedding: &Embedding) -> Tensor<3> {
 /// prefix, cache and padding behave the same everywhere.
 pub(crate) struct Past {
     bias_deltas: Option<BiasDeltas>,
+    packing: Option<Packing>,
     layers: Vec<Option<LayerKv>>,
     key_mask: Option<Tensor<2, Int>>,
     len: usize,
@@ -266,9 +268,14 @@ impl Past {
             Some(past) => past.into_iter().map(Some).collect(),
             None => vec![None; geometry.num_layers],
         };
+        let packing = input
+            .attention_mask
+            .as_ref()
+            .and_then(|mask| Packing::of_padding(mask, &device));
         let key_mask = join_masks(past_mask, len, input.attention_mask, batch, seq, &device);
         let past = Self {
             bias_deltas: input.bias_deltas.filter(|d| !d.is_empty()),
+            packing,
             layers,
             key_mask,
             len,
@@ -305,22 +312,32 @@ impl Past {
         self.bias_deltas.clone()
     }
 
-    /// Runs `layers` in order over `x`, each through `forward(layer, x, its past, key mask, its
-    /// bias deltas)`, and collects the cache of every layer. `layer_names` is the layers' Hugging
-    /// Face path (`model.layers`): layer `i`'s biases are named `{layer_names}.{i}.…`.
+    /// Runs `layers` in order over `x` `[batch, seq, hidden]`, each through `forward(layer, x,
+    /// its past, key mask, its rows)`, and collects the cache of every layer. `layer_names` is the
+    /// layers' Hugging Face path (`model.layers`): layer `i`'s biases are named
+    /// `{layer_names}.{i}.…`.
+    ///
+    /// When the input carries padding, the layers see only its tokens: `x` is packed to
+    /// `[1, tokens, hidden]` before the first layer and unpacked after the last (zeros at the
+    /// padding), and each layer unpacks what its attention needs ([`Rows`]).
     pub(crate) fn run<L>(
         self,
         layers: &[L],
         layer_names: &str,
-        mut x: Tensor<3>,
+        x: Tensor<3>,
         mut forward: impl FnMut(
             &L,
             Tensor<3>,
             Option<LayerKv>,
             Option<Tensor<2, Int>>,
-            Biases<'_>,
+            Rows<'_>,
         ) -> (Tensor<3>, LayerKv),
     ) -> (Tensor<3>, KvCache) {
+        let packing = self.packing.as_ref();
+        let mut x = match packing {
+            Some(packing) => packing.pack(x),
+            None => x,
+        };
         let mut cache = Vec::with_capacity(layers.len());
         for (i, (layer, past)) in layers.iter().zip(self.layers).enumerate() {
             // The names are built only for inputs that carry deltas.
@@ -328,14 +345,15 @@ impl Past {
                 Some(_) => format!("{layer_names}.{i}."),
                 None => String::new(),
             };
-            let biases = Biases {
-                deltas: self.bias_deltas.as_ref(),
-                prefix: &prefix,
-            };
-            let (y, kv) = forward(layer, x, past, self.key_mask.clone(), biases);
+            let rows = Rows::new(self.bias_deltas.as_ref(), &prefix, packing);
+            let (y, kv) = forward(layer, x, past, self.key_mask.clone(), rows);
             x = y;
             cache.push(kv);
         }
+        let x = match packing {
+            Some(packing) => packing.unpack(x),
+            None => x,
+        };
         let cache = KvCache {
             layers: cache,
             attention_mask: self.key_mask,
@@ -344,30 +362,138 @@ impl Past {
     }
 }
 
-/// The per-row bias deltas of one scope of the model (a layer, or the top level): what adds a
-/// row's delta after each biased operation.
-#[derive(Clone, Copy)]
-pub(crate) struct Biases<'a> {
-    deltas: Option<&'a BiasDeltas>,
-    prefix: &'a str,
+/// Where the tokens of a padded batch `[batch, seq]` stand, so that the work done per token
+/// (norms, projections, MLPs: nearly all of a forward and backward) is done for tokens only.
+///
+/// A fine-tuning batch is padded to its longest row: 8 rows of 10-80 tokens are about half
+/// padding, and a padded position costs every matrix product what a token costs. transformers
+/// computes them all; here the residual stream of such a batch is packed to `[1, tokens, hidden]`
+/// and only attention, which needs the rows apart, sees the padded layout. A padded position's
+/// output never reaches a token (its key is masked), so packing changes no token's result.
+#[derive(Debug, Clone)]
+pub(crate) struct Packing {
+    /// `row * seq + position` of every token, row by row: `[tokens]`.
+    flat: Tensor<1, Int>,
+    /// The batch row of every token: `[tokens]`.
+    rows: Tensor<1, Int>,
+    batch: usize,
+    seq: usize,
 }
 
-impl<'a> Biases<'a> {
-    /// No deltas.
-    pub(crate) const NONE: Biases<'static> = Biases {
-        deltas: None,
-        prefix: "",
-    };
-
-    /// The deltas of `deltas` whose names start with `prefix`.
-    pub(crate) fn new(deltas: Option<&'a BiasDeltas>, prefix: &'a str) -> Self {
-        Self { deltas, prefix }
+impl Packing {
+    /// The packing of a batch of several positions with padding mask `mask` `[batch, seq]` (1 = a
+    /// token), or `None` where there is nothing to leave out: no padding, or one position per row
+    /// (a decoding step, whose mask is not read back from the device).
+    fn of_padding(mask: &Tensor<2, Int>, device: &Device) -> Option<Self> {
+        let [batch, seq] = mask.dims();
+        if seq < 2 {
+            return None;
+        }
+        let values = mask.to_data().convert::<i64>();
+        let values = values.as_slice::<i64>().ok()?;
+        let flat: Vec<i64> = (0..batch * seq)
+            .filter(|&i| values[i] != 0)
+            .map(|i| i as i64)
+            .collect();
+        if flat.len() == batch * seq || flat.is_empty() {
+            return None;
+        }
+        let rows: Vec<i64> = flat.iter().map(|&i| i / seq as i64).collect();
+        let tokens = flat.len();
+        Some(Self {
+            flat: Tensor::from_data(TensorData::new(flat, [tokens]), device),
+            rows: Tensor::from_data(TensorData::new(rows, [tokens]), device),
+            batch,
+            seq,
+        })
     }
 
-    /// `x` `[batch, seq, size]` plus the delta of the bias `{prefix}{name}`, if the input has one.
+    /// `[batch, seq, n] -> [1, tokens, n]`.
+    fn pack(&self, x: Tensor<3>) -> Tensor<3> {
+        let n = x.dims()[2];
+        let tokens = self.flat.dims()[0];
+        x.reshape([self.batch * self.seq, n])
+            .select(0, self.flat.clone())
+            .reshape([1, tokens, n])
+    }
+
+    /// `[1, tokens, n] -> [batch, seq, n]`, zeros at the padding.
+    fn unpack(&self, x: Tensor<3>) -> Tensor<3> {
+        let [_, tokens, n] = x.dims();
+        Tensor::<2>::zeros([self.batch * self.seq, n], (&x.device(), x.dtype()))
+            .select_assign(
+                0,
+                self.flat.clone(),
+                x.reshape([tokens, n]),
+                IndexingUpdateOp::Add,
+            )
+            .reshape([self.batch, self.seq, n])
+    }
+}
+
+/// The rows of one scope of the model (a layer, or the top level) as its per-token operations see
+/// them: packed to `[1, tokens, size]` where the batch carries padding ([`Packing`]), else
+/// `[batch, seq, size]`; with the per-row bias deltas that each biased operation adds.
+#[derive(Clone, Copy)]
+pub(crate) struct Rows<'a> {
+    deltas: Option<&'a BiasDeltas>,
+    prefix: &'a str,
+    packing: Option<&'a Packing>,
+}
+
+impl<'a> Rows<'a> {
+    /// Unpacked rows without deltas.
+    pub(crate) const PLAIN: Rows<'static> = Rows {
+        deltas: None,
+        prefix: "",
+        packing: None,
+    };
+
+    /// The deltas of `deltas` whose names start with `prefix`, over rows packed by `packing`.
+    pub(crate) fn new(
+        deltas: Option<&'a BiasDeltas>,
+        prefix: &'a str,
+        packing: Option<&'a Packing>,
+    ) -> Self {
+        Self {
+            deltas,
+            prefix,
+            packing,
+        }
+    }
+
+    /// `x` plus the delta of the bias `{prefix}{name}`, if the input has one: each token gets its
+    /// row's delta.
     pub(crate) fn add(&self, name: &str, x: Tensor<3>) -> Tensor<3> {
-        match self.deltas {
-            Some(deltas) => deltas.add(&format!("{}{name}", self.prefix), x),
+        let Some(deltas) = self.deltas else {
+            return x;
+        };
+        let name = format!("{}{name}", self.prefix);
+        match (self.packing, deltas.get(&name)) {
+            (Some(packing), Some(delta)) => {
+                let delta = delta
+                    .clone()
+                    .select(0, packing.rows.clone())
+                    .cast(x.dtype());
+                x + delta.unsqueeze_dim::<3>(0)
+            }
+            _ => deltas.add(&name, x),
+        }
+    }
+
+    /// Per-token values `[batch, seq, n]` in this scope's layout.
+    pub(crate) fn pack(&self, x: Tensor<3>) -> Tensor<3> {
+        match self.packing {
+            Some(packing) => packing.pack(x),
+            None => x,
+        }
+    }
+
+    /// Per-token values in this scope's layout as `[batch, seq, n]` (zeros at the padding), for
+    /// attention.
+    pub(crate) fn unpack(&self, x: Tensor<3>) -> Tensor<3> {
+        match self.packing {
+            Some(packing) => packing.unpack(x),
             None => x,
         }
     }
@@ -524,6 +650,58 @@ mod tests {
                 .into_data()
                 .assert_approx_eq::<f32>(&repeated.into_data(), Tolerance::absolute(1e-5));
         }
+    }
+
+    #[test]
+    fn packing_keeps_the_tokens_of_a_padded_batch_in_order() {
+        let device = Device::default();
+        let mask = |values: Vec<i64>, shape: [usize; 2]| {
+            Tensor::<2, Int>::from_data(TensorData::new(values, shape), &device)
+        };
+        // Nothing to leave out: no padding, or one position per row (decoding).
+        assert!(Packing::of_padding(&mask(vec![1; 6], [2, 3]), &device).is_none());
+        assert!(Packing::of_padding(&mask(vec![1, 0], [2, 1]), &device).is_none());
+        // Row 0 right-padded by 1, row 1 left-padded by 2.
+        let packing = Packing::of_padding(&mask(vec![1, 1, 0, 0, 0, 1], [2, 3]), &device)
+            .expect("a padded batch is packed");
+        let x = Tensor::<3>::from_data(
+            TensorData::new((1..=12).map(|v| v as f32).collect(), [2, 3, 2]),
+            &device,
+        );
+        let packed = packing.pack(x);
+        assert_eq!(
+            packed.to_data().try_to_vec::<f32>().unwrap(),
+            vec![1.0, 2.0, 3.0, 4.0, 11.0, 12.0]
+        );
+        assert_eq!(
+            packing
+                .rows
+                .to_data()
+                .convert::<i64>()
+                .try_to_vec::<i64>()
+                .unwrap(),
+            vec![0, 0, 1]
+        );
+        // Unpacked, the padding reads zero.
+        assert_eq!(
+            packing
+                .unpack(packed)
+                .to_data()
+                .try_to_vec::<f32>()
+                .unwrap(),
+            vec![1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 11.0, 12.0]
+        );
+        // Each token gets its own row's bias delta.
+        let deltas = BiasDeltas::new([(
+            "b".to_string(),
+            Tensor::<2>::from_data(TensorData::new(vec![10.0f32, 20.0], [2, 1]), &device),
+        )]);
+        let rows = Rows::new(Some(&deltas), "", Some(&packing));
+        let tokens = Tensor::<3>::zeros([1, 3, 1], &device);
+        assert_eq!(
+            rows.add("b", tokens).to_data().try_to_vec::<f32>().unwrap(),
+            vec![10.0, 10.0, 20.0]
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::error::{ModelError, Result};
 use crate::fused::silu_gate;
 use crate::hf_config::HfConfig;
 use crate::layers::{
-    Biases, Past, apply_rope, causal_attention, linear_rows, merge_heads, split_heads, tied_lm_head,
+    Past, Rows, apply_rope, causal_attention, linear_rows, merge_heads, split_heads, tied_lm_head,
 };
 use crate::rope::{Rope, RopeScaling};
 use crate::weights::{RandomWeights, WeightSource, infallible};
@@ -295,17 +295,17 @@ pub struct Qwen2Mlp {
 impl Qwen2Mlp {
     /// `[b, s, hidden] -> [b, s, hidden]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.forward_with(x, Biases::NONE)
+        self.forward_with(x, Rows::PLAIN)
     }
 
-    /// [`Qwen2Mlp::forward`] with per-row bias deltas.
-    pub(crate) fn forward_with(&self, x: Tensor<3>, biases: Biases<'_>) -> Tensor<3> {
-        let gate = biases.add(
+    /// [`Qwen2Mlp::forward`] over `rows` (packed, with per-row bias deltas).
+    pub(crate) fn forward_with(&self, x: Tensor<3>, rows: Rows<'_>) -> Tensor<3> {
+        let gate = rows.add(
             "mlp.gate_proj.bias",
             linear_rows(&self.gate_proj, x.clone()),
         );
-        let up = biases.add("mlp.up_proj.bias", linear_rows(&self.up_proj, x));
-        biases.add(
+        let up = rows.add("mlp.up_proj.bias", linear_rows(&self.up_proj, x));
+        rows.add(
             "mlp.down_proj.bias",
             linear_rows(&self.down_proj, silu_gate(gate, up)),
         )
@@ -348,10 +348,11 @@ impl Qwen2Attention {
         past: Option<LayerKv>,
         key_mask: Option<Tensor<2, Int>>,
     ) -> (Tensor<3>, LayerKv) {
-        self.forward_with(x, cos, sin, past, key_mask, Biases::NONE)
+        self.forward_with(x, cos, sin, past, key_mask, Rows::PLAIN)
     }
 
-    /// [`Qwen2Attention::forward`] with per-row bias deltas.
+    /// [`Qwen2Attention::forward`] over `rows` (packed, with per-row bias deltas): `x` and the
+    /// output in `rows`' layout, keys and values `[b, kv_heads, s, head_dim]` as always.
     pub(crate) fn forward_with(
         &self,
         x: Tensor<3>,
@@ -359,26 +360,28 @@ impl Qwen2Attention {
         sin: &Tensor<4>,
         past: Option<LayerKv>,
         key_mask: Option<Tensor<2, Int>>,
-        biases: Biases<'_>,
+        rows: Rows<'_>,
     ) -> (Tensor<3>, LayerKv) {
+        // The projections run over `rows` (tokens only where the batch is padded); attention
+        // takes the rows apart.
         let q = split_heads(
-            biases.add(
+            rows.unpack(rows.add(
                 "self_attn.q_proj.bias",
                 linear_rows(&self.q_proj, x.clone()),
-            ),
+            )),
             self.num_heads,
             self.head_dim,
         );
         let k = split_heads(
-            biases.add(
+            rows.unpack(rows.add(
                 "self_attn.k_proj.bias",
                 linear_rows(&self.k_proj, x.clone()),
-            ),
+            )),
             self.num_key_value_heads,
             self.head_dim,
         );
         let v = split_heads(
-            biases.add("self_attn.v_proj.bias", linear_rows(&self.v_proj, x)),
+            rows.unpack(rows.add("self_attn.v_proj.bias", linear_rows(&self.v_proj, x))),
             self.num_key_value_heads,
             self.head_dim,
         );
@@ -397,8 +400,8 @@ impl Qwen2Attention {
             None,
             self.sliding_window,
         );
-        let out = linear_rows(&self.o_proj, merge_heads(out));
-        (biases.add("self_attn.o_proj.bias", out), kv)
+        let out = linear_rows(&self.o_proj, rows.pack(merge_heads(out)));
+        (rows.add("self_attn.o_proj.bias", out), kv)
     }
 }
 
@@ -425,10 +428,10 @@ impl Qwen2DecoderLayer {
         past: Option<LayerKv>,
         key_mask: Option<Tensor<2, Int>>,
     ) -> (Tensor<3>, LayerKv) {
-        self.forward_with(x, cos, sin, past, key_mask, Biases::NONE)
+        self.forward_with(x, cos, sin, past, key_mask, Rows::PLAIN)
     }
 
-    /// [`Qwen2DecoderLayer::forward`] with per-row bias deltas.
+    /// [`Qwen2DecoderLayer::forward`] over `rows` (packed, with per-row bias deltas).
     pub(crate) fn forward_with(
         &self,
         x: Tensor<3>,
@@ -436,7 +439,7 @@ impl Qwen2DecoderLayer {
         sin: &Tensor<4>,
         past: Option<LayerKv>,
         key_mask: Option<Tensor<2, Int>>,
-        biases: Biases<'_>,
+        rows: Rows<'_>,
     ) -> (Tensor<3>, LayerKv) {
         let (attn, kv) = self.self_attn.forward_with(
             self.input_layernorm.forward(x.clone()),
@@ -444,12 +447,12 @@ impl Qwen2DecoderLayer {
             sin,
             past,
             key_mask,
-            biases,
+            rows,
         );
         let x = x + attn;
         let mlp = self
             .mlp
-            .forward_with(self.post_attention_layernorm.forward(x.clone()), biases);
+            .forward_with(self.post_attention_layernorm.forward(x.clone()), rows);
         (x + mlp, kv)
     }
 }
@@ -604,7 +607,7 @@ impl CausalLm for Qwen2ForCausalLM {
             &self.model.layers,
             "model.layers",
             x,
-            |layer, x, kv, mask, biases| layer.forward_with(x, &cos, &sin, kv, mask, biases),
+            |layer, x, kv, mask, rows| layer.forward_with(x, &cos, &sin, kv, mask, rows),
         );
         ModelOutput {
             hidden_states: self.model.norm.forward(x),
