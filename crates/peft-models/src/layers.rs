@@ -334,10 +334,9 @@ impl Past {
         ) -> (Tensor<3>, LayerKv),
     ) -> (Tensor<3>, KvCache) {
         let packing = self.packing.as_ref();
-        let mut x = match packing {
-            Some(packing) => packing.pack(x),
-            None => x,
-        };
+        // The stream between the layers: packed like the layers' rows, without deltas.
+        let stream = Rows::new(None, "", packing);
+        let mut x = stream.pack(x);
         let mut cache = Vec::with_capacity(layers.len());
         for (i, (layer, past)) in layers.iter().zip(self.layers).enumerate() {
             // The names are built only for inputs that carry deltas.
@@ -350,10 +349,7 @@ impl Past {
             x = y;
             cache.push(kv);
         }
-        let x = match packing {
-            Some(packing) => packing.unpack(x),
-            None => x,
-        };
+        let x = stream.unpack(x);
         let cache = KvCache {
             layers: cache,
             attention_mask: self.key_mask,
