@@ -116,6 +116,7 @@ def main():
     p.add_argument("--dtype", default="float32", help="dtype of the base model (PEFT's adapter parameters stay float32)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant activation checkpointing in training")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul whose rate is reported as the peak")
     p.add_argument(
         "--row-lengths",
         help="train on rows of these lengths (comma separated), right-padded to the longest, the loss on each row's last third only (as the Rust side's --row-lengths)",
@@ -167,9 +168,10 @@ def main():
         return sorted(times)[len(times) // 2]
 
     # The attainable matmul rate of this engine, as the Rust side measures its own.
-    a = torch.randn(2048, 2048, device=args.device, dtype=dtype)
-    b = torch.randn(2048, 2048, device=args.device, dtype=dtype)
-    matmul_gflops = 2 * 2048**3 / timed(lambda: a @ b) / 1e9
+    n = args.matmul_size
+    a = torch.randn(n, n, device=args.device, dtype=dtype)
+    b = torch.randn(n, n, device=args.device, dtype=dtype)
+    matmul_gflops = 2 * n**3 / timed(lambda: a @ b) / 1e9
     del a, b
     print(f"torch matmul {matmul_gflops:.0f} GFLOP/s", file=sys.stderr, flush=True)
 

@@ -67,6 +67,20 @@ pub fn data_parallel_devices(n: usize) -> Result<Vec<burn::prelude::Device>, Str
     Ok(vec![default_device(); n])
 }
 
+/// Whether `device` is a CUDA GPU: a CUDA build can still run on Flex (`BURN_DEVICE=flex`), so
+/// what the binary was compiled for does not say where a tensor lives.
+pub fn is_cuda(device: &burn::prelude::Device) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        burn::prelude::Device::enumerate(burn::tensor::DeviceType::Cuda).contains(device)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
 /// Name of the backend this binary was compiled for.
 pub fn backend_name() -> &'static str {
     if cfg!(feature = "cuda") {

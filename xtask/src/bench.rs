@@ -399,7 +399,8 @@ fn bench_shape(
     let matmul_params = matmul_params(&config);
     let peak = matmul_gflops(device, dtype);
     println!(
-        "matmul parameters {matmul_params} (a frozen-base train step costs ~4 x that in FLOPs per token); {peak:.0} GFLOP/s on a 2048^3 {dtype:?} matmul"
+        "matmul parameters {matmul_params} (a frozen-base train step costs ~4 x that in FLOPs per token); {peak:.0} GFLOP/s on a {}^3 {dtype:?} matmul",
+        matmul_size(device)
     );
     let rows = pseudo_random_rows(batch, seq_len, geometry.vocab_size);
     let train_rows = match args.row_lengths {
@@ -458,13 +459,35 @@ fn bench_shape(
             torch_runs.push(torch_rounds);
         }
     }
-    let theirs = match python {
+    let mut theirs = match python {
         Some(_) => merge_torch_runs(torch_runs),
         None if args.compare => {
             Some(json!({ "skipped": "no Python with torch + transformers + peft" }))
         }
         None => None,
     };
+    // The device's matmul rate is the faster of the two sides' measurements (cuBLAS may beat
+    // CubeCL's matmul, or the reverse), so that neither side's fraction of it rests on its own
+    // slow kernel.
+    let their_methods = theirs
+        .as_mut()
+        .and_then(|t| t.get_mut("methods"))
+        .and_then(Value::as_array_mut);
+    let device_peak = their_methods
+        .iter()
+        .flat_map(|methods| methods.iter())
+        .filter_map(|r| r["matmul_gflops"].as_f64())
+        .fold(peak, f64::max);
+    for record in ours.iter_mut().chain(
+        their_methods
+            .into_iter()
+            .flat_map(|methods| methods.iter_mut()),
+    ) {
+        if let Some(tokens_per_s) = record["train_tokens_per_s"].as_f64() {
+            record["train_fraction_of_device_peak"] =
+                json!(4.0 * matmul_params as f64 * tokens_per_s / (device_peak * 1e9));
+        }
+    }
     print_table(&ours, theirs.as_ref());
     Ok(json!({
         "config": config_path,
@@ -472,6 +495,8 @@ fn bench_shape(
         "train_scored_tokens": train_rows.scored_tokens(),
         "matmul_params": matmul_params,
         "matmul_gflops": peak,
+        "matmul_size": matmul_size(device),
+        "device_matmul_gflops": device_peak,
         "ours": ours,
         "torch": theirs,
     }))
@@ -662,10 +687,18 @@ fn torch_dtype_name(dtype: DType) -> &'static str {
     }
 }
 
-/// GFLOP/s of a 2048 x 2048 x 2048 matmul in `dtype` on `device` (median of 3 after a warm-up): the
-/// attainable peak that training fractions are quoted against.
+/// The side of the square matmul whose rate stands for the device's peak: 8192 on a GPU, where
+/// 2048^3 (17 GFLOP, some 25 microseconds on an H100) leaves the matrix units partly idle and would
+/// make every fraction of it look better than it is; 2048 on a CPU, where that size is already at
+/// the peak and 8192^3 would take minutes.
+fn matmul_size(device: &Device) -> usize {
+    if peft::is_cuda(device) { 8192 } else { 2048 }
+}
+
+/// GFLOP/s of a [`matmul_size`]^3 matmul in `dtype` on `device` (median of 3 after a warm-up):
+/// the attainable peak that training fractions are quoted against.
 fn matmul_gflops(device: &Device, dtype: DType) -> f64 {
-    let n = 2048;
+    let n = matmul_size(device);
     let a = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, device).cast(dtype);
     let b = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, device).cast(dtype);
     let seconds = timed(3, || {
@@ -975,6 +1008,9 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 /// The checked-out commit, `-dirty` when the working tree has uncommitted changes.
+/// The checkout's commit; where there is no repository (the device tool sends the working tree
+/// without `.git`), `PEFT_COMMIT`, which `scripts/gpu_session.sh` sets from the file the build
+/// step wrote beside the binary.
 fn git_commit() -> String {
     Command::new("git")
         .args(["describe", "--always", "--dirty", "--abbrev=7"])
@@ -982,6 +1018,7 @@ fn git_commit() -> String {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .or_else(|| std::env::var("PEFT_COMMIT").ok())
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -1021,7 +1058,8 @@ fn run_torch(
             .collect::<Vec<_>>()
             .join(",")
     });
-    let device = if peft::backend_name() == "cuda" {
+    // The torch side runs where ours does.
+    let device = if peft::is_cuda(&peft::default_device()) {
         "cuda"
     } else {
         "cpu"
@@ -1049,6 +1087,10 @@ fn run_torch(
         .args(["--reps", &args.reps.to_string()])
         .args(["--threads", &threads.to_string()])
         .args(["--device", device])
+        .args([
+            "--matmul-size",
+            &matmul_size(&peft::default_device()).to_string(),
+        ])
         .args(["--dtype", torch_dtype_name(args.dtype.into())])
         .args(
             args.gradient_checkpointing
@@ -1122,8 +1164,9 @@ fn best_of_rounds(rounds: Vec<Value>) -> Value {
     best
 }
 
-const COLUMNS: [(&str, &str); 7] = [
+const COLUMNS: [(&str, &str); 8] = [
     ("train_tokens_per_s", "train tok/s"),
+    ("train_fraction_of_device_peak", "train %peak"),
     ("train_peak_rss_mib", "train MiB"),
     ("train_peak_device_mib", "train dev MiB"),
     ("forward_tokens_per_s", "forward tok/s"),
@@ -1133,52 +1176,88 @@ const COLUMNS: [(&str, &str); 7] = [
 ];
 
 fn print_table(ours: &[Value], theirs: Option<&Value>) {
+    print!("\n{}", format_table(ours, theirs));
+}
+
+/// The tables of a bench JSON (`bench --json`'s record), one per shape, as [`print_table`]
+/// prints them.
+pub fn table_of(record: &Value) -> String {
+    let mut out = String::new();
+    for shape in record["shapes"].as_array().into_iter().flatten() {
+        let ours = shape["ours"].as_array().cloned().unwrap_or_default();
+        out.push_str(&format!(
+            "{}, {} base, batch {} x {}; {:.0} GFLOP/s on a {}^3 matmul (ours), {:.0} the \
+             faster side's; train %peak: 4 x {} matmul parameters x tokens/s over the latter\n",
+            shape["config"].as_str().unwrap_or("?"),
+            record["dtype"].as_str().unwrap_or("?"),
+            record["batch"],
+            record["seq_len"],
+            shape["matmul_gflops"].as_f64().unwrap_or(f64::NAN),
+            shape["matmul_size"],
+            shape["device_matmul_gflops"].as_f64().unwrap_or(f64::NAN),
+            shape["matmul_params"],
+        ));
+        out.push_str(&format_table(&ours, shape.get("torch")));
+    }
+    out
+}
+
+/// Ours against torch's per method and column, and their ratio.
+fn format_table(ours: &[Value], theirs: Option<&Value>) -> String {
+    use std::fmt::Write;
     let theirs: Vec<Value> = theirs
         .and_then(|t| t.get("methods"))
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
     let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
-    let cell = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.1}"));
-    print!("\n{:<14} {:<8}", "method", "engine");
+    let cell = |key: &str, x: Option<f64>| match x {
+        // A fraction of the matmul peak reads as a percentage.
+        Some(x) if key.contains("fraction") => format!("{:.1}%", 100.0 * x),
+        Some(x) => format!("{x:.1}"),
+        None => "-".to_string(),
+    };
+    let mut out = String::new();
+    let _ = write!(out, "{:<14} {:<8}", "method", "engine");
     for (_, title) in COLUMNS {
-        print!(" {title:>14}");
+        let _ = write!(out, " {title:>14}");
     }
-    println!();
+    out.push('\n');
     for record in ours {
         let method = record["method"].as_str().unwrap_or("?");
-        print!("{method:<14} {:<8}", "burn");
+        let _ = write!(out, "{method:<14} {:<8}", "burn");
         for (key, _) in COLUMNS {
-            print!(" {:>14}", cell(num(record, key)));
+            let _ = write!(out, " {:>14}", cell(key, num(record, key)));
         }
-        println!();
+        out.push('\n');
         let Some(other) = theirs.iter().find(|t| t["method"].as_str() == Some(method)) else {
             continue;
         };
-        print!("{:<14} {:<8}", "", "torch");
+        let _ = write!(out, "{:<14} {:<8}", "", "torch");
         for (key, _) in COLUMNS {
-            print!(" {:>14}", cell(num(other, key)));
+            let _ = write!(out, " {:>14}", cell(key, num(other, key)));
         }
-        println!();
-        print!("{:<14} {:<8}", "", "ratio");
+        out.push('\n');
+        let _ = write!(out, "{:<14} {:<8}", "", "ratio");
         for (key, _) in COLUMNS {
             let ratio = match (num(record, key), num(other, key)) {
                 (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
                 _ => "-".into(),
             };
-            print!(" {ratio:>14}");
+            let _ = write!(out, " {ratio:>14}");
         }
-        println!();
+        out.push('\n');
     }
-    println!("(ratio = burn / torch: above 1 is faster for tok/s, lighter below 1 for MiB)");
+    out.push_str("(ratio = burn / torch: above 1 is faster for tok/s, lighter below 1 for MiB)\n");
     for other in &theirs {
         if let (Some(method), Some(error)) = (
             other["method"].as_str(),
             other.get("train_error").and_then(Value::as_str),
         ) {
-            println!("torch {method} train failed: {error}");
+            let _ = writeln!(out, "torch {method} train failed: {error}");
         }
     }
+    out
 }
 
 #[cfg(test)]

@@ -13,14 +13,17 @@
 //!
 //! Every check runs, whatever failed before it (a panic is caught and recorded as a failure);
 //! the results go to `OUT/gpu-check.json` and `OUT/gpu-check.md` (a table), `OUT` being `--out`,
-//! else `$OUT` (the device tool's folder), else `gpu-check/`. The exit status is non-zero when
-//! any check failed. docs/gpu.md says how to build, carry and run it.
+//! else `$OUT` (the device tool's folder), else `gpu-check/`, rewritten after every check, so that
+//! a call cut off at the device's time limit still brings back what ran. With `--budget-s` no check
+//! starts once that many seconds have passed: each is recorded as skipped, and `--sections` runs
+//! the rest in a second call. The exit status is 2 when a check failed, 3 when one was left out
+//! for the budget. docs/gpu.md says how to build, carry and run it.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
@@ -65,6 +68,54 @@ pub struct GpuCheckArgs {
     /// Bench our side only, even where torch is installed.
     #[arg(long)]
     no_compare: bool,
+    /// Seconds after which no further check starts (each is recorded as skipped): a device call
+    /// has a hard limit, and a check cut off there would take the ones after it along.
+    #[arg(long)]
+    budget_s: Option<f64>,
+    /// Sections to run, comma separated (default: all, in this order). `adapter` includes the
+    /// greedy generation with each adapter.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Section::all())]
+    sections: Vec<Section>,
+    /// The bench's methods, comma separated, each benched in turn (its own case, so that the
+    /// budget can stop between them): by default the base and the two methods of the GPU
+    /// targets (docs/gpu.md); `bench --methods` takes the same names.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "base,prompt-tuning,prefix-tuning"
+    )]
+    bench_methods: Vec<String>,
+    /// Only the cases whose name contains this (`qwen2-bf16`, `bloom-6-heads/p-tuning-v2`,
+    /// `prefix-tuning`): to rerun what failed.
+    #[arg(long)]
+    cases: Option<String>,
+}
+
+/// A part of the check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// Every fixture model against transformers (f32, and bf16 where bounded).
+    Model,
+    /// Every (model, method) PEFT fixture: logits, loss, one SGD step, greedy generation.
+    Adapter,
+    /// Every method's training steps against Flex's.
+    Train,
+    /// Two devices against one accumulating (skipped on a one-device machine).
+    DataParallel,
+    /// `bench --compare` on the Qwen2.5-0.5B shape.
+    Bench,
+}
+
+impl Section {
+    fn all() -> Vec<Self> {
+        vec![
+            Self::Model,
+            Self::Adapter,
+            Self::Train,
+            Self::DataParallel,
+            Self::Bench,
+        ]
+    }
 }
 
 #[cfg(test)]
@@ -89,11 +140,41 @@ struct Record {
     value: f64,
     bound: f64,
     ok: bool,
+    /// Left out, not measured: for the time budget, or for want of a second device.
+    skipped: Option<Skip>,
     note: String,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Skip {
+    /// `--budget-s` was spent before the check could start.
+    Budget,
+    /// The machine lacks what the check needs (a second device).
+    Hardware,
+}
+
+/// The records so far, and where they are written after every check.
 struct Checks {
     records: Vec<Record>,
+    /// The bench's results, one entry per benched method.
+    bench: Vec<Value>,
+    started: Instant,
+    budget: Option<Duration>,
+    /// `--cases`: only cases whose name contains it run.
+    cases: Option<String>,
+    out: PathBuf,
+    /// Training runs' folders and the bench's JSON, outside `out`: the device tool brings back
+    /// eight files of `$OUT`, and a run cut off there would leave its files in it.
+    scratch: PathBuf,
+    device: String,
+}
+
+/// What a finished check reports: failures make the exit status 2, checks left out for the
+/// budget 3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub failed: usize,
+    pub skipped_for_budget: usize,
 }
 
 impl Checks {
@@ -118,38 +199,223 @@ impl Checks {
             value,
             bound,
             ok,
+            skipped: None,
             note: String::new(),
         });
     }
 
-    /// Runs `check`, recording a panic or an error as a failure of `section`/`case`.
+    /// Records `case` of `section` as not run.
+    fn skip(&mut self, section: &'static str, case: &str, why: Skip, note: String) {
+        eprintln!("skip {section} {case}: {note}");
+        self.records.push(Record {
+            section,
+            case: case.to_string(),
+            metric: "skipped",
+            value: f64::NAN,
+            bound: f64::NAN,
+            ok: true,
+            skipped: Some(why),
+            note,
+        });
+    }
+
+    /// Whether `--budget-s` is spent.
+    fn out_of_time(&self) -> bool {
+        self.budget.is_some_and(|b| self.started.elapsed() >= b)
+    }
+
+    /// Runs `check`, recording a panic or an error as a failure of `section`/`case`; once the
+    /// budget is spent it records `case` as skipped instead. The results are written after it
+    /// either way.
     fn guard(
         &mut self,
         section: &'static str,
         case: &str,
         check: impl FnOnce(&mut Self) -> Result<(), String>,
     ) {
+        if self.cases.as_ref().is_some_and(|only| !case.contains(only)) {
+            return;
+        }
+        if self.out_of_time() {
+            let note = format!(
+                "the time budget ({:.0} s) was spent at {:.0} s",
+                self.budget.unwrap_or_default().as_secs_f64(),
+                self.started.elapsed().as_secs_f64()
+            );
+            self.skip(section, case, Skip::Budget, note);
+            self.save_or_warn();
+            return;
+        }
+        let started = Instant::now();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| check(self)));
+        eprintln!(
+            "     {section} {case}: {:.1} s (at {:.0} s)",
+            started.elapsed().as_secs_f64(),
+            self.started.elapsed().as_secs_f64()
+        );
         let failure = match result {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => e,
-            Err(panic) => panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panicked".into()),
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(panic) => Some(
+                panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panicked".into()),
+            ),
         };
-        eprintln!("FAIL {section} {case}: {failure}");
-        self.records.push(Record {
-            section,
-            case: case.to_string(),
-            metric: "error",
-            value: f64::NAN,
-            bound: f64::NAN,
-            ok: false,
-            note: failure,
-        });
+        if let Some(failure) = failure {
+            eprintln!("FAIL {section} {case}: {failure}");
+            self.records.push(Record {
+                section,
+                case: case.to_string(),
+                metric: "error",
+                value: f64::NAN,
+                bound: f64::NAN,
+                ok: false,
+                skipped: None,
+                note: failure,
+            });
+        }
+        self.save_or_warn();
     }
+
+    fn summary(&self) -> Summary {
+        Summary {
+            failed: self.records.iter().filter(|r| !r.ok).count(),
+            skipped_for_budget: self
+                .records
+                .iter()
+                .filter(|r| r.skipped == Some(Skip::Budget))
+                .count(),
+        }
+    }
+
+    /// Writes the results so far (an intermediate write that fails is reported, not fatal: the
+    /// final one is).
+    fn save_or_warn(&self) {
+        if let Err(e) = self.save(false) {
+            eprintln!("warning: {e}");
+        }
+    }
+
+    /// Writes `gpu-check.json` and `gpu-check.md`, each through a temporary file renamed over
+    /// the last one, so that a process killed mid-write leaves the previous complete file.
+    fn save(&self, finished: bool) -> Result<(), String> {
+        let Summary {
+            failed,
+            skipped_for_budget,
+        } = self.summary();
+        let skipped = self.records.iter().filter(|r| r.skipped.is_some()).count();
+        let seconds = self.started.elapsed().as_secs_f64();
+        let json = json!({
+            "backend": peft::backend_name(),
+            "device": self.device,
+            "finished": finished,
+            "seconds": seconds,
+            "budget_s": self.budget.map(|b| b.as_secs_f64()),
+            "checks": self.records.len(),
+            "failed": failed,
+            "skipped": skipped,
+            "skipped_for_budget": skipped_for_budget,
+            "records": self.records.iter().map(|r| json!({
+                "section": r.section, "case": r.case, "metric": r.metric,
+                "value": if r.value.is_finite() { json!(r.value) } else { Value::Null },
+                "bound": if r.bound.is_finite() { json!(r.bound) } else { Value::Null },
+                "ok": r.ok,
+                "skipped": r.skipped.map(|s| match s {
+                    Skip::Budget => "time budget",
+                    Skip::Hardware => "hardware",
+                }),
+                "note": r.note,
+            })).collect::<Vec<_>>(),
+            "bench": self.bench,
+        });
+        write_replacing(
+            &self.out.join("gpu-check.json"),
+            &serde_json::to_string_pretty(&json).expect("JSON of plain values"),
+        )?;
+        write_replacing(&self.out.join("gpu-check.md"), &self.table(finished))
+    }
+
+    /// A table per section with its worst value against its bound, then every failure and
+    /// every check left out, then the bench's tables.
+    fn table(&self, finished: bool) -> String {
+        let Summary { failed, .. } = self.summary();
+        let skipped = self.records.iter().filter(|r| r.skipped.is_some()).count();
+        let mut table = format!(
+            "# gpu-check: {} ({}), {} checks, {failed} failed, {skipped} skipped, {:.0} s{}\n\n\
+             | section | checks | failed | skipped | worst value / bound |\n|---|---:|---:|---:|---|\n",
+            peft::backend_name(),
+            self.device,
+            self.records.len(),
+            self.started.elapsed().as_secs_f64(),
+            if finished { "" } else { " (still running)" },
+        );
+        let mut sections: Vec<&'static str> = Vec::new();
+        for r in &self.records {
+            if !sections.contains(&r.section) {
+                sections.push(r.section);
+            }
+        }
+        for section in sections {
+            let rows: Vec<&Record> = self
+                .records
+                .iter()
+                .filter(|r| r.section == section)
+                .collect();
+            let worst = rows
+                .iter()
+                .filter(|r| r.bound.is_finite() && r.bound > 0.0)
+                .map(|r| (r.value / r.bound, r))
+                .fold(None::<(f64, &Record)>, |best, (ratio, r)| match best {
+                    Some((b, _)) if b >= ratio => best,
+                    _ => Some((ratio, r)),
+                });
+            let worst = worst.map_or(String::from("-"), |(_, r)| {
+                format!("{} {}: {:.2e} / {:.0e}", r.case, r.metric, r.value, r.bound)
+            });
+            table.push_str(&format!(
+                "| {section} | {} | {} | {} | {worst} |\n",
+                rows.len(),
+                rows.iter().filter(|r| !r.ok).count(),
+                rows.iter().filter(|r| r.skipped.is_some()).count(),
+            ));
+        }
+        for r in self.records.iter().filter(|r| !r.ok) {
+            table.push_str(&format!(
+                "\nFAILED {} {} {}: {} {}",
+                r.section, r.case, r.metric, r.value, r.note
+            ));
+        }
+        for r in self.records.iter().filter(|r| r.skipped.is_some()) {
+            table.push_str(&format!("\nSKIPPED {} {}: {}", r.section, r.case, r.note));
+        }
+        let benched: Vec<&str> = self
+            .bench
+            .iter()
+            .filter_map(|b| b.get("table").and_then(Value::as_str))
+            .collect();
+        if !benched.is_empty() {
+            table.push_str("\n\n## bench\n");
+            for rows in benched {
+                table.push('\n');
+                table.push_str(rows);
+            }
+        }
+        table.push('\n');
+        table
+    }
+}
+
+/// Writes `text` to `path` through `path.tmp`, renamed over `path`: a reader (or a process
+/// killed mid-write) sees the old file or the new one, never half of one.
+fn write_replacing(path: &Path, text: &str) -> Result<(), String> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Named tensors of an expected-output file.
@@ -220,104 +486,72 @@ fn max_diff(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Runs the checks; `Err` only when the results cannot be written.
-pub fn gpu_check(args: &GpuCheckArgs) -> Result<bool, String> {
+pub fn gpu_check(args: &GpuCheckArgs) -> Result<Summary, String> {
     let out = args
         .out
         .clone()
         .or_else(|| std::env::var_os("OUT").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("gpu-check"));
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let budget = match args.budget_s {
+        Some(s) if !(s.is_finite() && s >= 0.0) => {
+            return Err(format!(
+                "--budget-s must be a number of seconds >= 0, not {s}"
+            ));
+        }
+        s => s.map(Duration::from_secs_f64),
+    };
+    let known: Vec<&str> = crate::bench::bench_methods()
+        .iter()
+        .map(|m| m.name())
+        .collect();
+    if let Some(unknown) = args
+        .bench_methods
+        .iter()
+        .find(|m| !known.contains(&m.as_str()))
+    {
+        return Err(format!(
+            "--bench-methods: no method {unknown:?} (one of {})",
+            known.join(", ")
+        ));
+    }
     let device = peft::default_device();
-    let started = Instant::now();
     eprintln!(
-        "gpu-check on {} ({device:?}), fixtures {}",
+        "gpu-check on {} ({device:?}), fixtures {}, sections {:?}{}",
         peft::backend_name(),
-        args.fixtures.display()
+        args.fixtures.display(),
+        args.sections,
+        budget.map_or(String::new(), |b| format!(
+            ", budget {:.0} s",
+            b.as_secs_f64()
+        )),
     );
     let mut checks = Checks {
         records: Vec::new(),
+        bench: Vec::new(),
+        started: Instant::now(),
+        budget,
+        cases: args.cases.clone(),
+        out,
+        scratch: std::env::temp_dir().join(format!("gpu-check-{}", std::process::id())),
+        device: format!("{device:?}"),
     };
-    model_parity(&mut checks, &args.fixtures, &device);
-    adapter_parity(&mut checks, &args.fixtures, &device);
-    training_against_flex(&mut checks, &args.fixtures, &device, args.train_steps, &out);
-    data_parallel(&mut checks, &args.fixtures, &out);
-    let bench = if args.skip_bench {
-        Value::Null
-    } else {
-        run_bench(&mut checks, args, &out)
-    };
-
-    let failed = checks.records.iter().filter(|r| !r.ok).count();
-    let json = json!({
-        "backend": peft::backend_name(),
-        "device": format!("{device:?}"),
-        "seconds": started.elapsed().as_secs_f64(),
-        "checks": checks.records.len(),
-        "failed": failed,
-        "records": checks.records.iter().map(|r| json!({
-            "section": r.section, "case": r.case, "metric": r.metric,
-            "value": if r.value.is_finite() { json!(r.value) } else { Value::Null },
-            "bound": if r.bound.is_finite() { json!(r.bound) } else { Value::Null },
-            "ok": r.ok, "note": r.note,
-        })).collect::<Vec<_>>(),
-        "bench": bench,
-    });
-    let json_path = out.join("gpu-check.json");
-    std::fs::write(
-        &json_path,
-        serde_json::to_string_pretty(&json).expect("JSON"),
-    )
-    .map_err(|e| format!("{}: {e}", json_path.display()))?;
-    let mut table = format!(
-        "# gpu-check: {} ({device:?}), {} checks, {failed} failed, {:.0} s\n\n\
-         | section | checks | failed | worst value / bound |\n|---|---:|---:|---|\n",
-        peft::backend_name(),
-        checks.records.len(),
-        started.elapsed().as_secs_f64()
-    );
-    let mut sections: Vec<&'static str> = Vec::new();
-    for r in &checks.records {
-        if !sections.contains(&r.section) {
-            sections.push(r.section);
+    for section in &args.sections {
+        match section {
+            Section::Model => model_parity(&mut checks, &args.fixtures, &device),
+            Section::Adapter => adapter_parity(&mut checks, &args.fixtures, &device),
+            Section::Train => {
+                training_against_flex(&mut checks, &args.fixtures, &device, args.train_steps)
+            }
+            Section::DataParallel => data_parallel(&mut checks, &args.fixtures),
+            Section::Bench if args.skip_bench => {}
+            Section::Bench => run_bench(&mut checks, args),
         }
     }
-    for section in sections {
-        let rows: Vec<&Record> = checks
-            .records
-            .iter()
-            .filter(|r| r.section == section)
-            .collect();
-        let worst = rows
-            .iter()
-            .filter(|r| r.bound.is_finite() && r.bound > 0.0)
-            .map(|r| (r.value / r.bound, r))
-            .fold(None::<(f64, &Record)>, |best, (ratio, r)| match best {
-                Some((b, _)) if b >= ratio => best,
-                _ => Some((ratio, r)),
-            });
-        let worst = worst.map_or(String::from("-"), |(_, r)| {
-            format!("{} {}: {:.2e} / {:.0e}", r.case, r.metric, r.value, r.bound)
-        });
-        table.push_str(&format!(
-            "| {section} | {} | {} | {worst} |\n",
-            rows.len(),
-            rows.iter().filter(|r| !r.ok).count()
-        ));
-    }
-    for r in checks.records.iter().filter(|r| !r.ok) {
-        table.push_str(&format!(
-            "\nFAILED {} {} {}: {} {}",
-            r.section, r.case, r.metric, r.value, r.note
-        ));
-    }
-    if let Some(rows) = bench.get("table").and_then(Value::as_str) {
-        table.push_str("\n\n## bench\n\n");
-        table.push_str(rows);
-    }
-    let table_path = out.join("gpu-check.md");
-    std::fs::write(&table_path, &table).map_err(|e| format!("{}: {e}", table_path.display()))?;
-    println!("{table}");
-    Ok(failed == 0)
+    let _ = std::fs::remove_dir_all(&checks.scratch);
+    checks.save(true)?;
+    println!("{}", checks.table(true));
+    Ok(checks.summary())
 }
 
 /// Fixture models with transformers' expected outputs.
@@ -527,19 +761,24 @@ fn adapter_parity(checks: &mut Checks, fixtures: &Path, device: &Device) {
             );
 
             let grads = GradientsParams::from_grads(loss.backward(), &peft);
-            let before = trainable_tensors(&peft);
-            let stepped = SgdConfig::new().init().step(0.1, peft, grads);
+            // Floats copied now: CubeCL's CPU runtime reads a tensor without copying it (the data
+            // is its buffer), and the step below updates that buffer in place.
             let floats = |data: TensorData| -> Result<Vec<f32>, String> {
                 data.convert::<f32>()
-                    .try_into_vec_as()
+                    .try_to_vec::<f32>()
                     .map_err(|e| format!("{e:?}"))
             };
+            let before = trainable_tensors(&peft)
+                .into_iter()
+                .map(|(_, data)| floats(data))
+                .collect::<Result<Vec<_>, _>>()?;
+            let stepped = SgdConfig::new().init().step(0.1, peft, grads);
             let (mut worst, mut moved) = (0.0f64, 0.0f64);
-            for ((key, after), (_, before)) in trainable_tensors(&stepped).into_iter().zip(before) {
+            for ((key, after), before) in trainable_tensors(&stepped).into_iter().zip(before) {
                 // Every tensor that trains is compared: a key the fixture lacks is a failure.
                 let theirs = expected.floats(&key)?;
                 worst = worst.max(max_diff(&floats(after)?, &theirs));
-                moved = moved.max(max_diff(&floats(before)?, &theirs));
+                moved = moved.max(max_diff(&before, &theirs));
             }
             checks.within("adapter", &case, "max |after SGD step - PEFT|", worst, 1e-5);
             // The step was not vacuous: PEFT's values moved away from the starting ones.
@@ -720,13 +959,7 @@ fn reference_device() -> Option<Device> {
     }
 }
 
-fn training_against_flex(
-    checks: &mut Checks,
-    fixtures: &Path,
-    device: &Device,
-    steps: usize,
-    out: &Path,
-) {
+fn training_against_flex(checks: &mut Checks, fixtures: &Path, device: &Device, steps: usize) {
     let Some(reference) = reference_device() else {
         checks.guard("train", "flex", |_| {
             Err(
@@ -759,7 +992,7 @@ fn training_against_flex(
             continue;
         };
         checks.guard("train", method.name(), |checks| {
-            let scratch = out.join("gpu-check-runs");
+            let scratch = checks.scratch.clone();
             let ours = train_losses(
                 fixtures,
                 &adapter,
@@ -817,20 +1050,17 @@ fn training_against_flex(
 /// Data parallelism over two devices of this machine (two GPUs), gathered and all-reduced: the
 /// same losses as one device accumulating the same shards. Skipped (recorded, not failed) on a
 /// machine with fewer devices, such as the one GPU a draw lends.
-fn data_parallel(checks: &mut Checks, fixtures: &Path, out: &Path) {
+fn data_parallel(checks: &mut Checks, fixtures: &Path) {
     let devices = match peft::data_parallel_devices(2) {
         Ok(devices) if devices[0] != devices[1] => devices,
         Ok(_) | Err(_) => {
-            eprintln!("skip data-parallel: this machine has one device");
-            checks.records.push(Record {
-                section: "data-parallel",
-                case: "2 devices".into(),
-                metric: "skipped: one device",
-                value: 0.0,
-                bound: 0.0,
-                ok: true,
-                note: "needs two devices of the backend".into(),
-            });
+            checks.skip(
+                "data-parallel",
+                "2 devices",
+                Skip::Hardware,
+                "this machine has one device of the backend; the check needs two".into(),
+            );
+            checks.save_or_warn();
             return;
         }
     };
@@ -857,7 +1087,7 @@ fn data_parallel(checks: &mut Checks, fixtures: &Path, out: &Path) {
             continue;
         };
         checks.guard("data-parallel", method.name(), |checks| {
-            let scratch = out.join("gpu-check-runs");
+            let scratch = checks.scratch.clone();
             let accumulated = Layout {
                 replicas: Vec::new(),
                 sync: GradientSync::Gather,
@@ -932,33 +1162,21 @@ fn find_python() -> Option<PathBuf> {
         })
 }
 
-/// `bench --compare` (our side only when no Python with torch is found).
-fn run_bench(checks: &mut Checks, args: &GpuCheckArgs, out: &Path) -> Value {
+/// `bench --compare` (our side only when no Python with torch is found), one method at a time
+/// so that the budget can stop between them; each method's JSON and table join the results.
+fn run_bench(checks: &mut Checks, args: &GpuCheckArgs) {
     #[derive(Parser)]
     struct Wrap {
         #[command(flatten)]
         bench: crate::bench::BenchArgs,
     }
-    let json_path = out.join("bench.json");
-    let mut argv: Vec<String> = vec![
-        "bench".into(),
-        "--workloads".into(),
-        "train,forward,generate".into(),
-    ];
     let python = if args.no_compare {
         None
     } else {
         args.python.clone().or_else(find_python)
     };
-    if let Some(python) = &python {
-        argv.extend([
-            "--compare".into(),
-            "--python".into(),
-            python.display().to_string(),
-        ]);
-    }
-    if args.quick {
-        argv.extend([
+    let mut shape: Vec<String> = if args.quick {
+        vec![
             "--config".into(),
             args.fixtures
                 .join("models/qwen2-gqa-tied/config.json")
@@ -972,9 +1190,9 @@ fn run_bench(checks: &mut Checks, args: &GpuCheckArgs, out: &Path) -> Value {
             "4".into(),
             "--reps".into(),
             "1".into(),
-        ]);
+        ]
     } else {
-        argv.extend([
+        vec![
             "--config".into(),
             args.fixtures
                 .join("configs/qwen2.5-0.5b/config.json")
@@ -986,20 +1204,44 @@ fn run_bench(checks: &mut Checks, args: &GpuCheckArgs, out: &Path) -> Value {
             "8".into(),
             "--seq-len".into(),
             "512".into(),
+        ]
+    };
+    if let Some(python) = &python {
+        shape.extend([
+            "--compare".into(),
+            "--python".into(),
+            python.display().to_string(),
         ]);
     }
-    argv.extend(["--json".into(), json_path.display().to_string()]);
-    let mut result = Value::Null;
-    checks.guard("bench", "run", |_| {
-        let wrap = Wrap::try_parse_from(&argv).map_err(|e| e.to_string())?;
-        crate::bench::bench(&wrap.bench)?;
-        let text = std::fs::read_to_string(&json_path)
-            .map_err(|e| format!("{}: {e}", json_path.display()))?;
-        let parsed: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-        result = json!({"args": argv, "compared_with_torch": python.is_some(), "results": parsed});
-        Ok(())
-    });
-    result
+    for method in &args.bench_methods {
+        let json_path = checks.scratch.join(format!("bench-{method}.json"));
+        let mut argv: Vec<String> = vec![
+            "bench".into(),
+            "--workloads".into(),
+            "train,forward,generate".into(),
+            "--methods".into(),
+            method.clone(),
+        ];
+        argv.extend(shape.iter().cloned());
+        argv.extend(["--json".into(), json_path.display().to_string()]);
+        checks.guard("bench", method, |checks| {
+            let wrap = Wrap::try_parse_from(&argv).map_err(|e| e.to_string())?;
+            crate::bench::bench(&wrap.bench)?;
+            let text = std::fs::read_to_string(&json_path)
+                .map_err(|e| format!("{}: {e}", json_path.display()))?;
+            let _ = std::fs::remove_file(&json_path);
+            let parsed: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+            let table = crate::bench::table_of(&parsed);
+            checks.bench.push(json!({
+                "method": method,
+                "args": argv,
+                "compared_with_torch": python.is_some(),
+                "results": parsed,
+                "table": table,
+            }));
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]
@@ -1020,7 +1262,15 @@ mod tests {
             "--quick",
             "--no-compare",
         ]);
-        assert!(gpu_check(&args).unwrap(), "a check failed on the CPU");
+        let summary = gpu_check(&args).unwrap();
+        assert_eq!(
+            summary,
+            Summary {
+                failed: 0,
+                skipped_for_budget: 0
+            },
+            "a check failed on the CPU"
+        );
         let json: Value = serde_json::from_str(
             &std::fs::read_to_string(out.path().join("gpu-check.json")).unwrap(),
         )
@@ -1037,8 +1287,155 @@ mod tests {
             records.iter().filter(|r| r["section"] == "train").count(),
             12
         );
-        assert!(json["bench"]["results"].is_object() || json["bench"]["results"].is_array());
+        // The bench: one entry per default method, each with its results and table.
+        let bench = json["bench"].as_array().unwrap();
+        let methods: Vec<&str> = bench
+            .iter()
+            .map(|b| b["method"].as_str().unwrap())
+            .collect();
+        assert_eq!(methods, ["base", "prompt-tuning", "prefix-tuning"]);
+        for b in bench {
+            let ours = &b["results"]["shapes"][0]["ours"][0];
+            assert_eq!(ours["method"], b["method"]);
+            assert!(
+                ours["forward_tokens_per_s"].as_f64().unwrap() > 0.0,
+                "{ours}"
+            );
+            // The base trains nothing; the methods' steps are measured against the peak.
+            if b["method"] != "base" {
+                assert!(ours["train_tokens_per_s"].as_f64().unwrap() > 0.0, "{ours}");
+                assert!(ours["train_fraction_of_device_peak"].as_f64().unwrap() > 0.0);
+            }
+        }
+        assert_eq!(json["finished"], true);
         let table = std::fs::read_to_string(out.path().join("gpu-check.md")).unwrap();
         assert!(table.contains("| adapter |"), "{table}");
+        assert!(table.contains("prefix-tuning  burn"), "{table}");
+        // Nothing but the results is left in the folder the device tool brings back.
+        let mut left: Vec<String> = std::fs::read_dir(out.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["gpu-check.json", "gpu-check.md"]);
+    }
+
+    #[test]
+    fn a_spent_budget_skips_every_check_but_still_writes_the_results() {
+        let out = tempfile::tempdir().unwrap();
+        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+        let args = GpuCheckArgs::try_parse_from_for_test(&[
+            "--out",
+            out.path().to_str().unwrap(),
+            "--fixtures",
+            fixtures.to_str().unwrap(),
+            "--quick",
+            "--no-compare",
+            "--budget-s",
+            "0",
+            "--sections",
+            "model,bench",
+        ]);
+        let summary = gpu_check(&args).unwrap();
+        assert_eq!(summary.failed, 0);
+        // Every fixture model, then the three benched methods, each recorded as skipped.
+        let models = fixture_models(&fixtures).len();
+        assert!(models >= 15, "{models} fixture models");
+        assert_eq!(summary.skipped_for_budget, models + 3);
+        let json: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.path().join("gpu-check.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(json["skipped_for_budget"], models + 3);
+        let records = json["records"].as_array().unwrap();
+        assert!(records.iter().all(|r| r["skipped"] == "time budget"));
+        // Only the sections asked for.
+        assert!(
+            records
+                .iter()
+                .all(|r| r["section"] == "model" || r["section"] == "bench")
+        );
+        let table = std::fs::read_to_string(out.path().join("gpu-check.md")).unwrap();
+        assert!(
+            table.contains("SKIPPED bench prefix-tuning: the time budget (0 s)"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn cases_runs_only_the_cases_whose_name_contains_it() {
+        let out = tempfile::tempdir().unwrap();
+        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+        let args = GpuCheckArgs::try_parse_from_for_test(&[
+            "--out",
+            out.path().to_str().unwrap(),
+            "--fixtures",
+            fixtures.to_str().unwrap(),
+            "--sections",
+            "model,adapter",
+            "--cases",
+            "qwen3-tied",
+        ]);
+        assert_eq!(gpu_check(&args).unwrap().failed, 0);
+        let json: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.path().join("gpu-check.json")).unwrap(),
+        )
+        .unwrap();
+        let cases: std::collections::BTreeSet<&str> = json["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["case"].as_str().unwrap())
+            .collect();
+        // The model and each of its adapters, nothing else.
+        assert!(cases.contains("qwen3-tied"), "{cases:?}");
+        assert!(cases.len() >= 2, "{cases:?}");
+        assert!(
+            cases.iter().all(|c| c.starts_with("qwen3-tied")),
+            "{cases:?}"
+        );
+    }
+
+    #[test]
+    fn a_budget_that_is_not_a_number_of_seconds_is_refused() {
+        let out = tempfile::tempdir().unwrap();
+        for bad in ["-1", "NaN", "inf"] {
+            let budget = format!("--budget-s={bad}");
+            let args = GpuCheckArgs::try_parse_from_for_test(&[
+                "--out",
+                out.path().to_str().unwrap(),
+                &budget,
+            ]);
+            let err = gpu_check(&args).unwrap_err();
+            assert!(err.contains("--budget-s"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_bench_method_is_refused_before_anything_runs() {
+        let out = tempfile::tempdir().unwrap();
+        let args = GpuCheckArgs::try_parse_from_for_test(&[
+            "--out",
+            out.path().to_str().unwrap(),
+            "--bench-methods",
+            "base,lora",
+        ]);
+        let err = gpu_check(&args).unwrap_err();
+        assert!(
+            err.contains("\"lora\"") && err.contains("prefix-tuning"),
+            "{err}"
+        );
+        assert!(!out.path().join("gpu-check.json").exists());
+    }
+
+    #[test]
+    fn results_are_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gpu-check.json");
+        write_replacing(&path, "first").unwrap();
+        write_replacing(&path, "second").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "second");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file is left");
     }
 }

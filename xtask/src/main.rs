@@ -50,8 +50,9 @@ fn main() {
             }
         }
         Task::GpuCheck(args) => match gpu_check::gpu_check(&args) {
-            Ok(true) => {}
-            Ok(false) => std::process::exit(2),
+            Ok(summary) if summary.failed > 0 => std::process::exit(2),
+            Ok(summary) if summary.skipped_for_budget > 0 => std::process::exit(3),
+            Ok(_) => {}
             Err(e) => {
                 eprintln!("error: {e}");
                 std::process::exit(1);
