@@ -1248,33 +1248,39 @@ fn run_bench(checks: &mut Checks, args: &GpuCheckArgs) {
 mod tests {
     use super::*;
 
+    fn fixtures() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+    }
+
+    /// Runs gpu-check on the committed fixtures with `args`, into a fresh folder.
+    fn run(args: &[&str]) -> (tempfile::TempDir, Result<Summary, String>) {
+        let out = tempfile::tempdir().unwrap();
+        let (out_arg, fixtures) = (out.path().display().to_string(), fixtures());
+        let fixtures_arg = fixtures.display().to_string();
+        let mut argv = vec!["--out", &out_arg, "--fixtures", &fixtures_arg];
+        argv.extend_from_slice(args);
+        let summary = gpu_check(&GpuCheckArgs::try_parse_from_for_test(&argv));
+        (out, summary)
+    }
+
+    /// The JSON a run wrote.
+    fn results(out: &tempfile::TempDir) -> Value {
+        let text = std::fs::read_to_string(out.path().join("gpu-check.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
     #[test]
     fn a_dry_run_on_the_cpu_passes_every_check_and_writes_the_json_and_table() {
-        let out = tempfile::tempdir().unwrap();
-        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
-        let args = GpuCheckArgs::try_parse_from_for_test(&[
-            "--out",
-            out.path().to_str().unwrap(),
-            "--fixtures",
-            fixtures.to_str().unwrap(),
-            "--train-steps",
-            "8",
-            "--quick",
-            "--no-compare",
-        ]);
-        let summary = gpu_check(&args).unwrap();
+        let (out, summary) = run(&["--train-steps", "8", "--quick", "--no-compare"]);
         assert_eq!(
-            summary,
+            summary.unwrap(),
             Summary {
                 failed: 0,
                 skipped_for_budget: 0
             },
             "a check failed on the CPU"
         );
-        let json: Value = serde_json::from_str(
-            &std::fs::read_to_string(out.path().join("gpu-check.json")).unwrap(),
-        )
-        .unwrap();
+        let json = results(&out);
         assert_eq!(json["failed"], 0);
         let records = json["records"].as_array().unwrap();
         for section in ["model", "adapter", "generate", "train"] {
@@ -1322,13 +1328,7 @@ mod tests {
 
     #[test]
     fn a_spent_budget_skips_every_check_but_still_writes_the_results() {
-        let out = tempfile::tempdir().unwrap();
-        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
-        let args = GpuCheckArgs::try_parse_from_for_test(&[
-            "--out",
-            out.path().to_str().unwrap(),
-            "--fixtures",
-            fixtures.to_str().unwrap(),
+        let (out, summary) = run(&[
             "--quick",
             "--no-compare",
             "--budget-s",
@@ -1336,16 +1336,13 @@ mod tests {
             "--sections",
             "model,bench",
         ]);
-        let summary = gpu_check(&args).unwrap();
+        let summary = summary.unwrap();
         assert_eq!(summary.failed, 0);
         // Every fixture model, then the three benched methods, each recorded as skipped.
-        let models = fixture_models(&fixtures).len();
+        let models = fixture_models(&fixtures()).len();
         assert!(models >= 15, "{models} fixture models");
         assert_eq!(summary.skipped_for_budget, models + 3);
-        let json: Value = serde_json::from_str(
-            &std::fs::read_to_string(out.path().join("gpu-check.json")).unwrap(),
-        )
-        .unwrap();
+        let json = results(&out);
         assert_eq!(json["skipped_for_budget"], models + 3);
         let records = json["records"].as_array().unwrap();
         assert!(records.iter().all(|r| r["skipped"] == "time budget"));
@@ -1364,23 +1361,9 @@ mod tests {
 
     #[test]
     fn cases_runs_only_the_cases_whose_name_contains_it() {
-        let out = tempfile::tempdir().unwrap();
-        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
-        let args = GpuCheckArgs::try_parse_from_for_test(&[
-            "--out",
-            out.path().to_str().unwrap(),
-            "--fixtures",
-            fixtures.to_str().unwrap(),
-            "--sections",
-            "model,adapter",
-            "--cases",
-            "qwen3-tied",
-        ]);
-        assert_eq!(gpu_check(&args).unwrap().failed, 0);
-        let json: Value = serde_json::from_str(
-            &std::fs::read_to_string(out.path().join("gpu-check.json")).unwrap(),
-        )
-        .unwrap();
+        let (out, summary) = run(&["--sections", "model,adapter", "--cases", "qwen3-tied"]);
+        assert_eq!(summary.unwrap().failed, 0);
+        let json = results(&out);
         let cases: std::collections::BTreeSet<&str> = json["records"]
             .as_array()
             .unwrap()
@@ -1398,29 +1381,16 @@ mod tests {
 
     #[test]
     fn a_budget_that_is_not_a_number_of_seconds_is_refused() {
-        let out = tempfile::tempdir().unwrap();
         for bad in ["-1", "NaN", "inf"] {
-            let budget = format!("--budget-s={bad}");
-            let args = GpuCheckArgs::try_parse_from_for_test(&[
-                "--out",
-                out.path().to_str().unwrap(),
-                &budget,
-            ]);
-            let err = gpu_check(&args).unwrap_err();
+            let err = run(&[&format!("--budget-s={bad}")]).1.unwrap_err();
             assert!(err.contains("--budget-s"), "{bad}: {err}");
         }
     }
 
     #[test]
     fn an_unknown_bench_method_is_refused_before_anything_runs() {
-        let out = tempfile::tempdir().unwrap();
-        let args = GpuCheckArgs::try_parse_from_for_test(&[
-            "--out",
-            out.path().to_str().unwrap(),
-            "--bench-methods",
-            "base,lora",
-        ]);
-        let err = gpu_check(&args).unwrap_err();
+        let (out, summary) = run(&["--bench-methods", "base,lora"]);
+        let err = summary.unwrap_err();
         assert!(
             err.contains("\"lora\"") && err.contains("prefix-tuning"),
             "{err}"
