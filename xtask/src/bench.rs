@@ -274,6 +274,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         commit: &commit,
         methods: &methods,
         python: python.as_deref(),
+        cuda: peft::is_cuda(&device),
     };
     let mut shapes = Vec::new();
     for config in args.config.iter().filter(|_| shape_workloads) {
@@ -361,6 +362,8 @@ struct ShapeSettings<'a> {
     commit: &'a str,
     methods: &'a [BenchMethod],
     python: Option<&'a Path>,
+    /// Whether the device is a CUDA GPU (the torch side then runs on CUDA too).
+    cuda: bool,
 }
 
 /// The train, forward and generate workloads of every method on one model shape, ours and (with
@@ -378,6 +381,7 @@ fn bench_shape(
         commit,
         methods,
         python,
+        cuda,
     } = settings;
     let dtype = DType::from(args.dtype);
     let config = AutoConfig::from_file(config_path).map_err(|e| e.to_string())?;
@@ -397,10 +401,10 @@ fn bench_shape(
         commit,
     );
     let matmul_params = matmul_params(&config);
-    let peak = matmul_gflops(device, dtype);
+    let matmul_size = matmul_size(cuda);
+    let peak = matmul_gflops(device, dtype, matmul_size);
     println!(
-        "matmul parameters {matmul_params} (a frozen-base train step costs ~4 x that in FLOPs per token); {peak:.0} GFLOP/s on a {}^3 {dtype:?} matmul",
-        matmul_size(device)
+        "matmul parameters {matmul_params} (a frozen-base train step costs ~4 x that in FLOPs per token); {peak:.0} GFLOP/s on a {matmul_size}^3 {dtype:?} matmul"
     );
     let rows = pseudo_random_rows(batch, seq_len, geometry.vocab_size);
     let train_rows = match args.row_lengths {
@@ -495,7 +499,7 @@ fn bench_shape(
         "train_scored_tokens": train_rows.scored_tokens(),
         "matmul_params": matmul_params,
         "matmul_gflops": peak,
-        "matmul_size": matmul_size(device),
+        "matmul_size": matmul_size,
         "device_matmul_gflops": device_peak,
         "ours": ours,
         "torch": theirs,
@@ -691,14 +695,13 @@ fn torch_dtype_name(dtype: DType) -> &'static str {
 /// 2048^3 (17 GFLOP, some 25 microseconds on an H100) leaves the matrix units partly idle and would
 /// make every fraction of it look better than it is; 2048 on a CPU, where that size is already at
 /// the peak and 8192^3 would take minutes.
-fn matmul_size(device: &Device) -> usize {
-    if peft::is_cuda(device) { 8192 } else { 2048 }
+fn matmul_size(cuda: bool) -> usize {
+    if cuda { 8192 } else { 2048 }
 }
 
-/// GFLOP/s of a [`matmul_size`]^3 matmul in `dtype` on `device` (median of 3 after a warm-up):
-/// the attainable peak that training fractions are quoted against.
-fn matmul_gflops(device: &Device, dtype: DType) -> f64 {
-    let n = matmul_size(device);
+/// GFLOP/s of an `n` x `n` x `n` matmul in `dtype` on `device` (median of 3 after a warm-up): the
+/// attainable peak that training fractions are quoted against.
+fn matmul_gflops(device: &Device, dtype: DType, n: usize) -> f64 {
     let a = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, device).cast(dtype);
     let b = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, device).cast(dtype);
     let seconds = timed(3, || {
@@ -1007,8 +1010,8 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// The checked-out commit, `-dirty` when the working tree has uncommitted changes.
-/// The checkout's commit; where there is no repository (the device tool sends the working tree
+/// The checked-out commit, `-dirty` when the working tree has uncommitted changes; where there is
+/// no repository (the device tool sends the working tree
 /// without `.git`), `PEFT_COMMIT`, which `scripts/gpu_session.sh` sets from the file the build
 /// step wrote beside the binary.
 fn git_commit() -> String {
@@ -1048,6 +1051,7 @@ fn run_torch(
         batch,
         seq_len,
         threads,
+        cuda,
         ..
     } = settings;
     let script = Path::new("scripts/bench_torch.py");
@@ -1059,11 +1063,7 @@ fn run_torch(
             .join(",")
     });
     // The torch side runs where ours does.
-    let device = if peft::is_cuda(&peft::default_device()) {
-        "cuda"
-    } else {
-        "cpu"
-    };
+    let device = if cuda { "cuda" } else { "cpu" };
     let join = |names: Vec<&str>| names.join(",");
     let out = Command::new(python)
         .arg(script)
@@ -1087,10 +1087,7 @@ fn run_torch(
         .args(["--reps", &args.reps.to_string()])
         .args(["--threads", &threads.to_string()])
         .args(["--device", device])
-        .args([
-            "--matmul-size",
-            &matmul_size(&peft::default_device()).to_string(),
-        ])
+        .args(["--matmul-size", &matmul_size(cuda).to_string()])
         .args(["--dtype", torch_dtype_name(args.dtype.into())])
         .args(
             args.gradient_checkpointing

@@ -29,6 +29,7 @@ use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::DType;
 use clap::Parser;
+use peft::core::adapter_file::write_atomic;
 use peft::core::{CausalLm, GenerationConfig, PeftModel};
 use peft::models::{AutoCausalLm, load_tokenizer};
 use peft::train::data::{
@@ -174,6 +175,8 @@ struct Checks {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
     pub failed: usize,
+    /// Checks not run, for any reason.
+    pub skipped: usize,
     pub skipped_for_budget: usize,
 }
 
@@ -283,6 +286,7 @@ impl Checks {
     fn summary(&self) -> Summary {
         Summary {
             failed: self.records.iter().filter(|r| !r.ok).count(),
+            skipped: self.records.iter().filter(|r| r.skipped.is_some()).count(),
             skipped_for_budget: self
                 .records
                 .iter()
@@ -304,9 +308,9 @@ impl Checks {
     fn save(&self, finished: bool) -> Result<(), String> {
         let Summary {
             failed,
+            skipped,
             skipped_for_budget,
         } = self.summary();
-        let skipped = self.records.iter().filter(|r| r.skipped.is_some()).count();
         let seconds = self.started.elapsed().as_secs_f64();
         let json = json!({
             "backend": peft::backend_name(),
@@ -341,8 +345,9 @@ impl Checks {
     /// A table per section with its worst value against its bound, then every failure and
     /// every check left out, then the bench's tables.
     fn table(&self, finished: bool) -> String {
-        let Summary { failed, .. } = self.summary();
-        let skipped = self.records.iter().filter(|r| r.skipped.is_some()).count();
+        let Summary {
+            failed, skipped, ..
+        } = self.summary();
         let mut table = format!(
             "# gpu-check: {} ({}), {} checks, {failed} failed, {skipped} skipped, {:.0} s{}\n\n\
              | section | checks | failed | skipped | worst value / bound |\n|---|---:|---:|---:|---|\n",
@@ -408,14 +413,10 @@ impl Checks {
     }
 }
 
-/// Writes `text` to `path` through `path.tmp`, renamed over `path`: a reader (or a process
-/// killed mid-write) sees the old file or the new one, never half of one.
+/// Writes `text` to `path` atomically (a reader, or a process killed mid-write, sees the old file
+/// or the new one, never half of one).
 fn write_replacing(path: &Path, text: &str) -> Result<(), String> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    write_atomic(path, text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Named tensors of an expected-output file.
@@ -1276,6 +1277,7 @@ mod tests {
             summary.unwrap(),
             Summary {
                 failed: 0,
+                skipped: 1,
                 skipped_for_budget: 0
             },
             "a check failed on the CPU"
